@@ -1,0 +1,796 @@
+"""Chunked collective + matmul schedules, forward and backward, and the unfused reference of each.
+
+Layouts, in one vocabulary everywhere: *shard* = split across ranks on the row (token)
+dim, *full* = replicated / gathered, *partial* = a partial sum that a reduction completes.
+`w` is always the caller's local `[K, N]` operand (`linear.weight.T` of a sharded linear,
+a view, no copy).
+
+    all_gather_matmul      all_gather(x_shard, dim) @ w                  ring of P2P sends
+    matmul_reduce_scatter  reduce_scatter(x @ w, dim)                    chunked reduce-scatter
+    matmul_all_reduce      all_reduce(x @ w)                             chunked all-reduce
+
+and the backward blocks the tensor-parallel layers use, each overlapping a dgrad collective
+with the wgrad GEMM:
+
+    matmul_reduce_scatter_with_wgrad   column-parallel, sequence-parallel backward
+    matmul_all_reduce_with_wgrad       column-parallel backward
+    all_gather_matmul_with_wgrad       row-parallel, sequence-parallel backward
+
+`chunks` is the number of pieces the schedule pipelines; 1 means no pipelining (one
+collective and one GEMM, the right choice for decode-sized inputs). `chunks=None` asks the
+cost model (fusedpar.costmodel), which decides from global shapes, world size, dtype and
+device kind only, so every rank issues the same collectives in the same order.
+
+Validation happens before the first collective is issued, so a bad argument raises on the
+rank that has it instead of leaving its peers waiting. With `FUSEDPAR_DEBUG=1` (or
+`debug=True`) ranks also compare a fingerprint of the call first (fusedpar.checks).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import checks, costmodel
+from .comm import CollectiveHandle, Communicator, get_communicator
+from .kernels import ACTIVATIONS, matmul
+from .streams import StreamSet, nvtx_range
+
+__all__ = [
+    "all_gather_matmul",
+    "all_gather_matmul_reference",
+    "matmul_reduce_scatter",
+    "matmul_reduce_scatter_reference",
+    "matmul_all_reduce",
+    "matmul_all_reduce_reference",
+    "matmul_reduce_scatter_with_wgrad",
+    "matmul_all_reduce_with_wgrad",
+    "all_gather_matmul_with_wgrad",
+    "PendingOutput",
+    "split_rows",
+]
+
+MAX_IN_FLIGHT = 2  # reduce-scatter buffers alive at once: double buffering bounds extra memory
+
+
+# --------------------------------------------------------------------------------------------
+# Shared plumbing
+# --------------------------------------------------------------------------------------------
+
+
+def split_rows(n: int, chunks: int) -> list[tuple[int, int]]:
+    """`n` rows cut into `chunks` contiguous (start, stop) pieces of sizes differing by ≤ 1.
+
+    Empty pieces are dropped, so `chunks > n` (few tokens) just yields fewer pieces.
+    """
+    base, extra = divmod(n, chunks)
+    pieces, start = [], 0
+    for i in range(chunks):
+        stop = start + base + (1 if i < extra else 0)
+        if stop > start:
+            pieces.append((start, stop))
+        start = stop
+    return pieces
+
+
+def _fmt(t: Tensor) -> str:
+    return f"{list(t.shape)} {str(t.dtype).removeprefix('torch.')} on {t.device}"
+
+
+def _check_operands(
+    x: Tensor, w: Tensor, bias: Tensor | None, activation: str | None, *, x_name: str, dim: int | None
+) -> int:
+    """Check the local operands of `x @ w (+ bias)`; return `dim` normalised (or -1)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{x_name}: expected a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(w, Tensor):
+        raise TypeError(f"w: expected a torch.Tensor, got {type(w).__name__}")
+    if x.ndim < 2:
+        raise ValueError(f"{x_name}: expected at least 2 dims [..., K], got shape {list(x.shape)}")
+    if w.ndim != 2:
+        raise ValueError(f"w: expected 2 dims [K, N], got shape {list(w.shape)}")
+    if x.shape[-1] != w.shape[0]:
+        raise ValueError(
+            f"w: expected shape [K, N] with K = {x_name}.shape[-1] = {x.shape[-1]}, got {list(w.shape)}"
+        )
+    if x.dtype != w.dtype:
+        raise TypeError(f"w: expected dtype {x.dtype} (the dtype of {x_name}), got {w.dtype}")
+    if x.device != w.device:
+        raise ValueError(f"w: expected device {x.device} (the device of {x_name}), got {w.device}")
+    if bias is not None:
+        if bias.shape != (w.shape[1],):
+            raise ValueError(f"bias: expected shape [{w.shape[1]}] (N of w), got {list(bias.shape)}")
+        if bias.dtype != x.dtype or bias.device != x.device:
+            raise TypeError(f"bias: expected {x.dtype} on {x.device}, got {bias.dtype} on {bias.device}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+    if dim is None:
+        return -1
+    if not -x.ndim <= dim < x.ndim - 1:
+        raise ValueError(f"dim: expected a row dim of {x_name} (not the last, K), in [-{x.ndim}, {x.ndim - 2}], got {dim}")
+    return dim % x.ndim
+
+
+def _check_out(out: Tensor | None, shape: Sequence[int], like: Tensor, *, name: str = "out") -> None:
+    if out is None:
+        return
+    if list(out.shape) != list(shape):
+        raise ValueError(f"{name}: expected shape {list(shape)}, got {list(out.shape)}")
+    if out.dtype != like.dtype:
+        raise TypeError(f"{name}: expected dtype {like.dtype}, got {out.dtype}")
+    if out.device != like.device:
+        raise ValueError(f"{name}: expected device {like.device}, got {out.device}")
+
+
+def _check_chunks(chunks: int | None) -> None:
+    if chunks is not None and (not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1):
+        raise ValueError(f"chunks: expected None or an int >= 1, got {chunks!r}")
+
+
+def _to_rows(x: Tensor, dim: int) -> tuple[Tensor, tuple[int, ...]]:
+    """View (or, for dim != 0, copy) `x` as `[rows, K]` with `dim` outermost; return the row shape."""
+    moved = x.movedim(dim, 0) if dim != 0 else x
+    return moved.reshape(-1, x.shape[-1]), tuple(moved.shape[:-1])
+
+
+def _from_rows(y: Tensor, row_shape: Sequence[int], dim: int) -> Tensor:
+    """Inverse of `_to_rows` for an output `[rows, N]`: contiguous, with `dim` back in place."""
+    y = y.view(*row_shape, y.shape[-1])
+    return y.movedim(0, dim).contiguous() if dim != 0 else y
+
+
+def _epilogue(y: Tensor, bias: Tensor | None, activation: str | None) -> None:
+    """Bias and activation applied in place after a reduction (they must not be summed twice)."""
+    if bias is not None:
+        y.add_(bias)
+    if activation == "relu":
+        y.relu_()
+    elif activation == "silu":
+        y.copy_(F.silu(y))
+    elif activation == "gelu":
+        y.copy_(F.gelu(y))
+    elif activation == "gelu_tanh":
+        y.copy_(F.gelu(y, approximate="tanh"))
+
+
+def _resolve_chunks(
+    chunks: int | None, op: str, *, m: int, n: int, k: int, world: int, x: Tensor
+) -> int:
+    """The chunk count to run: the caller's, or the cost model's choice from global shapes."""
+    if chunks is not None:
+        return chunks
+    return costmodel.choose_chunks(
+        op, m=m, n=n, k=k, world_size=world, dtype=x.dtype, device=costmodel.device_spec_for(x.device)
+    )
+
+
+class _Pipeline:
+    """Fork/join between the compute stream and the comm stream for one schedule.
+
+    On CPU both are the host thread and each call is a plain call; on GPU, collectives are
+    issued with the comm stream current, so NCCL orders them after exactly what the comm
+    stream waited on (not after every GEMM queued on the compute stream before them).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.streams = StreamSet.for_device(device)
+        self.cuda = device.type == "cuda"
+
+    def issue(self, start: Callable[[], CollectiveHandle], *, after: CollectiveHandle | None = None) -> CollectiveHandle:
+        """Issue a collective ordered after the compute stream so far, or only after `after`."""
+        if not self.cuda:
+            if after is not None:
+                after.wait()
+            return start()
+        comm, compute = self.streams.comm, self.streams.compute
+        if after is None:
+            comm.wait_stream(compute)
+        with torch.cuda.stream(comm):
+            if after is not None:
+                after.wait()
+            return start()
+
+
+class PendingOutput:
+    """The output of a schedule whose last collectives are still in flight (`async_op=True`).
+
+    `wait()` orders the caller after them, applies the epilogue and returns the output.
+    """
+
+    def __init__(self, finish: Callable[[], Tensor]) -> None:
+        self._finish: Callable[[], Tensor] | None = finish
+        self._value: Tensor | None = None
+
+    def wait(self) -> Tensor:
+        if self._finish is not None:
+            self._value, self._finish = self._finish(), None
+        assert self._value is not None
+        return self._value
+
+
+def _comm_for(group: Any, comm: str) -> Communicator:
+    return get_communicator(group, comm)
+
+
+# --------------------------------------------------------------------------------------------
+# all_gather_matmul
+# --------------------------------------------------------------------------------------------
+
+
+def all_gather_matmul(
+    x_shard: Tensor,
+    w: Tensor,
+    *,
+    group: dist.ProcessGroup | Communicator,
+    dim: int = 0,
+    bias: Tensor | None = None,
+    activation: str | None = None,
+    chunks: int | None = None,
+    out: Tensor | None = None,
+    return_gathered: bool = False,
+    kernel: str = "auto",
+    comm: str = "torch",
+    debug: bool | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Computes `act(all_gather(x_shard, dim) @ w + bias)`, overlapping the gather with the GEMMs.
+
+    x_shard `[..., m, ..., K]` split on `dim`; w `[K, N]` local (e.g. a column shard of a
+    weight); returns `[..., world*m, ..., N]` (and, with `return_gathered`, the gathered
+    input `[..., world*m, ..., K]`, which backward can keep instead of re-gathering).
+
+    chunks=1: one all-gather, then one GEMM. chunks=c ≥ 2: a ring. Each rank computes its
+    own shard's rows at once, while every shard travels one hop per step to the next rank;
+    the GEMM on the shard that arrived at step t runs while step t+1 is in flight. Each
+    shard is cut into ceil(c / world) pieces, so the pipeline has world*ceil(c/world) GEMMs
+    (the ring moves whole shards, so c is rounded up to a multiple of the world size):
+
+        comm:    [send/recv 1][send/recv 2][send/recv 3]
+        compute: [mm local   ][mm from r-1][mm from r-2][mm from r-3]
+
+    Each piece lands directly in its place in the gathered buffer `[world*m, K]`, so the
+    extra memory over the unfused op is zero (both hold the gathered input and the output).
+    """
+    dim = _check_operands(x_shard, w, bias, activation, x_name="x_shard", dim=dim)
+    _check_chunks(chunks)
+    communicator = _comm_for(group, comm)
+    world, rank = communicator.world_size, communicator.rank
+    out_shape = list(x_shard.shape[:-1]) + [w.shape[1]]
+    out_shape[dim] *= world
+    _check_out(out, out_shape, x_shard)
+    x_rows, row_shape = _to_rows(x_shard, dim)
+    m, k, n = x_rows.shape[0], x_rows.shape[1], w.shape[1]
+    chunks = _resolve_chunks(chunks, "all_gather_matmul", m=m * world, n=n, k=k, world=world, x=x_shard)
+    checks.maybe_check_consistent(
+        communicator, "all_gather_matmul", debug,
+        x_shard=(list(x_shard.shape), str(x_shard.dtype)), w=list(w.shape), dim=dim, chunks=chunks,
+        bias=bias is not None, activation=activation,
+    )
+
+    # Outputs in row layout; for dim == 0 these are views of `out` itself (written in place).
+    direct = dim == 0 and out is not None
+    y_rows = out.view(world * m, n) if direct and out.is_contiguous() else x_rows.new_empty(world * m, n)
+    gathered = x_rows.new_empty(world * m, k)
+
+    with nvtx_range(f"all_gather_matmul c={chunks}"):
+        if world == 1:
+            matmul(x_rows, w, bias=bias, activation=activation, out=y_rows, kernel=kernel)
+            gathered.copy_(x_rows)
+        elif chunks == 1:
+            _pipeline_single_all_gather(communicator, x_rows, gathered)
+            matmul(gathered, w, bias=bias, activation=activation, out=y_rows, kernel=kernel)
+        else:
+            y3 = y_rows.view(world, m, n)
+
+            def consume(src: int, rows: slice, block: Tensor) -> None:
+                matmul(block, w, bias=bias, activation=activation, out=y3[src, rows], kernel=kernel)
+
+            _ring_all_gather(communicator, x_rows, gathered, pieces=-(-chunks // world), consume=consume)
+
+    y = _finish_out(y_rows, row_shape, dim, world, out)
+    if not return_gathered:
+        return y
+    g_shape = list(row_shape)
+    g_shape[0] *= world
+    return y, _from_rows(gathered, g_shape, dim)
+
+
+def _finish_out(y_rows: Tensor, row_shape: Sequence[int], dim: int, world: int, out: Tensor | None) -> Tensor:
+    shape = list(row_shape)
+    shape[0] *= world
+    return _into(out, _from_rows(y_rows, shape, dim))
+
+
+def _into(out: Tensor | None, y: Tensor) -> Tensor:
+    """Return `out` holding `y` (copying unless `y` was computed in place), or `y`."""
+    if out is None:
+        return y
+    if y.data_ptr() != out.data_ptr() or y.stride() != out.stride():
+        out.copy_(y)
+    return out
+
+
+def _pipeline_single_all_gather(communicator: Communicator, x_rows: Tensor, gathered: Tensor) -> None:
+    pipe = _Pipeline(x_rows.device)
+    x_send = x_rows.contiguous()
+    handle = pipe.issue(lambda: communicator.all_gather(gathered, x_send))
+    handle.wait()
+
+
+def _ring_all_gather(
+    communicator: Communicator,
+    x_rows: Tensor,
+    gathered: Tensor,
+    *,
+    pieces: int,
+    consume: Callable[[int, slice, Tensor], None],
+) -> None:
+    """Gather `x_rows` of every rank into `gathered` by a ring, calling `consume` per piece.
+
+    `consume(src, rows, block)` receives rank `src`'s rows `rows` (a slice of its shard) as
+    `block`, in ring order starting from this rank's own shard, so the first call needs no
+    communication at all. Step t receives from rank-1 the shard of rank-t and forwards it
+    on the next step; pieces land in place in `gathered` (`[world*m, K]`, rank-major).
+    """
+    world, rank = communicator.world_size, communicator.rank
+    m, k = x_rows.shape
+    x_send = x_rows.contiguous()
+    g3 = gathered.view(world, m, k)
+    nxt, prv = (rank + 1) % world, (rank - 1) % world
+    piece_rows = split_rows(m, pieces)
+    pipe = _Pipeline(x_rows.device)
+    recv_done: dict[tuple[int, int], CollectiveHandle] = {}
+
+    def src_at(step: int) -> int:
+        return (rank - step) % world
+
+    def issue(step: int, q: int, after: CollectiveHandle | None) -> None:
+        s, e = piece_rows[q]
+        send = x_send[s:e] if step == 1 else g3[src_at(step - 1), s:e]
+        recv = g3[src_at(step), s:e]
+        recv_done[step, q] = pipe.issue(lambda: communicator.send_recv(send, nxt, recv, prv), after=after)
+
+    for q in range(len(piece_rows)):
+        issue(1, q, None)
+    g3[rank].copy_(x_send)  # our own rows of the gathered input, while step 1 is in flight
+    with nvtx_range("consume local"):
+        consume(rank, slice(0, m), x_send)
+    for step in range(1, world):
+        for q, (s, e) in enumerate(piece_rows):
+            handle = recv_done.pop((step, q))
+            if step + 1 < world:
+                issue(step + 1, q, handle)  # forward what just arrived; waits only on its arrival
+            handle.wait()
+            with nvtx_range(f"consume step {step} piece {q}"):
+                consume(src_at(step), slice(s, e), g3[src_at(step), s:e])
+
+
+def all_gather_matmul_reference(
+    x_shard: Tensor,
+    w: Tensor,
+    *,
+    group: dist.ProcessGroup | Communicator,
+    dim: int = 0,
+    bias: Tensor | None = None,
+    activation: str | None = None,
+    chunks: int | None = None,
+    out: Tensor | None = None,
+    return_gathered: bool = False,
+    kernel: str = "auto",
+    comm: str = "torch",
+    debug: bool | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Unfused `all_gather_matmul`: a blocking all-gather, then `torch.matmul` (same signature)."""
+    dim = _check_operands(x_shard, w, bias, activation, x_name="x_shard", dim=dim)
+    communicator = _comm_for(group, comm)
+    world = communicator.world_size
+    x_rows, row_shape = _to_rows(x_shard, dim)
+    gathered = x_rows.new_empty(world * x_rows.shape[0], x_rows.shape[1])
+    communicator.all_gather(gathered, x_rows.contiguous()).wait()
+    y_rows = gathered @ w
+    _epilogue(y_rows, bias, activation)
+    y = _finish_out(y_rows, row_shape, dim, world, out)
+    if not return_gathered:
+        return y
+    g_shape = list(row_shape)
+    g_shape[0] *= world
+    return y, _from_rows(gathered, g_shape, dim)
+
+
+# --------------------------------------------------------------------------------------------
+# matmul_reduce_scatter
+# --------------------------------------------------------------------------------------------
+
+
+def matmul_reduce_scatter(
+    x: Tensor,
+    w: Tensor,
+    *,
+    group: dist.ProcessGroup | Communicator,
+    dim: int = 0,
+    bias: Tensor | None = None,
+    activation: str | None = None,
+    chunks: int | None = None,
+    out: Tensor | None = None,
+    async_op: bool = False,
+    kernel: str = "auto",
+    comm: str = "torch",
+    debug: bool | None = None,
+) -> Tensor | PendingOutput:
+    """Computes `act(reduce_scatter(x @ w, dim) + bias)`, overlapping each piece's reduction.
+
+    x `[..., M, ..., K]` full on `dim` (M divisible by the world size), w `[K, N]` local
+    (e.g. a row shard of a weight, so `x @ w` is a partial sum); returns this rank's
+    `[..., M/world, ..., N]` block of the sum, rows in rank order as the unfused op.
+    Bias and activation are applied once, after the reduction.
+
+    Each rank's destination block is cut into `chunks` row pieces; piece j of every block
+    is computed by one (batched, strided) GEMM into a buffer and reduce-scattered while
+    piece j+1 is computed. At most MAX_IN_FLIGHT=2 piece buffers exist at once, each
+    `[world*M/(world*chunks), N]`: extra memory is 2/chunks of the unfused op's `[M, N]`
+    partial-sum buffer, which this schedule never allocates (so for chunks ≥ 2 it needs no
+    more memory than the unfused op):
+
+        compute: [mm 0][mm 1][mm 2][mm 3]
+        comm:          [rs 0][rs 1][rs 2][rs 3]
+
+    With `async_op=True` the last reductions may still be in flight: a `PendingOutput` is
+    returned and its `wait()` gives the result (backward overlaps its wgrad this way).
+    """
+    dim = _check_operands(x, w, bias, activation, x_name="x", dim=dim)
+    _check_chunks(chunks)
+    communicator = _comm_for(group, comm)
+    world = communicator.world_size
+    if x.shape[dim] % world:
+        raise ValueError(
+            f"x.shape[{dim}]: expected a multiple of the group's world size {world} "
+            f"(reduce-scatter splits it evenly), got {x.shape[dim]}"
+        )
+    out_shape = list(x.shape[:-1]) + [w.shape[1]]
+    out_shape[dim] //= world
+    _check_out(out, out_shape, x)
+    x_rows, row_shape = _to_rows(x, dim)
+    rows, k, n = x_rows.shape[0], x_rows.shape[1], w.shape[1]
+    m = rows // world
+    chunks = _resolve_chunks(chunks, "matmul_reduce_scatter", m=rows, n=n, k=k, world=world, x=x)
+    checks.maybe_check_consistent(
+        communicator, "matmul_reduce_scatter", debug,
+        x=(list(x.shape), str(x.dtype)), w=list(w.shape), dim=dim, chunks=chunks,
+        bias=bias is not None, activation=activation,
+    )
+    out_row_shape = (row_shape[0] // world, *row_shape[1:])
+    direct = dim == 0 and out is not None and out.is_contiguous()
+    y_rows = out.view(m, n) if direct else x_rows.new_empty(m, n)
+    pipe = _Pipeline(x.device)
+    handles: list[tuple[CollectiveHandle, tuple[int, int]]] = []
+
+    with nvtx_range(f"matmul_reduce_scatter c={chunks}"):
+        if world == 1:
+            matmul(x_rows, w, bias=bias, activation=activation, out=y_rows, kernel=kernel)
+            return _done(_from_rows_out(y_rows, out_row_shape, dim, out), async_op)
+        x3 = x_rows.view(world, m, k)
+        pieces = split_rows(m, chunks)
+        buffers: list[Tensor | None] = [None] * min(MAX_IN_FLIGHT, len(pieces))
+        for j, (s, e) in enumerate(pieces):
+            slot = j % len(buffers)
+            if j >= len(buffers):
+                handles[j - len(buffers)][0].wait()  # its buffer is about to be overwritten
+            buf = buffers[slot]
+            if buf is None or buf.shape[1] != e - s:
+                buf = buffers[slot] = x_rows.new_empty(world, e - s, n)
+            with nvtx_range(f"mm piece {j}"):
+                matmul(x3[:, s:e], w, out=buf, kernel=kernel)
+            dst, src = y_rows[s:e], buf.view(world * (e - s), n)
+            handles.append((pipe.issue(lambda dst=dst, src=src: communicator.reduce_scatter(dst, src)), (s, e)))
+
+    def finish() -> Tensor:
+        for handle, (s, e) in handles:
+            handle.wait()
+            _epilogue(y_rows[s:e], bias, activation)
+        return _from_rows_out(y_rows, out_row_shape, dim, out)
+
+    return PendingOutput(finish) if async_op else finish()
+
+
+def _from_rows_out(y_rows: Tensor, row_shape: Sequence[int], dim: int, out: Tensor | None) -> Tensor:
+    return _into(out, _from_rows(y_rows, row_shape, dim))
+
+
+def _done(y: Tensor, async_op: bool) -> Tensor | PendingOutput:
+    return PendingOutput(lambda: y) if async_op else y
+
+
+def matmul_reduce_scatter_reference(
+    x: Tensor,
+    w: Tensor,
+    *,
+    group: dist.ProcessGroup | Communicator,
+    dim: int = 0,
+    bias: Tensor | None = None,
+    activation: str | None = None,
+    chunks: int | None = None,
+    out: Tensor | None = None,
+    async_op: bool = False,
+    kernel: str = "auto",
+    comm: str = "torch",
+    debug: bool | None = None,
+) -> Tensor | PendingOutput:
+    """Unfused `matmul_reduce_scatter`: `torch.matmul`, then a blocking reduce-scatter."""
+    dim = _check_operands(x, w, bias, activation, x_name="x", dim=dim)
+    communicator = _comm_for(group, comm)
+    world = communicator.world_size
+    if x.shape[dim] % world:
+        raise ValueError(f"x.shape[{dim}]: expected a multiple of the group's world size {world}, got {x.shape[dim]}")
+    x_rows, row_shape = _to_rows(x, dim)
+    partial = x_rows @ w
+    y_rows = partial.new_empty(partial.shape[0] // world, partial.shape[1])
+    communicator.reduce_scatter(y_rows, partial).wait()
+    _epilogue(y_rows, bias, activation)
+    y = _from_rows_out(y_rows, (row_shape[0] // world, *row_shape[1:]), dim, out)
+    return _done(y, async_op)
+
+
+# --------------------------------------------------------------------------------------------
+# matmul_all_reduce
+# --------------------------------------------------------------------------------------------
+
+
+def matmul_all_reduce(
+    x: Tensor,
+    w: Tensor,
+    *,
+    group: dist.ProcessGroup | Communicator,
+    bias: Tensor | None = None,
+    activation: str | None = None,
+    chunks: int | None = None,
+    out: Tensor | None = None,
+    async_op: bool = False,
+    kernel: str = "auto",
+    comm: str = "torch",
+    debug: bool | None = None,
+) -> Tensor | PendingOutput:
+    """Computes `act(all_reduce(x @ w) + bias)`, overlapping each row piece's all-reduce.
+
+    x `[..., K]` (rows replicated, K split across ranks), w `[K, N]` local (a row shard),
+    so `x @ w` is a partial sum; returns the full `[..., N]` on every rank. Bias and
+    activation are applied once, after the reduction. Rows are cut into `chunks` pieces,
+    each computed straight into the output and all-reduced in place while the next piece
+    is computed, so the schedule needs no memory beyond the output:
+
+        compute: [mm 0][mm 1][mm 2][mm 3]
+        comm:          [ar 0][ar 1][ar 2][ar 3]
+    """
+    _check_operands(x, w, bias, activation, x_name="x", dim=None)
+    _check_chunks(chunks)
+    communicator = _comm_for(group, comm)
+    world = communicator.world_size
+    out_shape = list(x.shape[:-1]) + [w.shape[1]]
+    _check_out(out, out_shape, x)
+    x_rows = x.reshape(-1, x.shape[-1])
+    rows, k, n = x_rows.shape[0], x_rows.shape[1], w.shape[1]
+    chunks = _resolve_chunks(chunks, "matmul_all_reduce", m=rows, n=n, k=k, world=world, x=x)
+    checks.maybe_check_consistent(
+        communicator, "matmul_all_reduce", debug,
+        x=(list(x.shape), str(x.dtype)), w=list(w.shape), chunks=chunks,
+        bias=bias is not None, activation=activation,
+    )
+    y_rows = out.view(rows, n) if out is not None and out.is_contiguous() else x_rows.new_empty(rows, n)
+    pipe = _Pipeline(x.device)
+    handles: list[tuple[CollectiveHandle, tuple[int, int]]] = []
+    with nvtx_range(f"matmul_all_reduce c={chunks}"):
+        if world == 1:
+            matmul(x_rows, w, bias=bias, activation=activation, out=y_rows, kernel=kernel)
+            return _done(_from_rows_out(y_rows, out_shape[:-1], 0, out), async_op)
+        for j, (s, e) in enumerate(split_rows(rows, chunks)):
+            with nvtx_range(f"mm piece {j}"):
+                matmul(x_rows[s:e], w, out=y_rows[s:e], kernel=kernel)
+            piece = y_rows[s:e]
+            handles.append((pipe.issue(lambda piece=piece: communicator.all_reduce(piece)), (s, e)))
+
+    def finish() -> Tensor:
+        for handle, (s, e) in handles:
+            handle.wait()
+            _epilogue(y_rows[s:e], bias, activation)
+        return _from_rows_out(y_rows, out_shape[:-1], 0, out)
+
+    return PendingOutput(finish) if async_op else finish()
+
+
+def matmul_all_reduce_reference(
+    x: Tensor,
+    w: Tensor,
+    *,
+    group: dist.ProcessGroup | Communicator,
+    bias: Tensor | None = None,
+    activation: str | None = None,
+    chunks: int | None = None,
+    out: Tensor | None = None,
+    async_op: bool = False,
+    kernel: str = "auto",
+    comm: str = "torch",
+    debug: bool | None = None,
+) -> Tensor | PendingOutput:
+    """Unfused `matmul_all_reduce`: `torch.matmul`, then a blocking all-reduce."""
+    _check_operands(x, w, bias, activation, x_name="x", dim=None)
+    communicator = _comm_for(group, comm)
+    y = (x.reshape(-1, x.shape[-1]) @ w).contiguous()
+    communicator.all_reduce(y).wait()
+    _epilogue(y, bias, activation)
+    return _done(_from_rows_out(y, list(x.shape[:-1]), 0, out), async_op)
+
+
+# --------------------------------------------------------------------------------------------
+# Backward blocks: a dgrad collective overlapped with the wgrad GEMM
+# --------------------------------------------------------------------------------------------
+
+
+def _new_wgrad(w: Tensor) -> Tensor:
+    """A `[K, N]` gradient for `w` laid out so that `.T` (the nn.Linear weight layout) is contiguous."""
+    return w.new_empty(w.shape[1], w.shape[0]).t()
+
+
+def _check_backward(dy: Tensor, w: Tensor, x: Tensor, *, dy_name: str) -> None:
+    if dy.shape[-1] != w.shape[1]:
+        raise ValueError(f"{dy_name}: expected last dim N = w.shape[1] = {w.shape[1]}, got {list(dy.shape)}")
+    if x.shape[-1] != w.shape[0]:
+        raise ValueError(f"x: expected last dim K = w.shape[0] = {w.shape[0]}, got {list(x.shape)}")
+    for name, t in (("x", x), ("w", w)):
+        if t.dtype != dy.dtype:
+            raise TypeError(f"{name}: expected dtype {dy.dtype} (the dtype of {dy_name}), got {t.dtype}")
+        if t.device != dy.device:
+            raise ValueError(f"{name}: expected device {dy.device} (the device of {dy_name}), got {t.device}")
+
+
+def matmul_reduce_scatter_with_wgrad(
+    dy: Tensor,
+    w: Tensor,
+    x: Tensor,
+    *,
+    group: dist.ProcessGroup | Communicator,
+    x_is_gathered: bool,
+    dim: int = 0,
+    chunks: int | None = None,
+    kernel: str = "auto",
+    comm: str = "torch",
+    debug: bool | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Backward of `y = all_gather(x_shard, dim) @ w` (column-parallel, sequence-parallel).
+
+    Computes `dx_shard = reduce_scatter(dy @ w.T, dim)` and `dw = x_full.T @ dy`, where
+    `x_full = x` if `x_is_gathered` (kept from forward: more memory, no comm) else
+    `all_gather(x, dim)` (re-gathered here: less memory, one more collective, issued first
+    so it hides under the dgrad GEMMs). The dgrad reduce-scatters are still in flight
+    while the wgrad GEMM runs:
+
+        comm:    [ag x][rs 0][rs 1]      [rs 2]
+        compute:       [dgrad 0][dgrad 1][dgrad 2][wgrad ........]
+
+    dy `[..., M, ..., N]` full, w `[K, N]`; returns dx_shard `[..., M/world, ..., K]` and
+    dw `[K, N]` (`dw.T` contiguous, the nn.Linear weight layout).
+    """
+    _check_backward(dy, w, x, dy_name="dy")
+    communicator = _comm_for(group, comm)
+    dim = dim % dy.ndim
+    x_gather: CollectiveHandle | None = None
+    if x_is_gathered or communicator.world_size == 1:
+        x_full_rows, _ = _to_rows(x, dim)
+    else:
+        x_rows, _ = _to_rows(x, dim)
+        x_rows = x_rows.contiguous()
+        x_full_rows = x_rows.new_empty(communicator.world_size * x_rows.shape[0], x_rows.shape[1])
+        x_gather = _Pipeline(x.device).issue(lambda: communicator.all_gather(x_full_rows, x_rows))
+    pending = matmul_reduce_scatter(
+        dy, w.t(), group=communicator, dim=dim, chunks=chunks, async_op=True, kernel=kernel, debug=debug
+    )
+    if x_gather is not None:
+        x_gather.wait()
+    dy_rows, _ = _to_rows(dy, dim)
+    dw = _new_wgrad(w)
+    with nvtx_range("wgrad"):
+        matmul(x_full_rows.t(), dy_rows, out=dw, kernel=kernel)
+    assert isinstance(pending, PendingOutput)
+    return pending.wait(), dw
+
+
+def matmul_all_reduce_with_wgrad(
+    dy: Tensor,
+    w: Tensor,
+    x: Tensor,
+    *,
+    group: dist.ProcessGroup | Communicator,
+    chunks: int | None = None,
+    kernel: str = "auto",
+    comm: str = "torch",
+    debug: bool | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Backward of `y = x @ w` with x replicated and w a column shard (column-parallel).
+
+    Computes `dx = all_reduce(dy @ w.T)` (chunked; the last all-reduces still in flight
+    while the wgrad runs) and `dw = x.T @ dy`:
+
+        comm:            [ar 0][ar 1][ar 2]
+        compute: [dgrad 0][dgrad 1][dgrad 2][wgrad ........]
+
+    dy `[..., N]`, w `[K, N]`, x `[..., K]`; returns dx `[..., K]` (full) and dw `[K, N]`.
+    """
+    _check_backward(dy, w, x, dy_name="dy")
+    pending = matmul_all_reduce(
+        dy, w.t(), group=group, chunks=chunks, async_op=True, kernel=kernel, comm=comm, debug=debug
+    )
+    dw = _new_wgrad(w)
+    with nvtx_range("wgrad"):
+        matmul(x.reshape(-1, x.shape[-1]).t(), dy.reshape(-1, dy.shape[-1]), out=dw, kernel=kernel)
+    assert isinstance(pending, PendingOutput)
+    return pending.wait(), dw
+
+
+def all_gather_matmul_with_wgrad(
+    dy_shard: Tensor,
+    w: Tensor,
+    x: Tensor,
+    *,
+    group: dist.ProcessGroup | Communicator,
+    dim: int = 0,
+    chunks: int | None = None,
+    kernel: str = "auto",
+    comm: str = "torch",
+    debug: bool | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Backward of `y_shard = reduce_scatter(x @ w, dim)` (row-parallel, sequence-parallel).
+
+    Computes `dx = all_gather(dy_shard, dim) @ w.T` and `dw = x.T @ all_gather(dy_shard, dim)`.
+    Both GEMMs consume each gathered piece of dy as it arrives in the ring (the wgrad
+    accumulates one `x[rows].T @ dy[rows]` term per piece), so the whole gather hides
+    under dgrad and wgrad work:
+
+        comm:    [send/recv 1        ][send/recv 2        ]
+        compute: [dgrad local][wgrad local][dgrad r-1][wgrad r-1][dgrad r-2][wgrad r-2]
+
+    dy_shard `[..., M/world, ..., N]`, w `[K, N]`, x `[..., M, ..., K]`; returns dx
+    `[..., M, ..., K]` and dw `[K, N]`.
+    """
+    _check_backward(dy_shard, w, x, dy_name="dy_shard")
+    communicator = _comm_for(group, comm)
+    world = communicator.world_size
+    dim = dim % dy_shard.ndim
+    if x.shape[dim] != dy_shard.shape[dim] * world:
+        raise ValueError(
+            f"x.shape[{dim}]: expected world size {world} × dy_shard.shape[{dim}] = "
+            f"{dy_shard.shape[dim] * world}, got {x.shape[dim]}"
+        )
+    dy_rows, _ = _to_rows(dy_shard, dim)
+    x_rows, x_row_shape = _to_rows(x, dim)
+    m, n = dy_rows.shape
+    k = w.shape[0]
+    chunks = _resolve_chunks(chunks, "all_gather_matmul", m=m * world, n=k, k=n, world=world, x=dy_shard)
+    checks.maybe_check_consistent(
+        communicator, "all_gather_matmul_with_wgrad", debug,
+        dy_shard=(list(dy_shard.shape), str(dy_shard.dtype)), w=list(w.shape), dim=dim, chunks=chunks,
+    )
+    dx_rows = x_rows.new_empty(world * m, k)
+    dw = _new_wgrad(w)
+    wt = w.t()
+    dx3, x3 = dx_rows.view(world, m, k), x_rows.view(world, m, k)
+    first = [True]
+
+    def consume(src: int, rows: slice, block: Tensor) -> None:
+        matmul(block, wt, out=dx3[src, rows], kernel=kernel)
+        matmul(x3[src, rows].t(), block, out=dw, accumulate=not first[0], kernel=kernel)
+        first[0] = False
+
+    with nvtx_range(f"all_gather_matmul_with_wgrad c={chunks}"):
+        if world == 1:
+            consume(0, slice(0, m), dy_rows)
+        elif chunks == 1:
+            dy_full = dy_rows.new_empty(world * m, n)
+            _pipeline_single_all_gather(communicator, dy_rows, dy_full)
+            matmul(dy_full, wt, out=dx_rows, kernel=kernel)
+            matmul(x_rows.t(), dy_full, out=dw, kernel=kernel)
+        else:
+            dy_full = dy_rows.new_empty(world * m, n)
+            _ring_all_gather(communicator, dy_rows, dy_full, pieces=-(-chunks // world), consume=consume)
+    return _from_rows(dx_rows, x_row_shape, dim), dw
+
