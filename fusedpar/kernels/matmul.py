@@ -136,18 +136,21 @@ if interpreter.is_interpreting():
 # ----------------------------------------------------------------------------------------
 
 @triton.jit
-def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """Map a linear program id to (pid_m, pid_n) in groups of GROUP_M row-blocks, so
-    programs running together reuse the same columns of B from L2."""
+def _tile_coords(tile_id, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Map a linear tile id over (batch, M-tiles, N-tiles) to (pid_batch, pid_m, pid_n), as
+    int64 so that multiplying them by strides cannot overflow. Within a batch entry tiles go
+    in groups of GROUP_M row-blocks, so programs running together reuse B's columns from L2."""
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
+    pid_batch = tile_id // (num_pid_m * num_pid_n)
+    pid = tile_id % (num_pid_m * num_pid_n)
     num_pid_in_group = GROUP_M * num_pid_n
     group_id = pid // num_pid_in_group
     first_pid_m = group_id * GROUP_M
     group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
     pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
     pid_n = (pid % num_pid_in_group) // group_size_m
-    return pid_m, pid_n
+    return pid_batch.to(tl.int64), pid_m.to(tl.int64), pid_n.to(tl.int64)
 
 
 @triton.jit
@@ -175,7 +178,7 @@ def _activate(x, ACTIVATION: tl.constexpr):
 @triton.jit
 def _matmul_kernel(
     a_ptr, b_ptr, bias_ptr, out_ptr,
-    M, N, K,
+    BATCH, M, N, K,
     stride_ab, stride_am, stride_ak,
     stride_bk, stride_bn,
     stride_bias,
@@ -184,47 +187,46 @@ def _matmul_kernel(
     UPCAST_TO_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # -- which tile: axis 0 walks the M x N tiles, axis 1 the batch --------------------
-    pid = tl.program_id(axis=0)
-    pid_batch = tl.program_id(axis=1).to(tl.int64)  # int64 before multiplying strides
-    pid_m, pid_n = _grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    pid_m = pid_m.to(tl.int64)
-    pid_n = pid_n.to(tl.int64)
+    # -- which tiles: ids run over batch x M-tiles x N-tiles; a program takes every
+    #    num_programs-th one (a single tile unless the launcher capped the grid at num_sms) --
+    num_tiles = BATCH * tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    for tile_id in range(tl.program_id(axis=0), num_tiles, tl.num_programs(axis=0)):
+        pid_batch, pid_m, pid_n = _tile_coords(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
-    # -- pointers to the first K-block; rows/cols past M/N wrap (% M) so the loads need no
-    #    M/N mask: those lanes compute garbage that the masked store drops ----------------
-    offs_am = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
-    offs_bn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
-    offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + pid_batch * stride_ab + offs_am[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn
+        # -- pointers to the first K-block; rows/cols past M/N wrap (% M) so the loads need no
+        #    M/N mask: those lanes compute garbage that the masked store drops ----------------
+        offs_am = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
+        offs_bn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + pid_batch * stride_ab + offs_am[:, None] * stride_am + offs_k[None, :] * stride_ak
+        b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn
 
-    # -- main loop: accumulate in fp32, whatever the input dtype, so a long K sum of fp16
-    #    or bf16 products keeps fp32 precision until the single cast at the store --------
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_remaining = K - k * BLOCK_K
-        a = tl.load(a_ptrs, mask=offs_k[None, :] < k_remaining, other=0.0)
-        b = tl.load(b_ptrs, mask=offs_k[:, None] < k_remaining, other=0.0)
-        if UPCAST_TO_FP32:  # interpreter only: its bf16 arithmetic is wrong (interpreter.py)
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+        # -- main loop: accumulate in fp32, whatever the input dtype, so a long K sum of fp16
+        #    or bf16 products keeps fp32 precision until the single cast at the store --------
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            k_remaining = K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_remaining, other=0.0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_remaining, other=0.0)
+            if UPCAST_TO_FP32:  # interpreter only: its bf16 arithmetic is wrong (interpreter.py)
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
 
-    # -- epilogue in fp32: bias, activation, accumulate into out, one cast at the store --
-    offs_cm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_cn * stride_bias, mask=offs_cn < N, other=0.0)
-        acc += bias.to(tl.float32)[None, :]
-    acc = _activate(acc, ACTIVATION)
-    out_ptrs = out_ptr + pid_batch * stride_ob + offs_cm[:, None] * stride_om + offs_cn[None, :] * stride_on
-    out_mask = (offs_cm[:, None] < M) & (offs_cn[None, :] < N)
-    if ACCUMULATE:
-        acc += tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+        # -- epilogue in fp32: bias, activation, accumulate into out, one cast at the store --
+        offs_cm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_cn * stride_bias, mask=offs_cn < N, other=0.0)
+            acc += bias.to(tl.float32)[None, :]
+        acc = _activate(acc, ACTIVATION)
+        out_ptrs = out_ptr + pid_batch * stride_ob + offs_cm[:, None] * stride_om + offs_cn[None, :] * stride_on
+        out_mask = (offs_cm[:, None] < M) & (offs_cn[None, :] < N)
+        if ACCUMULATE:
+            acc += tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 # ----------------------------------------------------------------------------------------
@@ -235,7 +237,7 @@ def _matmul_kernel(
 @triton.jit
 def _gated_matmul_kernel(
     a_ptr, bg_ptr, bu_ptr, out_ptr, gate_ptr, up_ptr,
-    M, N, K,
+    BATCH, M, N, K,
     stride_ab, stride_am, stride_ak,
     stride_bgk, stride_bgn,
     stride_buk, stride_bun,
@@ -245,51 +247,50 @@ def _gated_matmul_kernel(
     UPCAST_TO_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # -- which tile: axis 0 walks the M x N tiles, axis 1 the batch --------------------
-    pid = tl.program_id(axis=0)
-    pid_batch = tl.program_id(axis=1).to(tl.int64)  # int64 before multiplying strides
-    pid_m, pid_n = _grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    pid_m = pid_m.to(tl.int64)
-    pid_n = pid_n.to(tl.int64)
+    # -- which tiles: ids run over batch x M-tiles x N-tiles; a program takes every
+    #    num_programs-th one (a single tile unless the launcher capped the grid at num_sms) --
+    num_tiles = BATCH * tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    for tile_id in range(tl.program_id(axis=0), num_tiles, tl.num_programs(axis=0)):
+        pid_batch, pid_m, pid_n = _tile_coords(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
-    # -- pointers to the first K-block (rows/cols past M/N wrap; the store masks them) ---
-    offs_am = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
-    offs_bn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
-    offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + pid_batch * stride_ab + offs_am[:, None] * stride_am + offs_k[None, :] * stride_ak
-    bg_ptrs = bg_ptr + offs_k[:, None] * stride_bgk + offs_bn[None, :] * stride_bgn
-    bu_ptrs = bu_ptr + offs_k[:, None] * stride_buk + offs_bn[None, :] * stride_bun
+        # -- pointers to the first K-block (rows/cols past M/N wrap; the store masks them) ---
+        offs_am = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
+        offs_bn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + pid_batch * stride_ab + offs_am[:, None] * stride_am + offs_k[None, :] * stride_ak
+        bg_ptrs = bg_ptr + offs_k[:, None] * stride_bgk + offs_bn[None, :] * stride_bgn
+        bu_ptrs = bu_ptr + offs_k[:, None] * stride_buk + offs_bn[None, :] * stride_bun
 
-    # -- main loop: one A tile feeds two fp32 accumulators (fp32 for the same reason as in
-    #    _matmul_kernel), so the intermediate never goes through memory -----------------
-    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_remaining = K - k * BLOCK_K
-        a = tl.load(a_ptrs, mask=offs_k[None, :] < k_remaining, other=0.0)
-        bg = tl.load(bg_ptrs, mask=offs_k[:, None] < k_remaining, other=0.0)
-        bu = tl.load(bu_ptrs, mask=offs_k[:, None] < k_remaining, other=0.0)
-        if UPCAST_TO_FP32:  # interpreter only: its bf16 arithmetic is wrong (interpreter.py)
-            a = a.to(tl.float32)
-            bg = bg.to(tl.float32)
-            bu = bu.to(tl.float32)
-        acc_gate = tl.dot(a, bg, acc_gate, input_precision=INPUT_PRECISION)
-        acc_up = tl.dot(a, bu, acc_up, input_precision=INPUT_PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        bg_ptrs += BLOCK_K * stride_bgk
-        bu_ptrs += BLOCK_K * stride_buk
+        # -- main loop: one A tile feeds two fp32 accumulators (fp32 for the same reason as in
+        #    _matmul_kernel), so the intermediate never goes through memory -----------------
+        acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            k_remaining = K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_remaining, other=0.0)
+            bg = tl.load(bg_ptrs, mask=offs_k[:, None] < k_remaining, other=0.0)
+            bu = tl.load(bu_ptrs, mask=offs_k[:, None] < k_remaining, other=0.0)
+            if UPCAST_TO_FP32:  # interpreter only: its bf16 arithmetic is wrong (interpreter.py)
+                a = a.to(tl.float32)
+                bg = bg.to(tl.float32)
+                bu = bu.to(tl.float32)
+            acc_gate = tl.dot(a, bg, acc_gate, input_precision=INPUT_PRECISION)
+            acc_up = tl.dot(a, bu, acc_up, input_precision=INPUT_PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
+            bg_ptrs += BLOCK_K * stride_bgk
+            bu_ptrs += BLOCK_K * stride_buk
 
-    # -- epilogue in fp32: gate activation times up, one cast at each store ------------
-    offs_cm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (offs_cm[:, None] < M) & (offs_cn[None, :] < N)
-    y = _activate(acc_gate, ACTIVATION) * acc_up
-    out_ptrs = out_ptr + pid_batch * stride_ob + offs_cm[:, None] * stride_om + offs_cn[None, :] * stride_on
-    tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
-    if RETURN_PREACT:
-        offs_p = pid_batch * stride_pb + offs_cm[:, None] * stride_pm + offs_cn[None, :] * stride_pn
-        tl.store(gate_ptr + offs_p, acc_gate.to(gate_ptr.dtype.element_ty), mask=mask)
-        tl.store(up_ptr + offs_p, acc_up.to(up_ptr.dtype.element_ty), mask=mask)
+        # -- epilogue in fp32: gate activation times up, one cast at each store ------------
+        offs_cm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = (offs_cm[:, None] < M) & (offs_cn[None, :] < N)
+        y = _activate(acc_gate, ACTIVATION) * acc_up
+        out_ptrs = out_ptr + pid_batch * stride_ob + offs_cm[:, None] * stride_om + offs_cn[None, :] * stride_on
+        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+        if RETURN_PREACT:
+            offs_p = pid_batch * stride_pb + offs_cm[:, None] * stride_pm + offs_cn[None, :] * stride_pn
+            tl.store(gate_ptr + offs_p, acc_gate.to(gate_ptr.dtype.element_ty), mask=mask)
+            tl.store(up_ptr + offs_p, acc_up.to(up_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------
@@ -345,6 +346,11 @@ def _check_activation(op: str, activation: str | None) -> None:
         raise ValueError(f"{op}: activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
+def _check_num_sms(op: str, num_sms: int | None) -> None:
+    if num_sms is not None and (isinstance(num_sms, bool) or not isinstance(num_sms, int) or num_sms < 1):
+        raise ValueError(f"{op}: num_sms must be None or a positive int, got {num_sms!r}")
+
+
 def _select_backend(op: str, kernel: str, a: torch.Tensor) -> str:
     if kernel not in KERNELS:
         raise ValueError(f"{op}: kernel must be one of {KERNELS}, got {kernel!r}")
@@ -379,6 +385,14 @@ def _as_batched(a: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torch
     except RuntimeError:
         out3 = out.reshape(batch, M, N)
     return a3, out3
+
+
+def _grid(batch: int, M: int, N: int, num_sms: int | None):
+    """1-D grid over the batch x M x N tiles, capped at ``num_sms`` programs (persistent)."""
+    def grid(meta):
+        tiles = batch * triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
+        return (tiles if num_sms is None else min(tiles, num_sms),)
+    return grid
 
 
 def _input_precision(dtype: torch.dtype, upcast: bool) -> str | None:
@@ -424,6 +438,7 @@ def matmul(
     out: torch.Tensor | None = None,
     accumulate: bool = False,
     kernel: str = "auto",
+    num_sms: int | None = None,
 ) -> torch.Tensor:
     """Computes ``out = act(a @ b + bias)``, or ``out += act(a @ b + bias)`` with ``accumulate``.
 
@@ -434,8 +449,10 @@ def matmul(
     of a bigger buffer) and dtype ``a.dtype`` or float32; it is required with
     ``accumulate=True`` (gradient accumulation into an fp32 main_grad). The product is
     accumulated and the epilogue applied in fp32 (fp64 for fp64), with one cast at the
-    store. ``kernel`` picks the backend (:func:`resolve_kernel`). Returns ``out``, allocated
-    with ``a.dtype`` when not given.
+    store. ``kernel`` picks the backend (:func:`resolve_kernel`). ``num_sms`` caps the Triton
+    grid at that many programs, each looping over tiles, so the GEMM leaves the other SMs to
+    concurrent communication kernels (the torch backend ignores it). Returns ``out``,
+    allocated with ``a.dtype`` when not given.
     """
     op = "matmul"
     K, N = _check_operands(op, a, {"b": b})
@@ -449,6 +466,7 @@ def matmul(
         if bias.device != a.device:
             raise ValueError(f"{op}: bias must be on a's device ({a.device}), got {bias.device}")
     _check_activation(op, activation)
+    _check_num_sms(op, num_sms)
     if accumulate and out is None:
         raise ValueError(f"{op}: accumulate=True needs out= (the tensor to add into), got out=None")
     if out is not None:
@@ -473,12 +491,9 @@ def matmul(
     batch, M, _ = a3.shape
     upcast = interpreter.upcast_to_fp32(a.dtype)
 
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), batch)
-
-    _matmul_kernel[grid](
+    _matmul_kernel[_grid(batch, M, N, num_sms)](
         a3, b, bias if bias is not None else out3, out3,
-        M, N, K,
+        batch, M, N, K,
         a3.stride(0), a3.stride(1), a3.stride(2),
         b.stride(0), b.stride(1),
         bias.stride(0) if bias is not None else 0,
@@ -500,6 +515,7 @@ def gated_matmul(
     out: torch.Tensor | None = None,
     return_preact: bool = False,
     kernel: str = "auto",
+    num_sms: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Computes ``out = act(a @ b_gate) * (a @ b_up)`` (SwiGLU for "silu", GeGLU for "gelu")
     in one kernel with two fp32 accumulators: the products never go through memory.
@@ -508,12 +524,14 @@ def gated_matmul(
     ``w_gate.T``, ``w_up.T``, or the two halves of a concatenated weight's transpose). ``out``
     follows :func:`matmul`'s rules. With ``return_preact`` it returns ``(out, gate, up)``
     where ``gate = a @ b_gate`` and ``up = a @ b_up`` (new contiguous tensors of ``a.dtype``,
-    written by the same kernel, for the backward); otherwise ``out``.
+    written by the same kernel, for the backward); otherwise ``out``. ``kernel`` and
+    ``num_sms`` as in :func:`matmul`.
     """
     op = "gated_matmul"
     K, N = _check_operands(op, a, {"b_gate": b_gate, "b_up": b_up})
     out_shape = (*a.shape[:-1], N)
     _check_activation(op, activation)
+    _check_num_sms(op, num_sms)
     if out is not None:
         _check_out(op, out, a, out_shape)
     backend = _select_backend(op, kernel, a)
@@ -543,12 +561,9 @@ def gated_matmul(
     up3 = up.view(batch, M, N) if return_preact else out3
     upcast = interpreter.upcast_to_fp32(a.dtype)
 
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), batch)
-
-    _gated_matmul_kernel[grid](
+    _gated_matmul_kernel[_grid(batch, M, N, num_sms)](
         a3, b_gate, b_up, out3, gate3, up3,
-        M, N, K,
+        batch, M, N, K,
         a3.stride(0), a3.stride(1), a3.stride(2),
         b_gate.stride(0), b_gate.stride(1),
         b_up.stride(0), b_up.stride(1),

@@ -106,3 +106,19 @@ def test_gpu_compiled_gated_matches_torch(dtype):
         assert_close(gate, gate_ref, tol)
         assert_close(up, up_ref, tol)
         assert_close(y, torch.nn.functional.silu(gate_ref) * up_ref, tol)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_gated_num_sms_caps_the_grid(kernel):
+    gen = torch.Generator().manual_seed(10)
+    a = make_a("batched", 257 * 3, 70, torch.float16, gen)
+    b_gate, b_up = make_gate_up("b_transposed", 70, 130, torch.float16, gen)
+    out = Out("batched", (*a.shape[:-1], 130), torch.float16)
+    y, gate, up = gated_matmul(a, b_gate, b_up, activation="gelu", out=out.view, return_preact=True,
+                               kernel=kernel, num_sms=2)
+    gate_ref, up_ref = a.double() @ b_gate.double(), a.double() @ b_up.double()
+    assert_close(gate, gate_ref, TOL[torch.float16])
+    assert_close(y, torch.nn.functional.gelu(gate_ref) * up_ref, TOL[torch.float16])
+    out.assert_outside_untouched()
+    with pytest.raises(ValueError, match="num_sms must be None or a positive int, got 0"):
+        gated_matmul(a, b_gate, b_up, num_sms=0)

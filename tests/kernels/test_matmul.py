@@ -233,3 +233,26 @@ def test_gpu_batched_strided_out_and_accumulate():
     before = out.double().clone()
     matmul(a, w.T, out=out, accumulate=True, kernel="triton")
     assert_close(out, before + a.double() @ w.T.double(), 1e-5)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("num_sms", [1, 3])
+def test_num_sms_caps_the_grid_and_programs_loop_over_tiles(num_sms, kernel):
+    """Fewer programs than tiles (3 batches x 3 x 2 tiles under the interpreter): every
+    tile must still be written exactly once, accumulate included."""
+    gen = torch.Generator().manual_seed(9)
+    a = make_a("batched", 257 * 3, 70, torch.float32, gen)  # [3, 257, 70], unmergeable
+    w = torch.randn(130, 70, generator=gen)
+    bias = torch.randn(130, generator=gen)
+    out = Out("batched", (*a.shape[:-1], 130), torch.float32)
+    out.view.copy_(torch.randn(out.view.shape, generator=gen))
+    ref = out.view.double() + torch.relu(a.double() @ w.T.double() + bias.double())
+    matmul(a, w.T, bias=bias, activation="relu", out=out.view, accumulate=True, kernel=kernel, num_sms=num_sms)
+    assert_close(out.view, ref, TOL[torch.float32])
+    out.assert_outside_untouched()
+
+
+@pytest.mark.parametrize("num_sms", [0, -2, 1.5, True])
+def test_bad_num_sms(num_sms):
+    with pytest.raises(ValueError, match=r"num_sms must be None or a positive int, got"):
+        matmul(*_ok(), num_sms=num_sms)
