@@ -5,8 +5,8 @@ the ``@triton.autotune`` + ``@triton.jit`` kernels, then thin launchers that che
 view them as a batch of 2-D problems and launch. Every operand is read through its strides
 (``x @ w.T`` and ``dy.T @ x`` need no copy) and the output may be any strided view of a
 bigger buffer, so the overlap schedules can consume a received chunk ``[B, m, K]`` and write
-straight into its rows of the full output. The grid is ``(tiles of M x N, B)``; ``b`` is
-shared by the batch.
+straight into its rows of the full output. The grid is 1-D over the B x M x N output
+tiles (``b`` is shared by the batch), optionally capped at ``num_sms`` persistent programs.
 
 Each public function runs one of two backends (:func:`resolve_kernel`): "triton" (CUDA
 tensors, or CPU tensors under ``TRITON_INTERPRET=1``) or "torch", which computes the same
