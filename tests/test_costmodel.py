@@ -128,6 +128,17 @@ def test_all_gather_one_and_two_chunks_by_hand():
     assert p2.overlapped_s == pytest.approx(0.15)
 
 
+def test_ties_go_to_fewer_chunks():
+    # m=100, k=100, n=2, w=2: the local GEMM (0.02 s) hides the whole gather (0.02 s)
+    # at every chunk count, and the remote rows cost 0.02 s however they are cut, so
+    # every count predicts 0.04 s: the answer must be 1.
+    kw = dict(m=100, n=2, k=100, world_size=2, dtype=F32, device=EASY)
+    for c in (1, 2, 4, 8):
+        assert cm.predict("all_gather_matmul", chunks=c, **kw).overlapped_s == \
+            pytest.approx(0.04)
+    assert cm.choose_chunks("all_gather_matmul", **kw) == 1
+
+
 def test_world_size_one_has_nothing_to_overlap():
     p = cm.predict("matmul_all_reduce", m=64, n=64, k=64, world_size=1, dtype=F32,
                    chunks=4, device=EASY)
