@@ -397,5 +397,5 @@ def calibrate(device: torch.device | str | None = None, *,
         measured[row["dtype"]] = max(measured.get(row["dtype"], 0.0), row["tflops"])
     return dataclasses.replace(
         base, name=f"{base.name}-calibrated",
-        gemm_tflops={**base.gemm_tflops, **{d: round(t, 4) for d, t in measured.items()}},
+        gemm_tflops={**base.gemm_tflops, **{d: float(f"{t:.4g}") for d, t in measured.items()}},
     )
