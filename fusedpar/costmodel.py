@@ -352,7 +352,8 @@ def measure_gemm(device: torch.device | str | None = None, *,
                  dtypes: Sequence[torch.dtype] = (torch.float32,),
                  shapes: Sequence[tuple[int, int, int]] = ((256, 256, 256),),
                  backend: str = "torch", reps: int = 5) -> list[dict]:
-    """Median time and TFLOP/s of ``[m, k] @ [k, n]`` for each dtype and shape.
+    """Time per call (median of 3 trials of ``reps`` calls) and TFLOP/s of
+    ``[m, k] @ [k, n]`` for each dtype and shape.
 
     ``backend`` is "torch" (torch.matmul) or "fusedpar" (fusedpar.kernels.matmul).
     """
@@ -372,12 +373,15 @@ def measure_gemm(device: torch.device | str | None = None, *,
             b = torch.randn(k, n, generator=gen).to(device=device, dtype=dtype)
             mm(a, b)  # warm-up: compile / autotune / allocator
             _sync(device)
+            # `reps` calls back to back per trial so that one host sync does not dominate
+            # a short GPU GEMM; the median trial smooths out noise.
             times = []
-            for _ in range(reps):
+            for _ in range(3):
                 t0 = time.perf_counter()
-                mm(a, b)
+                for _ in range(reps):
+                    mm(a, b)
                 _sync(device)
-                times.append(time.perf_counter() - t0)
+                times.append((time.perf_counter() - t0) / reps)
             med = statistics.median(times)
             rows.append({"backend": backend, "dtype": dtype_name(dtype), "m": m, "n": n,
                          "k": k, "median_s": med, "tflops": 2.0 * m * n * k / med / 1e12})
@@ -397,5 +401,6 @@ def calibrate(device: torch.device | str | None = None, *,
         measured[row["dtype"]] = max(measured.get(row["dtype"], 0.0), row["tflops"])
     return dataclasses.replace(
         base, name=f"{base.name}-calibrated",
-        gemm_tflops={**base.gemm_tflops, **{d: float(f"{t:.4g}") for d, t in measured.items()}},
+        gemm_tflops={**base.gemm_tflops,
+                     **{d: float(f"{t:.4g}") for d, t in measured.items()}},
     )

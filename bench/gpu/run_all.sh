@@ -112,11 +112,11 @@ bench_step() {  # bench_step NAME LIMIT PATTERN...
 export OUT PY
 export -f env_info
 step env 30 bash -c env_info
-step gpu-tests 150 "$PY" -m pytest -m gpu tests -q -p no:cacheprovider --timeout=120 \
+step gpu-tests 120 "$PY" -m pytest -m gpu tests -q -p no:cacheprovider --timeout=120 \
     --junitxml="$OUT/gpu-tests.xml"
-bench_step bench-kernels 120 'test_kernel*.py' 'test_matmul*.py'
-bench_step bench-overlap 120 'test_overlap*.py'
-step calibrate 45 "$PY" -m fusedpar bench --calibrate "${QUICK[@]}" --out "$OUT/calibrate"
+bench_step bench-kernels 110 'test_kernel*.py' 'test_matmul*.py'
+bench_step bench-overlap 110 'test_overlap*.py'
+step calibrate 60 "$PY" -m fusedpar bench --calibrate "${QUICK[@]}" --out "$OUT/calibrate"
 step predict 15 "$PY" -m fusedpar bench --predict
 if [ "$HAS_CUDA" = 1 ]; then
     step profile 75 env PYTHON="$PY" bench/nsys/profile_layer.sh "$OUT/profile/fusedpar"

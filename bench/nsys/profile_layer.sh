@@ -22,6 +22,10 @@ fi
 nsys profile -t cuda,nvtx --capture-range=cudaProfilerApi --capture-range-end=stop \
     --force-overwrite=true -o "$prefix" \
     env PYTHONPATH="$PWD" "$PYTHON" -m fusedpar profile --gpu "$@"
+# Report names changed in nsys 2023.x (nvtxsum -> nvtx_sum, gpukernsum -> cuda_gpu_kern_sum).
 nsys stats --force-export=true --report nvtx_sum,cuda_gpu_kern_sum \
-    "$prefix.nsys-rep" >"$prefix-stats.txt" 2>&1 || echo "nsys stats failed (see $prefix-stats.txt)" >&2
+    "$prefix.nsys-rep" >"$prefix-stats.txt" 2>&1 \
+    || nsys stats --force-export=true --report nvtxsum,gpukernsum \
+        "$prefix.nsys-rep" >"$prefix-stats.txt" 2>&1 \
+    || echo "nsys stats failed (see $prefix-stats.txt)" >&2
 echo "report: $prefix.nsys-rep; summaries: $prefix-stats.txt"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import datetime as _dt
 import platform
 import re
@@ -90,22 +91,26 @@ def import_kernels():
     return kernels if hasattr(kernels, "matmul") else None
 
 
-def nvtx_range(name: str):
-    """An NVTX range (named on the nsys timeline) and a torch.profiler label; a plain
-    profiler label where CUDA/NVTX is unavailable. Prefers ``fusedpar.streams.nvtx_range``."""
+@functools.lru_cache(maxsize=1)
+def _library_nvtx_range():
+    """``fusedpar.streams.nvtx_range`` once the overlap branch has landed, else None."""
     try:
         from fusedpar.streams import nvtx_range as lib_range
     except ImportError:
-        lib_range = None
-    if lib_range is not None:
-        return lib_range(name)
-    return _label(name)
+        return None
+    return lib_range
 
 
 @contextlib.contextmanager
-def _label(name: str) -> Iterator[None]:
+def nvtx_range(name: str) -> Iterator[None]:
+    """A torch.profiler label (CPU traces) and an NVTX range (nsys timelines) named
+    ``name``; the NVTX part is skipped where CUDA is unavailable."""
     with torch.profiler.record_function(name):
-        if torch.cuda.is_available():
+        lib_range = _library_nvtx_range()
+        if lib_range is not None:
+            with lib_range(name):
+                yield
+        elif torch.cuda.is_available():
             torch.cuda.nvtx.range_push(name)
             try:
                 yield

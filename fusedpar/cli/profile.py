@@ -39,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunks", type=int, default=None,
                         help="row chunks (default 4 on CPU, costmodel.choose_chunks on GPU)")
     parser.add_argument("--dtype", default=None, help="default float32 CPU, bfloat16 GPU")
-    parser.add_argument("--kernel", default="auto", help="fusedpar.kernels matmul: auto/triton/torch")
+    parser.add_argument("--kernel", default="auto",
+                        help="fusedpar.kernels matmul: auto / triton / torch")
     parser.add_argument("--warmup", type=int, default=2, help="untraced steps first")
     parser.add_argument("--steps", type=int, default=3, help="traced steps")
     parser.add_argument("--torch-trace", action="store_true",
