@@ -19,6 +19,10 @@ whole gathered tensor for all-gather, the whole input for reduce-scatter / all-r
     all_gather, reduce_scatter: launch + latency + (w - 1) / w * nbytes / link_bytes_per_s
     all_reduce:                 launch + latency + 2 * (w - 1) / w * nbytes / link_bytes_per_s
 
+all_gather_matmul's chunked schedule is a ring of point-to-point hops (fusedpar.overlap):
+a hop of ``nbytes`` costs ``launch + latency + nbytes / link_bytes_per_s``, and the world - 1
+hops of a shard add up to the all-gather formula above.
+
 ``C`` and ``M`` below are the unchunked GEMM and collective times; ``C + M`` is the
 serial time and ``(C + M) / max(C, M)`` the best speed-up any overlap can reach.
 
@@ -194,6 +198,14 @@ def collective_time(kind: str, nbytes: float, world_size: int, spec: DeviceSpec)
     return (spec.launch_us + spec.link_latency_us) * 1e-6 + wire_s
 
 
+def p2p_time(nbytes: float, spec: DeviceSpec) -> float:
+    """Seconds for one ring hop (send to the next rank while receiving from the previous)
+    of ``nbytes``. world - 1 hops of a shard cost what the ring all-gather's formula says."""
+    if nbytes <= 0:
+        return 0.0
+    return (spec.launch_us + spec.link_latency_us) * 1e-6 + nbytes / (spec.link_gbps * 1e9)
+
+
 def split_rows(rows: int, chunks: int) -> list[int]:
     """Sizes of ``rows`` split into ``chunks`` near-equal parts, larger first
     (as ``torch.tensor_split`` does)."""
@@ -202,6 +214,12 @@ def split_rows(rows: int, chunks: int) -> list[int]:
 
 
 # ------------------------------------------------------------------------- prediction
+
+# Piece buffers the implemented schedules keep alive at once (fusedpar.overlap.MAX_IN_FLIGHT
+# for reduce-scatter; the others write into their output and are unbounded).
+SCHEDULE_MAX_IN_FLIGHT: dict[str, int | None] = {
+    "all_gather_matmul": None, "matmul_reduce_scatter": 2, "matmul_all_reduce": None,
+}
 
 
 @dataclass(frozen=True)
@@ -225,23 +243,42 @@ def _check(op: str, m: int, n: int, k: int, world_size: int) -> None:
         raise ValueError(f"need m, n, k, world_size >= 1, got {m=} {n=} {k=} {world_size=}")
 
 
-def _pieces(op: str, m: int, n: int, k: int, world_size: int, dtype: torch.dtype | str,
-            chunks: int, spec: DeviceSpec) -> tuple[float, list[float], list[float]]:
-    """(local GEMM time, per-piece GEMM times, per-piece collective times) of a schedule."""
+def ring_pieces(chunks: int, world_size: int) -> int:
+    """Pieces per shard of all_gather_matmul's ring: the ring moves whole shards, so
+    ``chunks`` is rounded up to a multiple of the world size (fusedpar.overlap)."""
+    return -(-chunks // world_size)
+
+
+def piece_rows(op: str, *, m: int, world_size: int, chunks: int) -> int:
+    """Rows of the smallest piece a schedule cuts from one rank's shard (all-reduce:
+    from the whole ``m``)."""
+    if op == "all_gather_matmul":
+        return (m // world_size) // ring_pieces(chunks, world_size)
+    if op == "matmul_reduce_scatter":
+        return (m // world_size) // chunks
+    return m // chunks
+
+
+def _tasks(op: str, m: int, n: int, k: int, world_size: int, dtype: torch.dtype | str,
+           chunks: int, spec: DeviceSpec) -> tuple[float, list[float], list[float]]:
+    """(local GEMM time, per-piece GEMM times, per-piece comm times) of a chunked schedule."""
     eb = _elem_bytes(dtype)
     w = world_size
     if op == "all_gather_matmul":
-        # Each rank's shard (m / w rows) is cut into `chunks`; piece j gathers w of them.
-        shard = split_rows(m // w, chunks)
-        local = gemm_time(m // w, n, k, dtype, spec)
-        mm = [gemm_time((w - 1) * r, n, k, dtype, spec) for r in shard]
-        comm = [collective_time("all_gather", w * r * k * eb, w, spec) for r in shard]
-        return local, mm, comm
-    kind = "reduce_scatter" if op == "matmul_reduce_scatter" else "all_reduce"
-    # Reduce-scatter pieces take rows from every rank's destination block; all-reduce
-    # pieces are plain row ranges. Either way a piece is ~m / chunks rows.
-    rows = [w * r for r in split_rows(m // w, chunks)] if kind == "reduce_scatter" \
-        else split_rows(m, chunks)
+        # Ring: the local shard's GEMM needs no comm; then world - 1 hops, each moving one
+        # shard in `p` pieces, each piece's GEMM waiting for its hop.
+        shard = m // w
+        rows = split_rows(shard, ring_pieces(chunks, w)) * (w - 1)
+        mm = [gemm_time(r, n, k, dtype, spec) for r in rows]
+        comm = [p2p_time(r * k * eb, spec) for r in rows]
+        return gemm_time(shard, n, k, dtype, spec), mm, comm
+    if op == "matmul_reduce_scatter":
+        # Piece j takes rows j of every rank's destination block: w * (shard / c) rows.
+        rows = [w * r for r in split_rows(m // w, chunks)]
+        kind = "reduce_scatter"
+    else:
+        rows = split_rows(m, chunks)
+        kind = "all_reduce"
     mm = [gemm_time(r, n, k, dtype, spec) for r in rows]
     comm = [collective_time(kind, r * n * eb, w, spec) for r in rows]
     return 0.0, mm, comm
@@ -251,19 +288,19 @@ def simulate(op: str, local_s: float, mm_s: Sequence[float], comm_s: Sequence[fl
              *, max_in_flight: int | None = None) -> float:
     """Makespan of the two-stream schedule for ``op`` given its task times.
 
-    all_gather_matmul (comm runs ahead; the local shard needs no comm)::
+    all_gather_matmul (a ring: comm runs ahead, the local shard needs no comm)::
 
-        comm:    [ag 0][ag 1][ag 2]
-        compute: [mm local][mm 0][mm 1][mm 2]
+        comm:    [hop 1][hop 2][hop 3]
+        compute: [mm local][mm 1][mm 2][mm 3]
 
     matmul_reduce_scatter / matmul_all_reduce (comm trails compute)::
 
         comm:          [rs 0][rs 1][rs 2]
         compute: [mm 0][mm 1][mm 2]
 
-    ``max_in_flight`` bounds the pieces held at once: gather j waits for GEMM
-    j - max_in_flight to finish with its buffer; GEMM j waits for collective
-    j - max_in_flight to free its buffer.
+    ``max_in_flight`` bounds the piece buffers alive at once: hop j waits for GEMM
+    j - max_in_flight to release its buffer; GEMM j waits for collective
+    j - max_in_flight to release its buffer.
     """
     c = len(mm_s)
     mm_end = [0.0] * c
@@ -290,7 +327,13 @@ def simulate(op: str, local_s: float, mm_s: Sequence[float], comm_s: Sequence[fl
 def predict(op: str, *, m: int, n: int, k: int, world_size: int, dtype: torch.dtype | str,
             chunks: int, device: DeviceSpec | None = None,
             max_in_flight: int | None = None) -> Prediction:
-    """Predict ``op`` on global shapes (per-rank GEMM ``[m, k] @ [k, n]``) at ``chunks``."""
+    """Predict ``op`` on global shapes (per-rank GEMM ``[m, k] @ [k, n]``) at ``chunks``.
+
+    ``chunks=1`` is the unfused op (collective, then GEMM, or the reverse), so its
+    overlapped time is C + M. For all_gather_matmul any ``chunks >= 2`` runs the ring with
+    ``ceil(chunks / world_size)`` pieces per shard. ``max_in_flight=None`` uses the
+    implemented schedule's buffer bound (SCHEDULE_MAX_IN_FLIGHT).
+    """
     _check(op, m, n, k, world_size)
     if chunks < 1:
         raise ValueError(f"chunks must be >= 1, got {chunks}")
@@ -303,12 +346,14 @@ def predict(op: str, *, m: int, n: int, k: int, world_size: int, dtype: torch.dt
     }[op]
     big_c = gemm_time(m, n, k, dtype, spec)
     big_m = collective_time(kind, nbytes, world_size, spec)
-    if world_size == 1:
-        overlapped = big_c  # nothing to communicate, nothing to chunk
-    else:
-        local, mm, comm = _pieces(op, m, n, k, world_size, dtype, chunks, spec)
-        overlapped = simulate(op, local, mm, comm, max_in_flight=max_in_flight)
     serial = big_c + big_m
+    if world_size == 1 or chunks == 1:
+        overlapped = serial  # one GEMM and one collective, one after the other
+    else:
+        local, mm, comm = _tasks(op, m, n, k, world_size, dtype, chunks, spec)
+        bound_in_flight = max_in_flight if max_in_flight is not None \
+            else SCHEDULE_MAX_IN_FLIGHT[op]
+        overlapped = simulate(op, local, mm, comm, max_in_flight=bound_in_flight)
     return Prediction(
         op=op, chunks=chunks, compute_s=big_c, comm_s=big_m, serial_s=serial,
         overlapped_s=overlapped, bound=serial / max(big_c, big_m),
@@ -323,16 +368,18 @@ def choose_chunks(op: str, *, m: int, n: int, k: int, world_size: int,
 
     A pure function of its arguments (with ``device`` given; otherwise of the device
     spec too) that reads no clock, so every rank passing the same global shapes gets the
-    same answer. Returns 1 when a rank's shard cannot give two pieces of at least
-    ``spec.min_piece_rows`` rows (decode-sized ``m``); ties go to fewer chunks.
+    same answer. Decode-sized ``m`` (under two pieces of ``spec.min_piece_rows`` rows per
+    rank) gets 1, and counts whose pieces would be smaller than that are not considered;
+    ties go to fewer chunks.
     """
     _check(op, m, n, k, world_size)
     spec = device if device is not None else device_spec_for(None)
-    limit = min(max_chunks, (m // world_size) // spec.min_piece_rows)
-    if world_size == 1 or limit < 2:
+    if world_size == 1 or m < 2 * world_size * spec.min_piece_rows:
         return 1
     best_c, best_t = 1, math.inf
-    for c in range(1, limit + 1):
+    for c in range(1, max_chunks + 1):
+        if c > 1 and piece_rows(op, m=m, world_size=world_size, chunks=c) < spec.min_piece_rows:
+            break  # pieces only get smaller from here
         t = predict(op, m=m, n=n, k=k, world_size=world_size, dtype=dtype, chunks=c,
                     device=spec, max_in_flight=max_in_flight).overlapped_s
         if t < best_t * (1.0 - _TIE_RTOL):

@@ -109,34 +109,46 @@ def test_all_reduce_two_chunks_by_hand():
     assert p.bound == pytest.approx(2.0)
 
 
-def test_all_gather_one_and_two_chunks_by_hand():
+def test_all_gather_ring_by_hand():
     # m=400, k=100, n=1, w=4: C = 2*400*1*100 / 1e6 = 0.08,
-    # M = 3/4 * 400*100*4 / 1e6 = 0.12, serial 0.20.
-    # c=1: local 100 rows (0.02) runs under the whole gather (0.12), then the other
-    #      300 rows (0.06): 0.12 + 0.06 = 0.18.
+    # M = 3/4 * 400*100*4 / 1e6 = 0.12, serial 0.20; c=1 is the unfused op: 0.20.
     kw = dict(m=400, n=1, k=100, world_size=4, dtype=F32, device=EASY)
     p1 = cm.predict("all_gather_matmul", chunks=1, **kw)
     assert p1.compute_s == pytest.approx(0.08)
     assert p1.comm_s == pytest.approx(0.12)
     assert p1.serial_s == pytest.approx(0.20)
-    assert p1.overlapped_s == pytest.approx(0.18)
-    # c=2: each shard of 100 rows in two 50-row pieces; a gather moves 3/4 * 4*50*100*4 B
-    # (0.06 s), a GEMM covers 150 rows (0.03 s).
-    #   comm:    [ag0 0-.06][ag1 .06-.12]
-    #   compute: [local 0-.02]  [mm0 .06-.09]  [mm1 .12-.15]
-    p2 = cm.predict("all_gather_matmul", chunks=2, **kw)
-    assert p2.overlapped_s == pytest.approx(0.15)
+    assert p1.overlapped_s == pytest.approx(0.20)
+    # c=2..4: a ring with one piece per shard. The local shard (100 rows, 0.02 s) needs no
+    # comm; each of the 3 hops moves a shard (100*100*4 B, 0.04 s), each GEMM 0.02 s.
+    #   comm:    [hop1 0-.04][hop2 .04-.08][hop3 .08-.12]
+    #   compute: [local 0-.02]  [mm1 .04-.06]  [mm2 .08-.10]  [mm3 .12-.14]
+    for c in (2, 3, 4):
+        assert cm.predict("all_gather_matmul", chunks=c, **kw).overlapped_s == \
+            pytest.approx(0.14)
+    # c=5..8: two 50-row pieces per shard: 6 hops of 0.02 s, 6 GEMMs of 0.01 s.
+    #   comm:    [.02][.04][.06][.08][.10][.12]  (hop ends)
+    #   compute: local to .02, then pieces end .03 .05 .07 .09 .11 .13
+    assert cm.predict("all_gather_matmul", chunks=8, **kw).overlapped_s == \
+        pytest.approx(0.13)
+    # The hops of one shard add up to the ring all-gather formula.
+    assert 3 * cm.p2p_time(400 // 4 * 100 * 4, EASY) == pytest.approx(p1.comm_s)
 
 
 def test_ties_go_to_fewer_chunks():
-    # m=100, k=100, n=2, w=2: the local GEMM (0.02 s) hides the whole gather (0.02 s)
-    # at every chunk count, and the remote rows cost 0.02 s however they are cut, so
-    # every count predicts 0.04 s: the answer must be 1.
+    # m=100, k=100, n=2, w=2: c=1 is serial (C 0.04 + M 0.02 = 0.06). Every ring
+    # (c=2..8) predicts 0.04: the local GEMM (0.02) hides all hops (0.02 in total) and
+    # the remote rows cost 0.02 however they are cut. The answer must be 2, not 8.
     kw = dict(m=100, n=2, k=100, world_size=2, dtype=F32, device=EASY)
-    for c in (1, 2, 4, 8):
+    assert cm.predict("all_gather_matmul", chunks=1, **kw).overlapped_s == pytest.approx(0.06)
+    for c in (2, 3, 4, 8):
         assert cm.predict("all_gather_matmul", chunks=c, **kw).overlapped_s == \
             pytest.approx(0.04)
-    assert cm.choose_chunks("all_gather_matmul", **kw) == 1
+    assert cm.choose_chunks("all_gather_matmul", **kw) == 2
+
+
+def test_schedule_bounds_match_the_implementation():
+    overlap = pytest.importorskip("fusedpar.overlap")
+    assert cm.SCHEDULE_MAX_IN_FLIGHT["matmul_reduce_scatter"] == overlap.MAX_IN_FLIGHT
 
 
 def test_world_size_one_has_nothing_to_overlap():
@@ -227,12 +239,15 @@ def test_choose_chunks_is_rank_independent_and_bounded(op, world, shard_rows, n,
     c = answers.pop()
     assert 1 <= c <= max_chunks
     # It is the argmin of the model (ties to fewer chunks) over the counts it may use.
-    allowed = range(1, max(1, min(max_chunks, shard_rows // spec.min_piece_rows)) + 1)
+    allowed = [j for j in range(1, max_chunks + 1) if j == 1 or cm.piece_rows(
+        op, m=m, world_size=world, chunks=j) >= spec.min_piece_rows]
     times = {j: cm.predict(op, m=m, n=n, k=k, world_size=world, dtype=dtype, chunks=j,
                            device=spec).overlapped_s for j in allowed}
-    if world > 1:
+    if world > 1 and m >= 2 * world * spec.min_piece_rows:
         assert c in times
         assert times[c] <= min(times.values()) * (1 + 1e-3)
+    else:
+        assert c == 1  # nothing to overlap, or decode-sized m
 
 
 # ------------------------------------------------------------------ device specs
