@@ -1,7 +1,7 @@
-"""The command line: one module per subcommand, each with ``add_parser`` and ``run``.
+"""The command line: one module per subcommand, each with ``add_arguments`` and ``run``.
 
-Subcommand modules are imported only when chosen, so ``demo`` does not pay for
-matplotlib and ``bench`` does not pay for torch.distributed.
+Heavy imports (matplotlib) happen inside the functions that need them, so building the
+parser stays cheap. Replace a subcommand by replacing its module (e.g. ``demo``).
 """
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ SUBCOMMANDS = {
 
 def build_parser() -> argparse.ArgumentParser:
     """The full parser; each subcommand module adds its own options."""
-    parser = argparse.ArgumentParser(prog="python -m fusedpar", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m fusedpar",
+        description="fusedpar: tensor-parallel layers whose matmuls overlap their collectives")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in SUBCOMMANDS.items():
         module = importlib.import_module(f"fusedpar.cli.{name}")

@@ -41,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, help="default float32 CPU, bfloat16 GPU")
     parser.add_argument("--kernel", default="auto",
                         help="fusedpar.kernels matmul: auto / triton / torch")
+    parser.add_argument("--workload", choices=("loop", "overlap"), default="loop",
+                        help="loop: the stand-in chunked loop below; overlap: "
+                             "fusedpar.overlap.matmul_all_reduce (once it is merged)")
     parser.add_argument("--warmup", type=int, default=2, help="untraced steps first")
     parser.add_argument("--steps", type=int, default=3, help="traced steps")
     parser.add_argument("--torch-trace", action="store_true",
@@ -57,7 +60,8 @@ def build_workload(args: argparse.Namespace, *, group: dist.ProcessGroup,
         comm:          [ar 0][ar 1][ar 2]
         compute: [mm 0][mm 1][mm 2]
 
-    It stands in for an overlapped layer until the layers land.
+    It stands in for an overlapped layer until the layers land; ``--workload overlap``
+    runs fusedpar.overlap.matmul_all_reduce on the same operands instead.
     """
     m, n, k = args.shape
     dtype = getattr(torch, args.dtype)
@@ -72,6 +76,12 @@ def build_workload(args: argparse.Namespace, *, group: dist.ProcessGroup,
             torch.matmul(a, w, out=out)
         else:
             kernels.matmul(a, w, out=out, kernel=args.kernel)
+
+    if args.workload == "overlap":
+        from fusedpar.overlap import matmul_all_reduce  # ImportError names what is missing
+
+        return lambda: matmul_all_reduce(x, w, group=group, chunks=args.chunks,
+                                         kernel=args.kernel)
 
     bounds = torch.arange(m).tensor_split(args.chunks)
 
@@ -160,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
             dtype=getattr(torch, args.dtype), device=costmodel.device_spec_for(device))
     args.out = Path(args.out).resolve()
     args.out.mkdir(parents=True, exist_ok=True)
-    print(f"profile: chunked matmul_all_reduce {args.shape} {args.dtype} chunks={args.chunks} "
+    print(f"profile ({args.workload}): chunked matmul_all_reduce {args.shape} {args.dtype} chunks={args.chunks} "
           f"world={args.world} on {device.type}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
@@ -170,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
             torch.multiprocessing.spawn(_rank_main, args=(args.world, init_file, args),
                                         nprocs=args.world, join=True)
     meta = run_metadata(device, getattr(args, "argv", None))
-    meta.update(workload="chunked matmul_all_reduce", shape=args.shape, dtype=args.dtype,
+    meta.update(workload=f"{args.workload}: chunked matmul_all_reduce", shape=args.shape, dtype=args.dtype,
                 chunks=args.chunks, world=args.world, steps=args.steps, warmup=args.warmup)
     (args.out / "profile-meta.json").write_text(json.dumps(meta, indent=1))
     return 0
