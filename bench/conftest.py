@@ -10,8 +10,12 @@ median), and baseline=True on the entry the rest of its group is compared with.
 """
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
+
+_SESSION_START = pytest.StashKey[float]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -20,6 +24,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="tiny shapes and few rounds (CPU smoke runs)")
     group.addoption("--fusedpar-rounds", type=int, default=None,
                     help="timed rounds per benchmark (default 3 quick, 20 otherwise)")
+    group.addoption("--fusedpar-budget-s", type=float, default=None,
+                    help="skip the benchmarks that would start after this many seconds, so "
+                         "a time-limited run still ends and writes its JSON")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[_SESSION_START] = time.monotonic()
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    budget = item.config.getoption("--fusedpar-budget-s")
+    if budget is not None and time.monotonic() - item.config.stash[_SESSION_START] > budget:
+        pytest.skip(f"out of the {budget:.0f} s benchmark budget")
 
 
 @pytest.fixture(scope="session")

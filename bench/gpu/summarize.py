@@ -30,7 +30,7 @@ def bench_tables(out: Path) -> list[str]:
         for r in data.get("rows", []):
             lines.append(f"| {r['baseline'] or '-'} | {_fmt(r['baseline_ms'], '.3f')} | "
                          f"{r['name']} | {r['median_ms']:.3f} | {_fmt(r['tflops'], '.4g')} | "
-                         f"{_fmt(r['speedup'], '.2f')} |")
+                         f"{_fmt(r['speedup'], '.3g')} |")
         lines.append("")
     return lines
 
