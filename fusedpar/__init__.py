@@ -2,7 +2,80 @@
 
 Pure pip on stock torch and triton; eager; correct on CPU (gloo, interpreted Triton)
 and fast on GPU (NCCL, compiled Triton).
+
+Layers:      ColumnParallelLinear, RowParallelLinear, ParallelMLP, ParallelAttention, parallelize
+Schedules:   all_gather_matmul, matmul_reduce_scatter, matmul_all_reduce (+ *_reference, backward blocks)
+Kernels:     matmul, gated_matmul, resolve_kernel
+Comm:        get_communicator, init_distributed, new_group, CollectiveError
+Cost model:  predict, choose_chunks, calibrate, device_spec_for, set_device_spec
 """
 from __future__ import annotations
 
+from fusedpar.checks import InconsistentCallError
+from fusedpar.comm import (
+    CollectiveError,
+    Communicator,
+    CupyCommunicator,
+    TorchCommunicator,
+    get_communicator,
+    init_distributed,
+    new_group,
+)
+from fusedpar.costmodel import (
+    DEVICES,
+    DeviceSpec,
+    Prediction,
+    calibrate,
+    choose_chunks,
+    device_spec_for,
+    predict,
+    set_device_spec,
+)
+from fusedpar.kernels import ACTIVATIONS, gated_matmul, matmul, resolve_kernel
+from fusedpar.overlap import (
+    PendingOutput,
+    all_gather_matmul,
+    all_gather_matmul_reference,
+    all_gather_matmul_with_wgrad,
+    matmul_all_reduce,
+    matmul_all_reduce_reference,
+    matmul_all_reduce_with_wgrad,
+    matmul_reduce_scatter,
+    matmul_reduce_scatter_reference,
+    matmul_reduce_scatter_with_wgrad,
+)
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "ACTIVATIONS",
+    "CollectiveError",
+    "Communicator",
+    "CupyCommunicator",
+    "DEVICES",
+    "DeviceSpec",
+    "InconsistentCallError",
+    "PendingOutput",
+    "Prediction",
+    "TorchCommunicator",
+    "all_gather_matmul",
+    "all_gather_matmul_reference",
+    "all_gather_matmul_with_wgrad",
+    "calibrate",
+    "choose_chunks",
+    "device_spec_for",
+    "gated_matmul",
+    "get_communicator",
+    "init_distributed",
+    "matmul",
+    "matmul_all_reduce",
+    "matmul_all_reduce_reference",
+    "matmul_all_reduce_with_wgrad",
+    "matmul_reduce_scatter",
+    "matmul_reduce_scatter_reference",
+    "matmul_reduce_scatter_with_wgrad",
+    "new_group",
+    "predict",
+    "resolve_kernel",
+    "set_device_spec",
+]
