@@ -60,6 +60,10 @@ class DeviceSpec:
     mem_gbps: float = 1000.0  # achieved memory bandwidth, for small-GEMM roofline
     tile_m: int = 1  # GEMM rows are padded to a multiple of this (tile quantisation)
     min_piece_rows: int = 1  # choose_chunks never cuts a rank's shard finer than this
+    # Whether comm and GEMMs run on separate hardware. On a GPU, NCCL (or a copy engine)
+    # moves data while the SMs compute; gloo on a CPU moves data with the same cores the
+    # GEMM uses, so nothing hides (FACTS.md) and pieces only add per-call costs.
+    comm_overlaps_compute: bool = True
 
     def tflops(self, dtype: torch.dtype | str) -> float:
         """Achieved dense TFLOP/s for ``dtype``; ValueError if the table lacks it."""
@@ -120,7 +124,7 @@ DEVICES: dict[str, DeviceSpec] = {
             gemm_tflops={"bfloat16": 0.25, "float16": 0.002, "float32": 0.08,
                          "float64": 0.04},
             link_gbps=0.6, link_latency_us=100.0, launch_us=20.0,
-            mem_gbps=10.0, tile_m=1, min_piece_rows=8,
+            mem_gbps=10.0, tile_m=1, min_piece_rows=8, comm_overlaps_compute=False,
         ),
     )
 }
@@ -353,7 +357,10 @@ def predict(op: str, *, m: int, n: int, k: int, world_size: int, dtype: torch.dt
         local, mm, comm = _tasks(op, m, n, k, world_size, dtype, chunks, spec)
         bound_in_flight = max_in_flight if max_in_flight is not None \
             else SCHEDULE_MAX_IN_FLIGHT[op]
-        overlapped = simulate(op, local, mm, comm, max_in_flight=bound_in_flight)
+        if spec.comm_overlaps_compute:
+            overlapped = simulate(op, local, mm, comm, max_in_flight=bound_in_flight)
+        else:  # one resource: every piece's GEMM and collective back to back
+            overlapped = local + sum(mm) + sum(comm)
     return Prediction(
         op=op, chunks=chunks, compute_s=big_c, comm_s=big_m, serial_s=serial,
         overlapped_s=overlapped, bound=serial / max(big_c, big_m),

@@ -296,3 +296,16 @@ def test_calibrate_on_cpu_measures_a_table():
     assert spec.link_gbps == cm.DEVICES["cpu-gloo"].link_gbps
     cm.set_device_spec(spec)
     assert cm.device_spec_for("cpu") is spec
+
+
+def test_no_overlap_is_predicted_where_comm_and_compute_share_the_cores():
+    """gloo on a CPU moves data with the GEMM's own cores: chunking only adds per-call costs."""
+    cpu = cm.DEVICES["cpu-gloo"]
+    assert not cpu.comm_overlaps_compute
+    for op in ("all_gather_matmul", "matmul_reduce_scatter", "matmul_all_reduce"):
+        one = cm.predict(op, m=512, n=384, k=512, world_size=2, dtype=torch.float32, chunks=1, device=cpu)
+        four = cm.predict(op, m=512, n=384, k=512, world_size=2, dtype=torch.float32, chunks=4, device=cpu)
+        assert four.overlapped_s >= one.overlapped_s == one.serial_s
+        assert cm.choose_chunks(op, m=512, n=384, k=512, world_size=2, dtype=torch.float32, device=cpu) == 1
+        gpu = cm.DEVICES["h100-sxm"]
+        assert cm.choose_chunks(op, m=16384, n=3584, k=8192, world_size=8, dtype=torch.bfloat16, device=gpu) > 1
