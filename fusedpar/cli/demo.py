@@ -1,68 +1,261 @@
-"""`python -m fusedpar demo` (placeholder): one fusedpar matmul on a real problem.
+"""`python -m fusedpar demo`: a tensor-parallel Llama trained next to its single-process twin.
 
-Prints the shape, dtype, backend that ran, error against a float64 torch reference and
-the time. The tensor-parallel Llama demo replaces this module later.
+With fewer than 2 GPUs it starts its own ranks on this machine (gloo, 127.0.0.1 only);
+under `torchrun` it uses the ranks it is given (NCCL when each rank has a GPU). Each rank
+builds the same tiny random `LlamaForCausalLM` (no download), keeps one copy whole as the
+reference and converts the other with `parallelize(model, "auto", sequence_parallel=...)`.
+It checks the logits, trains both on the same synthetic batches in lockstep, times one
+MLP block overlapped (chunked) vs serial (chunks=1), and prints a table on rank 0. The exit
+status is non-zero if the parallel model's logits or losses leave the reference's.
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import datetime
+import os
+import socket
 import statistics
+import sys
 import time
+from typing import Any
 
 import torch
+import torch.distributed as dist
 
-from fusedpar.cli._common import default_device, import_kernels
+LOGITS_TOL = {"float32": 1e-4, "float64": 1e-10, "bfloat16": 3e-2, "float16": 1e-2}
+LOSS_TOL = {"float32": 1e-3, "float64": 1e-8, "bfloat16": 5e-2, "float16": 2e-2}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of `demo`."""
-    parser.add_argument("--shape", type=int, nargs=3, metavar=("M", "N", "K"),
-                        help="GEMM [M,K] @ [K,N] (default 256^3 on CPU, 4096^3 on GPU)")
-    parser.add_argument("--dtype", default=None,
-                        help="float32 / float16 / bfloat16 (default float32 on CPU, where "
-                             "interpreted Triton gets bf16 wrong; bfloat16 on GPU)")
-    parser.add_argument("--kernel", default="auto", help="auto / triton / torch")
-    parser.add_argument("--reps", type=int, default=3)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    parser.add_argument("--world-size", type=int, default=2, help="ranks to start when not under torchrun (default 2)")
+    parser.add_argument("--steps", type=int, default=30, help="training steps (default 30)")
+    parser.add_argument("--layers", type=int, default=2, help="decoder layers (default 2)")
+    parser.add_argument("--hidden", type=int, default=128, help="hidden size (default 128)")
+    parser.add_argument("--intermediate", type=int, default=256, help="MLP intermediate size (default 256)")
+    parser.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
+    parser.add_argument("--kv-heads", type=int, default=2, help="key/value heads (default 2)")
+    parser.add_argument("--vocab", type=int, default=256, help="vocabulary size (default 256)")
+    parser.add_argument("--seq", type=int, default=64, help="sequence length (default 64)")
+    parser.add_argument("--batch", type=int, default=4, help="batch size (default 4)")
+    parser.add_argument("--dtype", default="float32", choices=sorted(LOGITS_TOL), help="default float32")
+    parser.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=True,
+                        help="split the residual stream on the sequence dim (default on)")
+    parser.add_argument("--kernel", default="auto", choices=["auto", "triton", "torch"],
+                        help="GEMM backend (auto: Triton on CUDA, torch on CPU unless TRITON_INTERPRET=1)")
+    parser.add_argument("--comm", default="torch", choices=["torch", "cupy"], help="communicator (default torch)")
+    parser.add_argument("--chunks", type=int, default=None, help="pieces per schedule (default: cost model)")
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timing-reps", type=int, default=5, help="fwd+bwd repetitions per timed variant")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the GEMM, print what ran and how well; 1 if the error is out of tolerance."""
-    device = default_device()
-    m, n, k = args.shape or ((4096,) * 3 if device.type == "cuda" else (256,) * 3)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    gen = torch.Generator().manual_seed(0)
-    a = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)
-    b = torch.randn(k, n, generator=gen).to(device=device, dtype=dtype)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun
+        return _rank_main(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), None, args)
+    if args.world_size < 1:
+        raise SystemExit(f"--world-size: expected >= 1, got {args.world_size}")
+    port = _free_port()
+    ctx = torch.multiprocessing.get_context("spawn")
+    results = ctx.SimpleQueue()
+    procs = [ctx.Process(target=_spawned, args=(r, args.world_size, port, args, results)) for r in range(args.world_size)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    codes = [p.exitcode for p in procs]
+    if any(codes):
+        print(f"fusedpar demo: ranks exited with codes {codes}", file=sys.stderr)
+        return 1
+    return 0
 
-    kernels = import_kernels()
-    if kernels is None:
-        backend, fn = "torch (fusedpar.kernels not available yet)", torch.matmul
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawned(rank: int, world: int, port: int, args: argparse.Namespace, results: Any) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    sys.exit(_rank_main(rank, world, port, args))
+
+
+def _rank_main(rank: int, world: int, port: int | None, args: argparse.Namespace) -> int:
+    from fusedpar.comm import init_distributed
+
+    use_cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
     else:
-        backend = kernels.resolve_kernel(args.kernel, device)
-        fn = lambda x, y: kernels.matmul(x, y, kernel=args.kernel)  # noqa: E731
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    group = init_distributed("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=120),
+                             rank=rank, world_size=world)
+    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+    try:
+        ok = _demo(group, rank, world, device, args)
+    finally:
+        dist.destroy_process_group()
+    return 0 if ok else 1
 
-    out = fn(a, b)  # warm-up: Triton compiles here
-    _sync(device)
-    times = []
-    for _ in range(args.reps):
-        t0 = time.perf_counter()
-        out = fn(a, b)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    ref = a.double() @ b.double()
-    rel_err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
-    # Tolerance by dtype (shared/STYLE.md), with tf32 room for fp32 on GPUs.
-    tol = {torch.float32: 1e-3, torch.float64: 1e-9}.get(dtype, 1e-2)
-    med = statistics.median(times)
-    print(f"matmul [{m}, {k}] @ [{k}, {n}]  dtype={str(dtype).removeprefix('torch.')}  "
-          f"device={device.type}")
-    print(f"backend: {backend}")
-    print(f"max rel. error vs float64 torch: {rel_err:.2e} (tolerance {tol:.0e})")
-    print(f"time: {med * 1e3:.3f} ms median of {args.reps}  "
-          f"({2 * m * n * k / med / 1e12:.3f} TFLOP/s)")
-    return 0 if rel_err <= tol else 1
+
+def _tiny_llama(args: argparse.Namespace, dtype: torch.dtype, device: torch.device):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+        max_position_embeddings=max(256, args.seq), attn_implementation="sdpa",
+    )
+    torch.manual_seed(args.seed)  # same weights on every rank
+    return LlamaForCausalLM(config).to(device=device, dtype=dtype)
+
+
+def _batches(args: argparse.Namespace, device: torch.device):
+    """Synthetic sequences with a learnable rule (t[i+1] = 5*t[i] + 3 mod vocab), same on all ranks."""
+    g = torch.Generator().manual_seed(args.seed + 1)
+    while True:
+        start = torch.randint(0, args.vocab, (args.batch, 1), generator=g)
+        steps = torch.arange(args.seq).unsqueeze(0)
+        tokens = start.clone().expand(-1, args.seq).clone()
+        for i in range(1, args.seq):
+            tokens[:, i] = (5 * tokens[:, i - 1] + 3) % args.vocab
+        noise = torch.rand(tokens.shape, generator=g) < 0.05
+        tokens = torch.where(noise, torch.randint(0, args.vocab, tokens.shape, generator=g), tokens)
+        del steps
+        yield tokens.to(device)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def _demo(group: dist.ProcessGroup, rank: int, world: int, device: torch.device, args: argparse.Namespace) -> bool:
+    from fusedpar.kernels import resolve_kernel
+    from fusedpar.layers import parallelize
+
+    dtype = getattr(torch, args.dtype)
+    reference = _tiny_llama(args, dtype, device)
+    model = parallelize(copy.deepcopy(reference), "auto", group=group, sequence_parallel=args.sequence_parallel,
+                        kernel=args.kernel, comm=args.comm, chunks=args.chunks)
+    data = _batches(args, device)
+
+    # 1. Logits of the converted model against the single-process one.
+    tokens = next(data)
+    with torch.no_grad():
+        logits_err = _rel(model(tokens).logits, reference(tokens).logits)
+
+    # 2. Train both on the same batches.
+    opt_par = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    opt_ref = torch.optim.AdamW(reference.parameters(), lr=args.lr)
+    losses_par, losses_ref, step_s = [], [], []
+    bar = _progress(args.steps, enabled=rank == 0)
+    for _ in range(args.steps):
+        tokens = next(data)
+        start = time.perf_counter()
+        loss = model(tokens, labels=tokens).loss
+        loss.backward()
+        opt_par.step()
+        opt_par.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        step_s.append(time.perf_counter() - start)
+        loss_ref = reference(tokens, labels=tokens).loss
+        loss_ref.backward()
+        opt_ref.step()
+        opt_ref.zero_grad(set_to_none=True)
+        losses_par.append(loss.item())
+        losses_ref.append(loss_ref.item())
+        bar(f"loss {losses_par[-1]:.4f} (single-process {losses_ref[-1]:.4f})")
+    max_loss_diff = max(abs(a - b) for a, b in zip(losses_par, losses_ref)) if losses_par else 0.0
+
+    # 3. One MLP block, fwd+bwd, overlapped vs serial, interleaved so noise hits both alike.
+    timing = _time_mlp_block(group, world, device, dtype, args)
+
+    kernel = resolve_kernel(args.kernel, device, dtype)
+    ok_logits = logits_err <= LOGITS_TOL[args.dtype]
+    ok_loss = max_loss_diff <= LOSS_TOL[args.dtype] * max(1.0, abs(losses_ref[-1]) if losses_ref else 1.0)
+    if rank == 0:
+        backend = dist.get_backend(group)
+        rows = [
+            ("model", f"LlamaForCausalLM, {args.layers} layers, hidden {args.hidden}, {args.heads} heads "
+                      f"/ {args.kv_heads} kv heads, vocab {args.vocab}, {args.dtype}"),
+            ("parallelism", f"tensor parallel over {world} ranks, plan='auto', "
+                            f"sequence parallel {'on' if args.sequence_parallel else 'off'}"),
+            ("logits vs single-process", f"rel. err {logits_err:.2e} (tolerance {LOGITS_TOL[args.dtype]:.0e}) "
+                                         f"{'OK' if ok_logits else 'MISMATCH'}"),
+            ("loss, first -> last step", f"parallel {losses_par[0]:.4f} -> {losses_par[-1]:.4f}, single-process "
+                                         f"{losses_ref[0]:.4f} -> {losses_ref[-1]:.4f}" if losses_par else "no steps"),
+            ("loss agreement", f"max |parallel - single| over {args.steps} steps {max_loss_diff:.2e} "
+                               f"{'OK' if ok_loss else 'MISMATCH'}"),
+            ("train step (parallel)", f"median {statistics.median(step_s) * 1e3:.1f} ms" if step_s else "-"),
+            ("MLP block fwd+bwd", f"overlapped (chunks={timing['chunks']}) {timing['overlapped'] * 1e3:.2f} ms, "
+                                  f"serial (chunks=1) {timing['serial'] * 1e3:.2f} ms, "
+                                  f"ratio {timing['overlapped'] / timing['serial']:.2f}"),
+            ("kernel / comm", f"{kernel} GEMMs, {args.comm} communicator ({backend})"),
+            ("world size / device", f"{world} / {device}"),
+        ]
+        if device.type == "cpu":
+            rows.append(("note", "CPU ranks share 2 cores with gloo: overlap cannot gain wall time here; "
+                                 "see bench/results for GPU numbers"))
+        width = max(len(k) for k, _ in rows)
+        print("\nfusedpar demo")
+        for k, v in rows:
+            print(f"  {k:<{width}}  {v}")
+        sys.stdout.flush()
+    return ok_logits and ok_loss
+
+
+def _time_mlp_block(group, world: int, device: torch.device, dtype: torch.dtype, args: argparse.Namespace) -> dict:
+    from fusedpar.layers import ParallelMLP
+
+    chunks = args.chunks if args.chunks and args.chunks > 1 else 2 * world
+    torch.manual_seed(args.seed + 2)
+    blocks = {
+        name: ParallelMLP(args.hidden, args.intermediate, group=group, gated=True, sequence_parallel=True,
+                          chunks=c, kernel=args.kernel, comm=args.comm, dtype=dtype, device=device)
+        for name, c in (("overlapped", chunks), ("serial", 1))
+    }
+    x = torch.randn(args.batch, args.seq // world, args.hidden, device=device, dtype=dtype, requires_grad=True)
+    times: dict[str, list[float]] = {name: [] for name in blocks}
+    for rep in range(args.timing_reps + 1):  # the first round warms up
+        for name, block in blocks.items():
+            dist.barrier(group=group)
+            start = time.perf_counter()
+            block(x).sum().backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64, device=device)
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX, group=group)
+            if rep:
+                times[name].append(elapsed.item())
+    return {"chunks": chunks, **{name: statistics.median(t) for name, t in times.items()}}
+
+
+def _progress(total: int, *, enabled: bool):
+    """A one-line progress bar on rank 0 (tqdm when installed, plain text otherwise)."""
+    if not enabled or total <= 0:
+        return lambda text: None
+    try:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc="training", leave=True, file=sys.stdout, dynamic_ncols=True)
+
+        def update(text: str) -> None:
+            bar.set_postfix_str(text)
+            bar.update(1)
+            if bar.n >= total:
+                bar.close()
+
+        return update
+    except ImportError:
+        count = [0]
+
+        def update(text: str) -> None:
+            count[0] += 1
+            filled = int(30 * count[0] / total)
+            print(f"\rtraining [{'#' * filled}{'.' * (30 - filled)}] {count[0]}/{total} {text}", end="", flush=True)
+            if count[0] >= total:
+                print()
+
+        return update
