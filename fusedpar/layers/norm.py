@@ -103,7 +103,7 @@ class SequenceParallelLayerNorm(nn.LayerNorm):
 
 
 class SequenceParallelRMSNorm(nn.Module):
-    """RMSNorm (`w * x / sqrt(mean(x²) + eps)`, computed in fp32 like Llama's) on a sequence shard."""
+    """RMSNorm (`w * x / sqrt(mean(x²) + eps)`, computed in at least fp32 like Llama's) on a sequence shard."""
 
     def __init__(self, hidden_size: int, *, group: dist.ProcessGroup, eps: float = 1e-6, comm: str = "torch",
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
@@ -126,7 +126,7 @@ class SequenceParallelRMSNorm(nn.Module):
 
     def forward(self, x_shard: Tensor) -> Tensor:
         w = grad_all_reduce(self.weight, group=self.group, comm=self.comm)
-        x32 = x_shard.float()
+        x32 = x_shard.to(torch.promote_types(x_shard.dtype, torch.float32))  # at least fp32
         y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return w * y.to(x_shard.dtype)
 
