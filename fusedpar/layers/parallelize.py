@@ -212,6 +212,9 @@ def parallelize(
     def in_region(path: str) -> bool:
         return bool(region_name) and path.startswith(region_name + ".")
 
+    if sequence_parallel:
+        _check_sequence_region(model, matches, region_name, region)
+
     # 2. Convert the linears.
     knobs = dict(chunks=chunks, kernel=kernel, comm=comm, sequence_dim=-2)
     for path, b in builds.items():
@@ -259,6 +262,39 @@ def parallelize(
                     all_reduce_grads(child, group=group, comm=comm)
     model._fusedpar_parallel = {"group": group, "sequence_parallel": sequence_parallel, "plan": dict(matches)}
     return model
+
+
+def _check_sequence_region(model: nn.Module, matches: dict[str, tuple[str, str]], name: str,
+                           region: nn.ModuleList) -> None:
+    """Reject what sequence parallelism cannot run correctly inside the decoder layers (no comm).
+
+    Inside the region, inputs are sequence shards: a layer planned with a replicated input
+    ("*_rep", "rowwise_split_input") would see a shard, and an unplanned parameter inside a
+    block that holds planned layers (e.g. an unplanned gate_proj next to a planned down_proj)
+    would get a per-rank partial gradient that nothing sums.
+    """
+    for path, (style, key) in matches.items():
+        if path.startswith(name + ".") and style in ("colwise_rep", "colwise_gather_output", "rowwise_rep",
+                                                     "rowwise_split_input"):
+            raise ValueError(
+                f"parallelize(sequence_parallel=True): {path} (plan key {key!r}): expected a style that "
+                f"takes sequence shards inside {name} ('colwise' / 'rowwise'), got {style!r}"
+            )
+    planned = set(matches)
+    for i, layer in enumerate(region):
+        for child_name, child in layer.named_children():
+            base = f"{name}.{i}.{child_name}"
+            if not any(p == base or p.startswith(base + ".") for p in planned):
+                continue
+            for sub_name, sub in child.named_modules():
+                path = f"{base}.{sub_name}" if sub_name else base
+                covered = any(path == p or path.startswith(p + ".") for p in planned)
+                if not covered and any(True for _ in sub.parameters(recurse=False)):
+                    raise ValueError(
+                        f"parallelize(sequence_parallel=True): {path}: expected a plan entry for a module "
+                        f"with parameters inside a block with parallel layers (its gradient would be a "
+                        f"per-rank partial sum; e.g. 'replicated_with_grad_allreduce'), got none"
+                    )
 
 
 def _set_local_heads(model: nn.Module, builds: dict[str, dict[str, Any]], world: int) -> None:

@@ -63,6 +63,15 @@ def _run_error_cases(group):
             "base_model_tp_plan", "got None")
     _expect(ValueError, lambda: parallelize(llama(), "colwise", group=group), "plan", "'auto'", "got 'colwise'")
 
+    # sequence parallelism: a replicated-input style inside the decoder layers; an unplanned
+    # parameter next to planned layers (its gradient would be a partial sum nothing completes)
+    _expect(ValueError, lambda: parallelize(llama(), {"model.layers.*.mlp.down_proj": "rowwise_rep"}, group=group,
+                                            sequence_parallel=True),
+            "model.layers.0.mlp.down_proj", "'colwise' / 'rowwise'", "got 'rowwise_rep'")
+    _expect(ValueError, lambda: parallelize(llama(), {"model.layers.*.mlp.down_proj": "rowwise"}, group=group,
+                                            sequence_parallel=True),
+            "model.layers.0.mlp.gate_proj", "plan entry", "got none")
+
     # sequence length not divisible under sequence parallelism: raised in forward, before the split
     model = parallelize(llama(), "auto", group=group, sequence_parallel=True)
     _expect(ValueError, lambda: model(torch.zeros(1, 6, dtype=torch.long)),

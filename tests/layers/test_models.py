@@ -26,6 +26,8 @@ def _family(name: str):
         return transformers.LlamaConfig, transformers.LlamaForCausalLM
     if name == "qwen2":
         return transformers.Qwen2Config, transformers.Qwen2ForCausalLM
+    if name == "qwen3":
+        return transformers.Qwen3Config, transformers.Qwen3ForCausalLM
     if name == "mistral":
         return transformers.MistralConfig, transformers.MistralForCausalLM
     raise ValueError(name)
@@ -61,7 +63,7 @@ def _run_model_case(group, case):
     tol = MODEL_TOL if dtype == torch.float32 else 1e-10
     name = f"rank {rank}/{world} {case}"
     ref = build(case["family"], dtype=dtype, **case.get("config", {}))
-    model = parallelize(copy.deepcopy(ref), "auto", group=group, sequence_parallel=case["sp"],
+    model = parallelize(copy.deepcopy(ref), case.get("plan", "auto"), group=group, sequence_parallel=case["sp"],
                         kernel=case.get("kernel", "torch"), chunks=case.get("chunks"))
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 256, (case.get("batch", 2), case.get("seq", 8)), generator=g)
@@ -123,6 +125,21 @@ def test_llama_world4_replicated_kv_heads(dist4):
 def test_qwen2_world2(dist2):
     # Qwen2: q/k/v carry biases (the column group concatenates them)
     dist2.run(_run_model_cases, [dict(family="qwen2", sp=False), dict(family="qwen2", sp=True)])
+
+
+def test_qwen3_and_explicit_plans(dist2):
+    # Qwen3: per-head q/k norms planned "replicated_with_grad_allreduce" (each rank sees its heads only)
+    qwen3 = dict(family="qwen3", config=dict(head_dim=32), steps=3)
+    # explicit plan strings: wildcards, a gathered head output, a row-parallel layer on a
+    # replicated input next to replicated (unplanned) gate/up; with SP, the styles that take shards
+    attn = {f"model.layers.*.self_attn.{c}_proj": "colwise" for c in "qkv"} | {"model.layers.*.self_attn.o_proj": "rowwise"}
+    plan = attn | {"model.layers.*.mlp.down_proj": "rowwise_rep", "lm_head": "colwise_rep", "model.norm": "replicate"}
+    plan_sp = attn | {"model.layers.*.mlp.gate_proj": "colwise", "model.layers.*.mlp.up_proj": "colwise",
+                      "model.layers.*.mlp.down_proj": "rowwise", "lm_head": "colwise_gather_output",
+                      "model.layers.*.input_layernorm": "sequence_parallel"}
+    dist2.run(_run_model_cases, [dict(qwen3, sp=False), dict(qwen3, sp=True),
+                                 dict(family="llama", sp=False, plan=plan, steps=2),
+                                 dict(family="llama", sp=True, plan=plan_sp, steps=2)])
 
 
 def test_llama_triton_kernel(dist2):
