@@ -56,6 +56,10 @@ def check_group(group: Any, *, arg: str = "group") -> dist.ProcessGroup:
         )
     if isinstance(group, Communicator):
         return group.group
+    if group is dist.GroupMember.NON_GROUP_MEMBER:  # what new_group returns on ranks outside it
+        raise ValueError(
+            f"{arg}: this process is not a member of the group (new_group returned NON_GROUP_MEMBER here)"
+        )
     if not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"{arg}: expected a torch.distributed ProcessGroup, got {type(group).__name__}")
     if not dist.is_initialized():

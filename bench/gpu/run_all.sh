@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# Issue #8: everything a lent GPU machine should measure, in one command, < 10 minutes.
+#
+#   bench/gpu/run_all.sh [--dry-run] [--quick] [--only step1,step2]
+#
+# The lent machine has torch + triton in its own python3 and no internet: nothing is
+# installed, PYTHONPATH points at this checkout. Results go to ${OUT:-bench/results/gpu-run}:
+# per-step logs, bench JSON/CSV/PNG, calibration, traces and summary.md.
+# Each step runs under `timeout` and a failure is recorded, not fatal, so one stuck
+# step cannot eat the others' time. Steps: env gpu-tests bench-kernels bench-overlap
+# calibrate predict profile bench-layers (then the summary always runs).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$PWD
+PY=${PYTHON:-python3}
+OUT=${OUT:-bench/results/gpu-run}
+BUDGET_S=${BUDGET_S:-570}   # whole run; the device tool allows 600 s per command
+RESERVE_S=20                # kept back for the summary
+DRY=0 QUICK=() ONLY=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --dry-run) DRY=1 ;;
+        --quick) QUICK=(--quick) ;;
+        --only) ONLY=",$2,"; shift ;;
+        *) echo "unknown option $1" >&2; exit 2 ;;
+    esac
+    shift
+done
+mkdir -p "$OUT/logs"
+OUT=$(cd "$OUT" && pwd)
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+STEPS="$OUT/steps.tsv"
+printf 'step\tstatus\trc\tseconds\tlog\tcommand\n' >"$STEPS"
+if "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+    HAS_CUDA=1
+else
+    HAS_CUDA=0
+    # No GPU (a CPU rehearsal): Triton kernels can only run interpreted.
+    export TRITON_INTERPRET=1
+fi
+
+# step NAME TIMEOUT_S CMD...: run CMD with its output in logs/NAME.log, record the outcome.
+step() {
+    local name=$1 limit=$2; shift 2
+    local cmd="$*"
+    if [ -n "$ONLY" ] && [[ "$ONLY" != *",$name,"* ]]; then return 0; fi
+    local left=$((BUDGET_S - SECONDS - RESERVE_S))
+    [ "$limit" -gt "$left" ] && limit=$left
+    local log="logs/$name.log" status rc=0 t0=$SECONDS
+    if [ "$DRY" = 1 ]; then
+        status="dry-run"
+        echo "== $name (dry run): $cmd"
+    elif [ "$limit" -lt 5 ]; then
+        status="skipped (out of time)"
+    else
+        echo "== $name (limit ${limit}s): $cmd"
+        timeout --kill-after=10 "$limit" "$@" >"$OUT/$log" 2>&1
+        rc=$?
+        case $rc in
+            0) status=ok ;;
+            5) status="no tests selected" ;;  # pytest's code for an empty selection
+            124|137) status="timeout after ${limit}s" ;;
+            *) status="failed (rc $rc)" ;;
+        esac
+        tail -n 3 "$OUT/$log" | sed 's/^/   /'
+    fi
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$status" "$rc" "$((SECONDS - t0))" "$log" "$cmd" >>"$STEPS"
+    echo "   -> $status ($((SECONDS - t0)) s)"
+}
+
+# suites PATTERN: --suite options for the files matching bench/PATTERN (other branches add them).
+suites() {
+    local f
+    for f in bench/$1; do [ -e "$f" ] && printf -- '--suite\n%s\n' "$f"; done
+    return 0
+}
+
+env_info() {
+    mkdir -p "$OUT/env"
+    { nvidia-smi || echo "nvidia-smi: not available"; } >"$OUT/env/nvidia-smi.txt" 2>&1
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv \
+        >"$OUT/env/gpu.csv" 2>/dev/null || true
+    { command -v nsys && nsys --version; } >"$OUT/env/nsys.txt" 2>&1 || echo "nsys: not available" >"$OUT/env/nsys.txt"
+    "$PY" - "$OUT/env/versions.json" <<'PYEOF'
+import json, platform, sys, datetime
+import torch
+try:
+    import triton; tv = triton.__version__
+except ImportError:
+    tv = None
+info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(), "torch": torch.__version__,
+        "cuda": torch.version.cuda, "triton": tv, "host": platform.node(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else None}
+json.dump(info, open(sys.argv[1], "w"), indent=1)
+print(json.dumps(info))
+PYEOF
+}
+
+bench_step() {  # bench_step NAME LIMIT PATTERN...
+    local name=$1 limit=$2 pattern found=()
+    shift 2
+    for pattern in "$@"; do mapfile -t -O "${#found[@]}" found < <(suites "$pattern"); done
+    if [ ${#found[@]} -eq 0 ]; then
+        step "$name" "$limit" echo "no suite matches bench/{$*} yet"
+    else
+        # Benchmarks starting after the budget are skipped, so pytest still ends in time
+        # and writes the JSON of those that ran.
+        local left=$((BUDGET_S - SECONDS - RESERVE_S))
+        [ "$limit" -gt "$left" ] && limit=$left
+        step "$name" "$limit" "$PY" -m fusedpar bench "${found[@]}" "${QUICK[@]}" \
+            --budget-s $((limit * 2 / 3)) --out "$OUT/$name"
+    fi
+}
+
+export OUT PY
+export -f env_info
+step env 30 bash -c env_info
+step gpu-tests 120 "$PY" -m pytest -m gpu tests -q -p no:cacheprovider --timeout=120 \
+    --junitxml="$OUT/gpu-tests.xml"
+bench_step bench-kernels 110 'test_kernel*.py' 'test_matmul*.py'
+bench_step bench-overlap 110 'test_overlap*.py'
+step calibrate 60 "$PY" -m fusedpar bench --calibrate "${QUICK[@]}" --out "$OUT/calibrate"
+step predict 15 "$PY" -m fusedpar bench --predict
+if [ "$HAS_CUDA" = 1 ]; then
+    step profile 75 env PYTHON="$PY" bench/nsys/profile_layer.sh "$OUT/profile/fusedpar"
+else
+    step profile 75 "$PY" -m fusedpar profile --out "$OUT/profile"
+fi
+bench_step bench-layers 90 'test_layer*.py'  # last: whatever time is left
+RESERVE_S=0 ONLY="" DRY=0  # the summary runs even in a dry run: it is the plumbing
+step summary 20 "$PY" bench/gpu/summarize.py "$OUT"
+echo "summary: $OUT/summary.md"

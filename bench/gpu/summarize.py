@@ -1,0 +1,88 @@
+"""Write OUT/summary.md for a bench/gpu/run_all.sh run: device, versions, each step's
+outcome, the benchmark tables, the calibration table and links to every result file.
+
+    python3 bench/gpu/summarize.py OUT
+"""
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+
+def _read(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def bench_tables(out: Path) -> list[str]:
+    """A markdown table per bench results JSON under ``out``."""
+    lines = []
+    for path in sorted(out.rglob("bench-*.json")):
+        data = json.loads(path.read_text())
+        lines += [f"### {path.relative_to(out)}", "",
+                  "| baseline | base ms | name | ms (median) | TFLOP/s | x baseline |",
+                  "|---|---:|---|---:|---:|---:|"]
+        for r in data.get("rows", []):
+            lines.append(f"| {r['baseline'] or '-'} | {_fmt(r['baseline_ms'], '.3f')} | "
+                         f"{r['name']} | {r['median_ms']:.3f} | {_fmt(r['tflops'], '.4g')} | "
+                         f"{_fmt(r['speedup'], '.3g')} |")
+        lines.append("")
+    return lines
+
+
+def calibration_tables(out: Path) -> list[str]:
+    """A markdown table per calibration JSON under ``out``."""
+    lines = []
+    for path in sorted(out.rglob("calibrate-*.json")):
+        data = json.loads(path.read_text())
+        default = data["default_spec"]["gemm_tflops"]
+        lines += [f"### {path.relative_to(out)}", "",
+                  "| backend | dtype | m x n x k | ms | TFLOP/s | model's table |",
+                  "|---|---|---|---:|---:|---:|"]
+        for r in data["measurements"]:
+            lines.append(f"| {r['backend']} | {r['dtype']} | {r['m']}x{r['n']}x{r['k']} | "
+                         f"{r['median_s'] * 1e3:.3f} | {r['tflops']:.4g} | "
+                         f"{_fmt(default.get(r['dtype']), '.4g')} |")
+        lines.append("")
+    return lines
+
+
+def main(out: Path) -> int:
+    """Write ``out/summary.md``; return 0."""
+    versions = json.loads(_read(out / "env/versions.json") or "{}")
+    gpu_csv = _read(out / "env/gpu.csv").strip()
+    steps = list(csv.DictReader((out / "steps.tsv").open(), delimiter="\t")) \
+        if (out / "steps.tsv").exists() else []
+    lines = ["# fusedpar GPU run", ""]
+    lines += [f"- date: {versions.get('date', '?')}",
+              f"- device: {versions.get('gpu') or 'no CUDA device'}",
+              f"- torch {versions.get('torch', '?')} (CUDA {versions.get('cuda')}, "
+              f"NCCL {versions.get('nccl')}), triton {versions.get('triton', '?')}, "
+              f"python {versions.get('python', '?')}"]
+    if gpu_csv:
+        lines += ["- nvidia-smi (name, driver, memory, max SM clock): "
+                  + "; ".join(gpu_csv.splitlines()[1:])]
+    lines += ["", "## Steps", "", "| step | status | seconds | log |", "|---|---|---:|---|"]
+    for s in steps:
+        lines.append(f"| {s['step']} | {s['status']} | {s['seconds']} | [{s['log']}]({s['log']}) |")
+    lines += ["", "## Benchmarks", ""] + (bench_tables(out) or ["(none)", ""])
+    lines += ["## GEMM calibration", ""] + (calibration_tables(out) or ["(none)", ""])
+    predict = _read(out / "logs/predict.log").strip()
+    if predict:
+        lines += ["## Cost-model predictions (h100-sxm defaults)", "", "```", predict, "```", ""]
+    lines += ["## Files", ""]
+    for path in sorted(out.rglob("*")):
+        if path.is_file() and path.suffix in {".json", ".csv", ".png", ".xml", ".nsys-rep", ".txt"}:
+            rel = path.relative_to(out)
+            lines.append(f"- [{rel}]({rel})")
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(Path(sys.argv[1])))
