@@ -42,6 +42,7 @@ __all__ = [
 ]
 
 _COMMS = ("torch", "cupy")
+_KERNELS = ("auto", "triton", "torch")
 
 
 # --------------------------------------------------------------------------------------------
@@ -75,7 +76,8 @@ def _make_spec(
     group = check_group(group, arg=f"{where}: group")
     if chunks is not None and (not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1):
         raise ValueError(f"{where}: chunks: expected None or an int >= 1, got {chunks!r}")
-    resolve_kernel(kernel, None)  # raises on an unknown kernel name
+    if kernel not in _KERNELS:
+        raise ValueError(f"{where}: kernel: expected one of {_KERNELS}, got {kernel!r}")
     if comm not in _COMMS:
         raise ValueError(f"{where}: comm: expected one of {_COMMS}, got {comm!r}")
     if sequence_dim >= 0 or sequence_dim == -1:
@@ -299,7 +301,10 @@ class _ParallelLinearBase(nn.Module):
 
     def _knobs_repr(self) -> str:
         _, world = _rank_world(self.spec)
-        kernel = resolve_kernel(self.spec.kernel, self.weight.device)
+        try:
+            kernel = resolve_kernel(self.spec.kernel, self.weight.device, self.weight.dtype)
+        except ValueError:
+            kernel = f"{self.spec.kernel} (cannot run on {self.weight.device.type} here)"
         return (
             f"world={world}, sequence_parallel={self.spec.sequence_parallel}, kernel={kernel}, "
             f"comm={self.spec.comm}, chunks={self.spec.chunks if self.spec.chunks is not None else 'auto'}"

@@ -8,6 +8,7 @@ token counts not divisible by the world size where the layer allows it (no SP), 
 from __future__ import annotations
 
 import copy
+import importlib
 import itertools
 
 import pytest
@@ -98,10 +99,15 @@ def test_linear_matches_nn_linear(world, dist2, dist4):
 
 
 def _run_triton_case(group):
-    return _run_linear_cases(group, [
+    kernels = importlib.import_module("fusedpar.kernels.matmul")  # the module (the package re-exports a function by that name)
+
+    kernels._logged_backends.discard(("cpu", "triton"))
+    n = _run_linear_cases(group, [
         dict(dtype="float32", kind="col", sp=True, bias=True, shape=(1, 32), k=32, n=32, chunks=2, kernel="triton"),
         dict(dtype="float32", kind="row", sp=True, bias=True, shape=(1, 32), k=32, n=32, chunks=2, kernel="triton"),
     ])
+    assert ("cpu", "triton") in kernels._logged_backends, "kernel='triton' did not launch the Triton kernel"
+    return n
 
 
 def test_linear_triton_kernel(dist2):

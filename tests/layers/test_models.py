@@ -8,6 +8,7 @@ gathered state dict loads into a fresh single-process model that reproduces the 
 from __future__ import annotations
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -109,6 +110,16 @@ def _run_model_cases(group, cases):
     return [_run_model_case(group, c) for c in cases]
 
 
+def _run_triton_model_case(group, case):
+    """The case with the GEMM backend that actually ran checked: the (interpreted) Triton kernel."""
+    kernels = importlib.import_module("fusedpar.kernels.matmul")  # the module (the package re-exports a function by that name)
+
+    kernels._logged_backends.discard(("cpu", "triton"))
+    losses = _run_model_case(group, case)
+    assert ("cpu", "triton") in kernels._logged_backends, "kernel='triton' did not launch the Triton kernel"
+    return losses
+
+
 def test_llama_world2(dist2):
     cases = [dict(family="llama", sp=False), dict(family="llama", sp=True),
              dict(family="llama", sp=True, dtype="float64", steps=2, chunks=2)]
@@ -145,5 +156,5 @@ def test_qwen3_and_explicit_plans(dist2):
 def test_llama_triton_kernel(dist2):
     # The interpreted Triton GEMM end to end; a model small enough for the interpreter.
     small = dict(hidden_size=64, intermediate_size=128, vocab_size=256, num_hidden_layers=1)
-    dist2.run(_run_model_cases, [dict(family="llama", sp=True, kernel="triton", config=small, steps=2, seq=16,
-                                      batch=1, chunks=2)])
+    dist2.run(_run_triton_model_case, dict(family="llama", sp=True, kernel="triton", config=small, steps=2,
+                                           seq=16, batch=1, chunks=2))
