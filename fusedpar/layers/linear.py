@@ -1,0 +1,611 @@
+"""Column- and row-parallel linears whose collectives overlap their GEMMs (fusedpar.overlap).
+
+Layouts, in the vocabulary of overlap.py: `x_full` replicated on every rank, `x_shard`
+split across ranks on the sequence (token) dim, `y_part` split on the feature (last) dim,
+`y_partial` a partial sum. `w` is always the local `[K, N]` operand, `weight.t()` (a view).
+
+                       forward                                  backward (dx ‖ dw)
+    column             x_full @ w_shard_n → y_part               all-reduce(dx) ‖ wgrad
+    column, SP         all_gather(x_shard) @ w_shard_n → y_part  reduce-scatter(dx) ‖ wgrad
+    row                all_reduce(y_part @ w_shard_k) → y_full   none
+    row, SP            reduce_scatter(y_part @ w_shard_k) → y_shard   all-gather(dy) ‖ dgrad, wgrad
+
+Also here: the autograd "region" ops that move a tensor between layouts (split / gather on
+the sequence dim or the feature dim), which `parallelize` and the blocks use around the
+linears, and `column_parallel_group`, which runs several column-parallel linears that read
+the same input as one fused GEMM (q/k/v, gate/up): one gather in forward, one reduction in
+backward, like Megatron's fused QKV weight but over separately stored parameters.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .. import overlap
+from ..comm import Communicator, check_group, get_communicator
+from ..kernels import matmul, resolve_kernel
+
+__all__ = [
+    "ColumnParallelLinear",
+    "RowParallelLinear",
+    "ReplicatedColumnLinear",
+    "column_parallel_group",
+    "split_to_shard",
+    "gather_from_shard",
+    "LinearSpec",
+]
+
+_COMMS = ("torch", "cupy")
+_KERNELS = ("auto", "triton", "torch")
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration shared by the linears
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LinearSpec:
+    """How a parallel linear runs: its group, layout and the knobs passed through to overlap."""
+
+    group: dist.ProcessGroup
+    sequence_parallel: bool = False
+    sequence_dim: int = -2
+    chunks: int | None = None
+    kernel: str = "auto"
+    comm: str = "torch"
+    save_gathered_input: bool = True
+
+    def communicator(self) -> Communicator:
+        return get_communicator(self.group, self.comm)
+
+    def knobs(self) -> dict[str, Any]:
+        return {"group": self.group, "chunks": self.chunks, "kernel": self.kernel, "comm": self.comm}
+
+
+def _make_spec(
+    group: Any, *, sequence_parallel: bool, sequence_dim: int, chunks: int | None, kernel: str, comm: str,
+    save_gathered_input: bool, where: str,
+) -> LinearSpec:
+    group = check_group(group, arg=f"{where}: group")
+    if chunks is not None and (not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1):
+        raise ValueError(f"{where}: chunks: expected None or an int >= 1, got {chunks!r}")
+    if kernel not in _KERNELS:
+        raise ValueError(f"{where}: kernel: expected one of {_KERNELS}, got {kernel!r}")
+    if comm not in _COMMS:
+        raise ValueError(f"{where}: comm: expected one of {_COMMS}, got {comm!r}")
+    if sequence_dim >= 0 or sequence_dim == -1:
+        raise ValueError(
+            f"{where}: sequence_dim: expected a negative dim other than -1 (counted from the "
+            f"feature dim, e.g. -2 for [tokens, H] and [batch, seq, H]), got {sequence_dim}"
+        )
+    return LinearSpec(group, bool(sequence_parallel), sequence_dim, chunks, kernel, comm, bool(save_gathered_input))
+
+
+def _wgrad(x: Tensor, dy: Tensor, w: Tensor, kernel: str) -> Tensor:
+    """`x_rows.T @ dy_rows` as `[K, N]` whose `.t()` is contiguous (the nn.Linear weight layout)."""
+    dw = w.new_empty(w.shape[1], w.shape[0]).t()
+    matmul(x.reshape(-1, x.shape[-1]).t(), dy.reshape(-1, dy.shape[-1]), out=dw, kernel=kernel)
+    return dw
+
+
+def _sum_rows(dy: Tensor) -> Tensor:
+    return dy.reshape(-1, dy.shape[-1]).sum(0)
+
+
+def _all_gather_dim(x: Tensor, comm: Communicator, dim: int) -> Tensor:
+    """`torch.cat([x of every rank], dim)` through the communicator (flat buffer, one gather)."""
+    world = comm.world_size
+    dim = dim % x.ndim
+    moved = x.movedim(dim, 0).contiguous()
+    out = moved.new_empty(world * moved.numel())
+    comm.all_gather(out, moved.view(-1)).wait()
+    full = out.view(world * moved.shape[0], *moved.shape[1:])
+    return full.movedim(0, dim).contiguous() if dim else full
+
+
+def _check_divisible(x: Tensor, dim: int, world: int, *, what: str) -> None:
+    if x.shape[dim] % world:
+        raise ValueError(
+            f"{what}: expected x.shape[{dim}] (of {list(x.shape)}) to be a multiple of the world "
+            f"size {world}, got {x.shape[dim]}"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Regions: move a tensor between layouts, with the dual collective in backward
+# --------------------------------------------------------------------------------------------
+
+
+class _SplitFn(torch.autograd.Function):
+    """`x_full → x_shard = x_full.chunk(world, dim)[rank]`.
+
+    forward   x_full [.., M, ..] → x_shard [.., M/world, ..]   no comm (local slice)
+    dgrad     dx_full = all_gather(dx_shard, dim)               all-gather
+    wgrad     —
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, spec: LinearSpec, dim: int) -> Tensor:
+        comm = spec.communicator()
+        ctx.spec, ctx.dim = spec, dim
+        return x.chunk(comm.world_size, dim)[comm.rank].contiguous()
+
+    @staticmethod
+    def backward(ctx: Any, dx_shard: Tensor) -> tuple[Tensor, None, None]:
+        return _all_gather_dim(dx_shard, ctx.spec.communicator(), ctx.dim), None, None
+
+
+class _GatherFn(torch.autograd.Function):
+    """`x_shard → x_full = all_gather(x_shard, dim)`, whose consumers are replicated.
+
+    forward   x_shard [.., m, ..] → x_full [.., world*m, ..]   all-gather
+    dgrad     dx_shard = dx_full.chunk(world, dim)[rank]        no comm (dx_full is the same on every rank)
+    wgrad     —
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, spec: LinearSpec, dim: int) -> Tensor:
+        ctx.spec, ctx.dim = spec, dim
+        return _all_gather_dim(x, spec.communicator(), dim)
+
+    @staticmethod
+    def backward(ctx: Any, dx_full: Tensor) -> tuple[Tensor, None, None]:
+        comm = ctx.spec.communicator()
+        return dx_full.chunk(comm.world_size, ctx.dim)[comm.rank].contiguous(), None, None
+
+
+def split_to_shard(x: Tensor, *, group: Any, dim: int = -2, comm: str = "torch") -> Tensor:
+    """This rank's `x.chunk(world, dim)` piece (backward all-gathers). `dim` must divide evenly."""
+    spec = LinearSpec(check_group(group), comm=comm)
+    _check_divisible(x, dim, spec.communicator().world_size, what="split_to_shard")
+    return _SplitFn.apply(x, spec, dim)
+
+
+def gather_from_shard(x_shard: Tensor, *, group: Any, dim: int = -2, comm: str = "torch") -> Tensor:
+    """`all_gather(x_shard, dim)` for replicated consumers (backward keeps this rank's piece)."""
+    return _GatherFn.apply(x_shard, LinearSpec(check_group(group), comm=comm), dim)
+
+
+# --------------------------------------------------------------------------------------------
+# The autograd Functions
+# --------------------------------------------------------------------------------------------
+
+
+class _ColumnParallelFn(torch.autograd.Function):
+    """Column-parallel `y_part = x @ w_shard_n + b_shard_n` (w `[K, N/world]`).
+
+    sequence_parallel=False (x_full `[.., M, K]` replicated):
+        forward   y_part [.., M, N/world] = x_full @ w_shard_n          no comm
+        dgrad     dx_full = all_reduce(dy_part @ w_shard_n.T)           matmul_all_reduce, chunked
+        wgrad     dw_shard_n [K, N/world] = x_full.T @ dy_part          overlapped with the dgrad all-reduce
+    sequence_parallel=True (x_shard `[.., M/world, K]` split on the sequence dim):
+        forward   y_part [.., M, N/world] = all_gather(x_shard) @ w     all_gather_matmul (ring)
+        dgrad     dx_shard = reduce_scatter(dy_part @ w_shard_n.T)      matmul_reduce_scatter, chunked
+        wgrad     dw_shard_n = x_full.T @ dy_part                       x_full kept from forward or re-gathered
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor, bias: Tensor | None, spec: LinearSpec, holder: list | None) -> Tensor:
+        ctx.spec = spec
+        if spec.sequence_parallel:
+            y, x_full = overlap.all_gather_matmul(
+                x, w, dim=spec.sequence_dim, bias=bias, return_gathered=True, **spec.knobs()
+            )
+            keep = x_full if spec.save_gathered_input else x
+        else:
+            y = matmul(x, w, bias=bias, kernel=spec.kernel)
+            x_full = keep = x
+        if holder is not None:
+            holder.append(x_full)
+        ctx.save_for_backward(keep, w)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        x_kept, w = ctx.saved_tensors
+        spec: LinearSpec = ctx.spec
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        dx = dw = None
+        if spec.sequence_parallel:
+            if need_dx:
+                dx, dw = overlap.matmul_reduce_scatter_with_wgrad(
+                    dy, w, x_kept, x_is_gathered=spec.save_gathered_input, dim=spec.sequence_dim, **spec.knobs()
+                )
+            elif need_dw:
+                x_full = x_kept if spec.save_gathered_input else _all_gather_dim(x_kept, spec.communicator(), spec.sequence_dim)
+                dw = _wgrad(x_full, dy, w, spec.kernel)
+        elif need_dx:
+            dx, dw = overlap.matmul_all_reduce_with_wgrad(dy, w, x_kept, **spec.knobs())
+        elif need_dw:
+            dw = _wgrad(x_kept, dy, w, spec.kernel)
+        db = _sum_rows(dy) if need_db else None
+        return dx, dw if need_dw else None, db, None, None
+
+
+class _RowParallelFn(torch.autograd.Function):
+    """Row-parallel `y = sum_ranks(x_part @ w_shard_k) + b` (w `[K/world, N]`, b replicated).
+
+    sequence_parallel=False (x_part `[.., M, K/world]`):
+        forward   y_full [.., M, N] = all_reduce(x_part @ w_shard_k) + b        matmul_all_reduce, chunked
+        dgrad     dx_part = dy_full @ w_shard_k.T                               no comm
+        wgrad     dw_shard_k [K/world, N] = x_part.T @ dy_full; db = Σ dy_full  no comm
+    sequence_parallel=True:
+        forward   y_shard [.., M/world, N] = reduce_scatter(x_part @ w) + b     matmul_reduce_scatter, chunked
+        dgrad     dx_part = all_gather(dy_shard) @ w_shard_k.T                  all_gather_matmul_with_wgrad (ring)
+        wgrad     dw_shard_k = x_part.T @ all_gather(dy_shard); db = all_reduce(Σ dy_shard)
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor, bias: Tensor | None, spec: LinearSpec) -> Tensor:
+        ctx.spec = spec
+        ctx.save_for_backward(x, w)
+        if spec.sequence_parallel:
+            return overlap.matmul_reduce_scatter(x, w, dim=spec.sequence_dim, bias=bias, **spec.knobs())
+        return overlap.matmul_all_reduce(x, w, bias=bias, **spec.knobs())
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        x, w = ctx.saved_tensors
+        spec: LinearSpec = ctx.spec
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        dx = dw = db = None
+        if spec.sequence_parallel:
+            if need_dx or need_dw:
+                dx, dw = overlap.all_gather_matmul_with_wgrad(dy, w, x, dim=spec.sequence_dim, **spec.knobs())
+            if need_db:
+                db = _sum_rows(dy).contiguous()
+                spec.communicator().all_reduce(db).wait()
+        else:
+            if need_dx:
+                dx = matmul(dy, w.t(), kernel=spec.kernel)
+            if need_dw:
+                dw = _wgrad(x, dy, w, spec.kernel)
+            if need_db:
+                db = _sum_rows(dy)
+        return (dx if need_dx else None), (dw if need_dw else None), db, None
+
+
+# --------------------------------------------------------------------------------------------
+# Modules
+# --------------------------------------------------------------------------------------------
+
+
+def _rank_world(spec: LinearSpec) -> tuple[int, int]:
+    return dist.get_rank(spec.group), dist.get_world_size(spec.group)
+
+
+def _init_uniform(t: Tensor, fan_in: int) -> None:
+    """nn.Linear's default init (kaiming_uniform with a=√5 ⇒ U(±1/√fan_in)) with the *full* fan-in."""
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+    with torch.no_grad():
+        t.uniform_(-bound, bound)
+
+
+def _take_precomputed(layer: nn.Module, x: Tensor) -> Tensor | None:
+    """The output a fused group (`column_parallel_group`, via `parallelize`) already computed for `x`."""
+    stash = layer.__dict__.pop("_fusedpar_precomputed", None)
+    return stash[1] if stash is not None and stash[0] is x else None
+
+
+class _ParallelLinearBase(nn.Module):
+    in_features: int
+    out_features: int
+    spec: LinearSpec
+
+    def _knobs_repr(self) -> str:
+        _, world = _rank_world(self.spec)
+        try:
+            kernel = resolve_kernel(self.spec.kernel, self.weight.device, self.weight.dtype)
+        except ValueError:
+            kernel = f"{self.spec.kernel} (cannot run on {self.weight.device.type} here)"
+        return (
+            f"world={world}, sequence_parallel={self.spec.sequence_parallel}, kernel={kernel}, "
+            f"comm={self.spec.comm}, chunks={self.spec.chunks if self.spec.chunks is not None else 'auto'}"
+        )
+
+
+class ColumnParallelLinear(_ParallelLinearBase):
+    """`nn.Linear(in_features, out_features)` with its output features split across `group`.
+
+    This rank holds rows `[rank*N/world, (rank+1)*N/world)` of the weight and bias. The input is
+    replicated (`x_full`), or, with `sequence_parallel=True`, split on `sequence_dim` (`x_shard`,
+    gathered by a ring that overlaps the GEMM). The output is `y_part [.., N/world]`, or the
+    full `[.., N]` with `gather_output=True`. `save_gathered_input` (SP only) keeps the gathered
+    input for backward (memory) instead of re-gathering it there (one more collective, hidden
+    under the dgrad GEMMs).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        group: dist.ProcessGroup,
+        bias: bool = True,
+        gather_output: bool = False,
+        sequence_parallel: bool = False,
+        sequence_dim: int = -2,
+        chunks: int | None = None,
+        kernel: str = "auto",
+        comm: str = "torch",
+        save_gathered_input: bool = True,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        _name: str = "ColumnParallelLinear",
+    ) -> None:
+        super().__init__()
+        self.spec = _make_spec(group, sequence_parallel=sequence_parallel, sequence_dim=sequence_dim, chunks=chunks,
+                               kernel=kernel, comm=comm, save_gathered_input=save_gathered_input, where=_name)
+        _, world = _rank_world(self.spec)
+        if out_features % world:
+            raise ValueError(
+                f"{_name}: out_features: expected a multiple of the world size {world} "
+                f"(the output features are split across ranks), got {out_features}"
+            )
+        self.in_features, self.out_features = in_features, out_features
+        self.gather_output = gather_output
+        kw = {"dtype": dtype, "device": device}
+        self.weight = nn.Parameter(torch.empty(out_features // world, in_features, **kw))
+        self.bias = nn.Parameter(torch.empty(out_features // world, **kw)) if bias else None
+        _init_uniform(self.weight, in_features)
+        if self.bias is not None:
+            _init_uniform(self.bias, in_features)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, group: dist.ProcessGroup, name: str = "linear", **kwargs: Any) -> ColumnParallelLinear:
+        """Shard an existing `nn.Linear` (pretrained weights survive); `name` appears in errors."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"{name}: expected an nn.Linear to shard column-wise, got {type(linear).__name__}")
+        w = linear.weight
+        layer = cls(linear.in_features, linear.out_features, group=group, bias=linear.bias is not None,
+                    dtype=w.dtype, device=w.device, _name=name, **kwargs)
+        rank, world = _rank_world(layer.spec)
+        with torch.no_grad():
+            layer.weight.copy_(w.chunk(world, 0)[rank])
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias.chunk(world, 0)[rank])
+        layer.weight.requires_grad_(w.requires_grad)
+        return layer
+
+    def column_operands(self) -> tuple[Tensor, Tensor | None]:
+        """The local `(weight [N/world, K], bias [N/world] | None)` this layer multiplies by."""
+        return self.weight, self.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        precomputed = _take_precomputed(self, x)
+        if precomputed is not None:
+            return precomputed
+        y = _ColumnParallelFn.apply(x, self.weight.t(), self.bias, self.spec, None)
+        if self.gather_output:
+            y = _GatherFn.apply(y, self.spec, -1)
+        return y
+
+    def full_state_dict(self) -> dict[str, Tensor]:
+        """The unsharded `{"weight", "bias"}` (a collective: every rank of the group must call it)."""
+        comm = self.spec.communicator()
+        out = {"weight": _all_gather_dim(self.weight.detach(), comm, 0)}
+        if self.bias is not None:
+            out["bias"] = _all_gather_dim(self.bias.detach(), comm, 0)
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features} "
+                f"(local {self.weight.shape[0]}), bias={self.bias is not None}, gather_output={self.gather_output}, "
+                f"save_gathered_input={self.spec.save_gathered_input}, " + self._knobs_repr())
+
+
+class ReplicatedColumnLinear(_ParallelLinearBase):
+    """A column-parallel linear with fewer output blocks (`parts`) than ranks.
+
+    Every rank stores the full weight (replicated); rank r multiplies by block
+    `r // (world // parts)`, so each block is used by `world // parts` consecutive ranks, the
+    layout of key/value heads when a grouped-query model has fewer kv heads than ranks.
+    Each rank's weight gradient is non-zero only on its block; it is all-reduced over the
+    group in backward (a hook on the parameters), which sums every user's share.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        group: dist.ProcessGroup,
+        parts: int,
+        bias: bool = True,
+        sequence_parallel: bool = False,
+        sequence_dim: int = -2,
+        chunks: int | None = None,
+        kernel: str = "auto",
+        comm: str = "torch",
+        save_gathered_input: bool = True,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        _name: str = "ReplicatedColumnLinear",
+    ) -> None:
+        super().__init__()
+        self.spec = _make_spec(group, sequence_parallel=sequence_parallel, sequence_dim=sequence_dim, chunks=chunks,
+                               kernel=kernel, comm=comm, save_gathered_input=save_gathered_input, where=_name)
+        rank, world = _rank_world(self.spec)
+        if parts < 1 or world % parts or out_features % parts:
+            raise ValueError(
+                f"{_name}: parts: expected a divisor of both the world size {world} and "
+                f"out_features {out_features}, got {parts}"
+            )
+        self.in_features, self.out_features, self.parts = in_features, out_features, parts
+        self.block = rank // (world // parts)
+        self.gather_output = False
+        kw = {"dtype": dtype, "device": device}
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **kw))
+        self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
+        _init_uniform(self.weight, in_features)
+        if self.bias is not None:
+            _init_uniform(self.bias, in_features)
+        from .norm import all_reduce_grads  # late: norm imports this module
+
+        all_reduce_grads(self, group=self.spec.group, comm=self.spec.comm)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, group: dist.ProcessGroup, parts: int, name: str = "linear",
+                    **kwargs: Any) -> ReplicatedColumnLinear:
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"{name}: expected an nn.Linear, got {type(linear).__name__}")
+        w = linear.weight
+        layer = cls(linear.in_features, linear.out_features, group=group, parts=parts,
+                    bias=linear.bias is not None, dtype=w.dtype, device=w.device, _name=name, **kwargs)
+        with torch.no_grad():
+            layer.weight.copy_(w)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        return layer
+
+    def column_operands(self) -> tuple[Tensor, Tensor | None]:
+        n = self.out_features // self.parts
+        s = slice(self.block * n, (self.block + 1) * n)
+        return self.weight[s], (self.bias[s] if self.bias is not None else None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        precomputed = _take_precomputed(self, x)
+        if precomputed is not None:
+            return precomputed
+        w, b = self.column_operands()
+        return _ColumnParallelFn.apply(x, w.t(), b, self.spec, None)
+
+    def full_state_dict(self) -> dict[str, Tensor]:
+        out = {"weight": self.weight.detach().clone()}
+        if self.bias is not None:
+            out["bias"] = self.bias.detach().clone()
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features} (block {self.block} of "
+                f"{self.parts}, replicated), bias={self.bias is not None}, " + self._knobs_repr())
+
+
+class RowParallelLinear(_ParallelLinearBase):
+    """`nn.Linear(in_features, out_features)` with its input features split across `group`.
+
+    This rank holds columns `[rank*K/world, (rank+1)*K/world)` of the weight; the bias is
+    replicated and added once, after the reduction. The input is `x_part [.., K/world]`
+    (`input_is_parallel=True`, the output of a column-parallel layer) or the full `[.., K]`,
+    split here. The output is all-reduced (`y_full`) or, with `sequence_parallel=True`,
+    reduce-scattered on `sequence_dim` (`y_shard`).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        group: dist.ProcessGroup,
+        bias: bool = True,
+        input_is_parallel: bool = True,
+        sequence_parallel: bool = False,
+        sequence_dim: int = -2,
+        chunks: int | None = None,
+        kernel: str = "auto",
+        comm: str = "torch",
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        _name: str = "RowParallelLinear",
+    ) -> None:
+        super().__init__()
+        self.spec = _make_spec(group, sequence_parallel=sequence_parallel, sequence_dim=sequence_dim, chunks=chunks,
+                               kernel=kernel, comm=comm, save_gathered_input=True, where=_name)
+        _, world = _rank_world(self.spec)
+        if in_features % world:
+            raise ValueError(
+                f"{_name}: in_features: expected a multiple of the world size {world} "
+                f"(the input features are split across ranks), got {in_features}"
+            )
+        self.in_features, self.out_features = in_features, out_features
+        self.input_is_parallel = input_is_parallel
+        kw = {"dtype": dtype, "device": device}
+        self.weight = nn.Parameter(torch.empty(out_features, in_features // world, **kw))
+        self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
+        _init_uniform(self.weight, in_features)
+        if self.bias is not None:
+            _init_uniform(self.bias, in_features)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, group: dist.ProcessGroup, name: str = "linear", **kwargs: Any) -> RowParallelLinear:
+        """Shard an existing `nn.Linear` (pretrained weights survive); `name` appears in errors."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"{name}: expected an nn.Linear to shard row-wise, got {type(linear).__name__}")
+        w = linear.weight
+        layer = cls(linear.in_features, linear.out_features, group=group, bias=linear.bias is not None,
+                    dtype=w.dtype, device=w.device, _name=name, **kwargs)
+        rank, world = _rank_world(layer.spec)
+        with torch.no_grad():
+            layer.weight.copy_(w.chunk(world, 1)[rank])
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        layer.weight.requires_grad_(w.requires_grad)
+        return layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.input_is_parallel:
+            _check_divisible(x, -1, _rank_world(self.spec)[1], what="RowParallelLinear (input_is_parallel=False)")
+            x = _SplitFn.apply(x, self.spec, -1)
+        if self.spec.sequence_parallel:
+            _check_divisible(x, self.spec.sequence_dim, _rank_world(self.spec)[1],
+                             what="RowParallelLinear (sequence_parallel=True)")
+        return _RowParallelFn.apply(x, self.weight.t(), self.bias, self.spec)
+
+    def full_state_dict(self) -> dict[str, Tensor]:
+        """The unsharded `{"weight", "bias"}` (a collective: every rank of the group must call it)."""
+        out = {"weight": _all_gather_dim(self.weight.detach(), self.spec.communicator(), 1)}
+        if self.bias is not None:
+            out["bias"] = self.bias.detach().clone()
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features} (local {self.weight.shape[1]}), out_features={self.out_features}, "
+                f"bias={self.bias is not None}, input_is_parallel={self.input_is_parallel}, " + self._knobs_repr())
+
+
+# --------------------------------------------------------------------------------------------
+# Several column-parallel linears on one input, as one GEMM
+# --------------------------------------------------------------------------------------------
+
+
+def column_parallel_group(
+    layers: Sequence[ColumnParallelLinear | ReplicatedColumnLinear], x: Tensor
+) -> tuple[list[Tensor], Tensor]:
+    """`[layer(x) for layer in layers]` as one fused column-parallel GEMM; also returns `x_full`.
+
+    The local weights are concatenated (`[sum N_i, K]`, a copy per call, small next to the
+    activations) so that sequence parallelism gathers `x_shard` once (one ring, overlapped)
+    and backward reduces `sum_i dy_i @ w_i` with one all-reduce / reduce-scatter instead of
+    one per layer. `x_full` is the gathered input (detached; `x` itself without sequence
+    parallelism), for modules that take shapes from their input. All layers must share the
+    group, the layout and the knobs.
+    """
+    if not layers:
+        raise ValueError("column_parallel_group: expected at least one layer, got none")
+    spec = layers[0].spec
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, (ColumnParallelLinear, ReplicatedColumnLinear)) or layer.gather_output:
+            raise TypeError(f"column_parallel_group: layers[{i}]: expected a column-parallel linear without "
+                            f"gather_output, got {type(layer).__name__}")
+        if layer.spec != spec:
+            raise ValueError(f"column_parallel_group: layers[{i}]: expected the same spec as layers[0] "
+                             f"({spec}), got {layer.spec}")
+    operands = [layer.column_operands() for layer in layers]
+    sizes = [w.shape[0] for w, _ in operands]
+    w = operands[0][0] if len(operands) == 1 else torch.cat([w for w, _ in operands], 0)
+    if all(b is None for _, b in operands):
+        b = None
+    else:
+        b = torch.cat([bi if bi is not None else wi.new_zeros(wi.shape[0]) for wi, bi in operands], 0)
+    holder: list[Tensor] = []
+    y = _ColumnParallelFn.apply(x, w.t(), b, spec, holder)
+    x_full = holder[0] if spec.sequence_parallel else x
+    outs = list(y.split(sizes, -1)) if len(sizes) > 1 else [y]
+    return outs, (x_full.detach() if spec.sequence_parallel else x_full)

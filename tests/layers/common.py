@@ -1,0 +1,39 @@
+"""Shared helpers for the layer tests: tolerances, comparisons, seeded full tensors."""
+from __future__ import annotations
+
+import torch
+
+# Relative error ||got - ref|| / ||ref|| between a parallel result and the single-process one
+# computed in the same dtype: both round differently (sums split across ranks, chunked GEMMs),
+# so fp32 allows a few ulps times the depth of the computation; fp64 is exact to ~1e-15.
+TOL = {torch.float64: 1e-11, torch.float32: 2e-5}
+# Norms below which a reference counts as zero (e.g. the key bias's gradient: softmax ignores
+# a per-query constant) and is compared absolutely: rounding noise has no relative scale.
+ZERO = {torch.float64: 1e-10, torch.float32: 1e-4}
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    got, ref = got.detach().double(), ref.detach().double()
+    if torch.isnan(got).any():
+        return float("inf")
+    return ((got - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def check(name: str, got: torch.Tensor | None, ref: torch.Tensor | None, dtype: torch.dtype, case: str,
+          tol: float | None = None) -> None:
+    assert got is not None, f"{name} {case}: got None (no gradient?)"
+    assert ref is not None, f"{name} {case}: reference is None"
+    assert tuple(got.shape) == tuple(ref.shape), f"{name} {case}: shape {list(got.shape)} != {list(ref.shape)}"
+    if ref.detach().double().norm() < ZERO[dtype]:  # a gradient that is zero in exact arithmetic (key bias)
+        diff = (got.detach().double() - ref.detach().double()).norm().item()
+        assert diff <= ZERO[dtype], f"{name} {case}: expected ~0 (|ref| < {ZERO[dtype]:.0e}), |got - ref| = {diff:.3g}"
+        return
+    err = rel_err(got, ref)
+    limit = TOL[dtype] if tol is None else tol
+    assert err <= limit, f"{name} {case}: relative error {err:.3g} > {limit:.0e}"
+
+
+def randn(seed: int, *shape: int, dtype: torch.dtype) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)

@@ -1,0 +1,98 @@
+"""Every validation raises before any collective, on every rank alike, naming what is wrong.
+
+The messages must name the module path (or argument), the expected and the actual value.
+All cases run on one 4-rank pool in one task; a rank that hung in a collective would time
+the task out instead of passing.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fusedpar.layers import ColumnParallelLinear, ParallelAttention, ParallelMLP, RowParallelLinear, parallelize
+from tests.layers.test_models import build
+
+
+def _expect(exc: type[BaseException], fn, *needles: str) -> None:
+    try:
+        fn()
+    except exc as e:
+        msg = str(e)
+        missing = [n for n in needles if n not in msg]
+        assert not missing, f"error message lacks {missing}: {msg!r}"
+        return
+    raise AssertionError(f"expected {exc.__name__} mentioning {needles}, nothing was raised")
+
+
+def _run_error_cases(group):
+    world = dist.get_world_size(group)
+    assert world == 4
+    llama = lambda **kw: build("llama", **kw)  # noqa: E731
+
+    # a missing group
+    _expect(TypeError, lambda: parallelize(llama(), "auto", group=None), "group", "ProcessGroup", "None")
+    _expect(TypeError, lambda: ColumnParallelLinear(8, 8, group=None), "group", "None")
+    _expect(TypeError, lambda: RowParallelLinear.from_linear(nn.Linear(8, 8), group=None), "group", "None")
+
+    # heads not divisible: 6 query heads on 4 ranks
+    _expect(ValueError, lambda: parallelize(llama(hidden_size=96, num_attention_heads=6, num_key_value_heads=6),
+                                            "auto", group=group),
+            "model.layers.0.self_attn.q_proj", "heads", "world size 4", "got 6")
+    # kv heads that neither split nor replicate: 3 kv heads on 4 ranks
+    _expect(ValueError, lambda: parallelize(llama(hidden_size=96, num_attention_heads=12, num_key_value_heads=3),
+                                            "auto", group=group),
+            "model.layers.0.self_attn.k_proj", "heads", "world size 4", "got 3")
+    # intermediate size not divisible
+    _expect(ValueError, lambda: parallelize(llama(intermediate_size=130), "auto", group=group),
+            "model.layers.0.mlp.gate_proj", "out_features", "world size 4", "got 130")
+    # vocab not divisible, for a plan that splits the head
+    _expect(ValueError, lambda: parallelize(llama(vocab_size=254), {"lm_head": "colwise_gather_output"}, group=group),
+            "lm_head", "out_features", "world size 4", "got 254")
+    # a plan key that matches nothing
+    _expect(ValueError, lambda: parallelize(llama(), {"model.layers.*.mlp.fc1": "colwise"}, group=group),
+            "model.layers.*.mlp.fc1", "match", "got no match")
+    # a module that is not an nn.Linear
+    _expect(TypeError, lambda: parallelize(llama(), {"model.layers.*.input_layernorm": "colwise"}, group=group),
+            "model.layers.0.input_layernorm", "nn.Linear", "LlamaRMSNorm")
+    # an unknown style
+    _expect(ValueError, lambda: parallelize(llama(), {"model.layers.*.mlp.up_proj": "packed_colwise"}, group=group),
+            "model.layers.*.mlp.up_proj", "colwise", "got 'packed_colwise'")
+    # plan="auto" on a model without a tp plan; a plan that is neither
+    _expect(ValueError, lambda: parallelize(nn.Sequential(nn.Linear(4, 4)), "auto", group=group),
+            "base_model_tp_plan", "got None")
+    _expect(ValueError, lambda: parallelize(llama(), "colwise", group=group), "plan", "'auto'", "got 'colwise'")
+
+    # sequence parallelism: a replicated-input style inside the decoder layers; an unplanned
+    # parameter next to planned layers (its gradient would be a partial sum nothing completes)
+    _expect(ValueError, lambda: parallelize(llama(), {"model.layers.*.mlp.down_proj": "rowwise_rep"}, group=group,
+                                            sequence_parallel=True),
+            "model.layers.0.mlp.down_proj", "'colwise' / 'rowwise'", "got 'rowwise_rep'")
+    _expect(ValueError, lambda: parallelize(llama(), {"model.layers.*.mlp.down_proj": "rowwise"}, group=group,
+                                            sequence_parallel=True),
+            "model.layers.0.mlp.gate_proj", "plan entry", "got none")
+
+    # sequence length not divisible under sequence parallelism: raised in forward, before the split
+    model = parallelize(llama(), "auto", group=group, sequence_parallel=True)
+    _expect(ValueError, lambda: model(torch.zeros(1, 6, dtype=torch.long)),
+            "model.layers.0", "sequence length", "world size 4", "got 6")
+
+    # the layers' own constructors
+    _expect(ValueError, lambda: ColumnParallelLinear(8, 10, group=group), "out_features", "world size 4", "got 10")
+    _expect(ValueError, lambda: RowParallelLinear(10, 8, group=group), "in_features", "world size 4", "got 10")
+    _expect(TypeError, lambda: ColumnParallelLinear.from_linear(nn.Conv1d(4, 4, 1), group=group, name="enc.fc"),
+            "enc.fc", "nn.Linear", "Conv1d")
+    _expect(ValueError, lambda: ColumnParallelLinear(8, 8, group=group, chunks=0), "chunks", "got 0")
+    _expect(ValueError, lambda: ColumnParallelLinear(8, 8, group=group, comm="mpi"), "comm", "got 'mpi'")
+    _expect(ValueError, lambda: ParallelAttention(64, 6, group=group), "num_heads", "world size 4", "got 6")
+    _expect(ValueError, lambda: ParallelAttention(96, 12, num_kv_heads=3, group=group),
+            "num_kv_heads", "world size 4", "got 3")
+    _expect(ValueError, lambda: ParallelMLP(16, 30, group=group), "out_features", "world size 4", "got 30")
+    _expect(ValueError, lambda: ParallelMLP(16, 32, group=group, activation="tanh"), "activation", "got 'tanh'")
+    row_sp = RowParallelLinear(8, 8, group=group, sequence_parallel=True)
+    _expect(ValueError, lambda: row_sp(torch.randn(6, 2)), "sequence_parallel", "world size 4", "got 6")
+    return True
+
+
+def test_errors_before_any_collective(dist4):
+    assert dist4.run(_run_error_cases) == [True] * 4
