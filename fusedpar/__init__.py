@@ -32,6 +32,19 @@ from fusedpar.costmodel import (
     set_device_spec,
 )
 from fusedpar.kernels import ACTIVATIONS, gated_matmul, matmul, resolve_kernel
+from fusedpar.layers import (
+    ColumnParallelLinear,
+    ParallelAttention,
+    ParallelMLP,
+    ReplicatedColumnLinear,
+    RowParallelLinear,
+    SequenceParallelLayerNorm,
+    SequenceParallelRMSNorm,
+    all_reduce_grads,
+    column_parallel_group,
+    full_state_dict,
+    parallelize,
+)
 from fusedpar.overlap import (
     PendingOutput,
     all_gather_matmul,
@@ -49,6 +62,17 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ACTIVATIONS",
+    "ColumnParallelLinear",
+    "ParallelAttention",
+    "ParallelMLP",
+    "ReplicatedColumnLinear",
+    "RowParallelLinear",
+    "SequenceParallelLayerNorm",
+    "SequenceParallelRMSNorm",
+    "all_reduce_grads",
+    "column_parallel_group",
+    "full_state_dict",
+    "parallelize",
     "CollectiveError",
     "Communicator",
     "CupyCommunicator",

@@ -122,10 +122,20 @@ def test_profile_cpu_writes_chrome_traces(tmp_path):
     assert meta["chunks"] == 3 and meta["world"] == 2
 
 
-def test_demo_placeholder_runs():
-    out = _run("demo", "--shape", "64", "48", "32").stdout
-    assert "backend:" in out and "[64, 32] @ [32, 48]" in out
-    assert re.search(r"max rel\. error vs float64 torch: [\d.e+-]+", out)
+def test_demo_trains_a_parallel_llama_in_step_with_the_single_process_one():
+    out = _run("demo", "--steps", "4", "--layers", "1", "--hidden", "64", "--intermediate", "128",
+               "--seq", "16", "--batch", "2", "--timing-reps", "1", "--kernel", "torch").stdout
+    assert re.search(r"logits vs single-process\s+rel\. err [\d.e+-]+ \(tolerance 1e-04\) OK", out), out
+    assert re.search(r"loss agreement\s+max \|parallel - single\| over 4 steps [\d.e+-]+ OK", out), out
+    first_last = re.search(r"parallel ([\d.]+) -> ([\d.]+), single-process ([\d.]+) -> ([\d.]+)", out)
+    assert first_last and first_last[1] == first_last[3], out
+    assert "torch GEMMs, torch communicator (gloo)" in out and "world size / device       2 / cpu" in out
+
+
+def test_demo_help_lists_its_options():
+    out = _run("demo", "--help").stdout
+    for option in ("--world-size", "--steps", "--hidden", "--dtype", "--sequence-parallel", "--kernel", "--comm"):
+        assert option in out, option
 
 
 def test_gpu_run_all_plumbing_on_cpu(tmp_path):
