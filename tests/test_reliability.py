@@ -6,6 +6,7 @@ surviving rank within the group timeout + 5 s, and every process must exit (none
 """
 from __future__ import annotations
 
+import copy
 import os
 import time
 
@@ -50,44 +51,102 @@ def _call_op(op: str, group, rank: int, world: int, *, rows: int = 8, dtype=torc
     return y
 
 
+def _call_layer(target: str, group, rank: int, world: int, *, rows: int = 8, dtype=torch.float32, debug=None,
+                chunks: int = 4, iters: int = 1, seed: int = 0, odd: bool = False) -> torch.Tensor:
+    """Forward + backward of a layer or a parallelized model, checked against one process."""
+    from fusedpar.layers import ColumnParallelLinear, RowParallelLinear, parallelize
+
+    previous = os.environ.get("FUSEDPAR_DEBUG")
+    if debug:
+        os.environ["FUSEDPAR_DEBUG"] = "1"  # layers pass debug=None down, which reads this
+    try:
+        for it in range(iters):
+            torch.manual_seed(seed + it)
+            if target == "parallelize":
+                from transformers import LlamaConfig, LlamaForCausalLM
+
+                heads = 3 if odd else 4
+                config = LlamaConfig(vocab_size=64, hidden_size=8 * heads, intermediate_size=32, num_hidden_layers=1,
+                                     num_attention_heads=heads, num_key_value_heads=heads if odd else 2,
+                                     attn_implementation="sdpa")
+                ref = LlamaForCausalLM(config).to(dtype)
+                model = parallelize(copy.deepcopy(ref), "auto", group=group, sequence_parallel=True,
+                                    kernel="torch", chunks=chunks)
+                tokens = torch.randint(0, 64, (1, rows * world))
+                y, want = model(tokens).logits, ref(tokens).logits
+                model(tokens, labels=tokens).loss.backward()
+            else:
+                k, n = 16, 8 * world + (1 if odd else 0)
+                lin = torch.nn.Linear(k if target == "ColumnParallelLinear" else n, n if target == "ColumnParallelLinear" else k).to(dtype)
+                if target == "ColumnParallelLinear":
+                    layer = ColumnParallelLinear.from_linear(lin, group=group, sequence_parallel=True, chunks=chunks, kernel="torch")
+                    x_full = torch.randn(2, rows * world, k, dtype=dtype)
+                    x = x_full.chunk(world, 1)[rank].requires_grad_()
+                    want = lin(x_full).chunk(world, -1)[rank]
+                else:
+                    layer = RowParallelLinear.from_linear(lin, group=group, chunks=chunks, kernel="torch")
+                    x_full = torch.randn(2, rows, n, dtype=dtype)
+                    x = x_full.chunk(world, -1)[rank].requires_grad_()
+                    want = lin(x_full)
+                y = layer(x)
+                y.sum().backward()
+            err = ((y.double() - want.double()).norm() / want.double().norm()).item()
+            assert err < 1e-4, f"{target}: wrong answer, rel err {err:.2e}"
+        return y
+    finally:
+        if previous is None:
+            os.environ.pop("FUSEDPAR_DEBUG", None)
+        else:
+            os.environ["FUSEDPAR_DEBUG"] = previous
+
+
+def _call(target: str, group, rank: int, world: int, **kwargs) -> torch.Tensor:
+    if target in OPS:
+        if kwargs.pop("odd", False):
+            kwargs["rows"] = 4 * world + 1
+        return _call_op(target, group, rank, world, **kwargs)
+    return _call_layer(target, group, rank, world, **kwargs)
+
+
 # Scenarios: (group, rank, world, **kwargs) -> extra info; raising is the expected outcome.
 def s_shape_differs(group, rank, world, *, op):
-    _call_op(op, group, rank, world, rows=8 + 2 * world if rank == VICTIM else 8 * world, debug=True)
+    _call(op, group, rank, world, rows=8 + 2 * world if rank == VICTIM else 8 * world, debug=True)
 
 
 def s_dtype_differs(group, rank, world, *, op):
-    _call_op(op, group, rank, world, rows=4 * world, dtype=torch.float64 if rank == VICTIM else torch.float32, debug=True)
+    _call(op, group, rank, world, rows=4 * world, dtype=torch.float64 if rank == VICTIM else torch.float32, debug=True)
 
 
 def s_not_divisible(group, rank, world, *, op):
-    # reduce-scatter needs M divisible by world; the other two handle uneven rows (and must be right).
-    _call_op(op, group, rank, world, rows=4 * world + 1)
+    # reduce-scatter needs M divisible by world, the layers their split features / heads;
+    # all_gather_matmul and matmul_all_reduce handle uneven rows (and must be right).
+    _call(op, group, rank, world, odd=True)
 
 
 def s_missing_group(group, rank, world, *, op):
-    _call_op(op, None, rank, world)
+    _call(op, None, rank, world)
 
 
 def s_foreign_group(group, rank, world, *, op):
     sub = dist.new_group([0])
     # The member runs as a world of one (no communication); every other rank is refused.
-    _call_op(op, sub, 0, 1)
+    _call(op, sub, 0, 1)
 
 
 def s_stall(group, rank, world, *, op):
     if rank == VICTIM:
         time.sleep(TIMEOUT_S + 2.0)  # alive, but far too late for its peers
-    _call_op(op, group, rank, world, rows=4 * world)
+    _call(op, group, rank, world, rows=4 * world)
 
 
 def s_healthy(group, rank, world, *, op):
-    _call_op(op, group, rank, world, rows=4 * world + (0 if op == "matmul_reduce_scatter" else 3), iters=2)
+    _call(op, group, rank, world, rows=4 * world + (0 if op in ("matmul_reduce_scatter", "parallelize") else 3), iters=2)
 
 
 def s_crash(group, rank, world, *, op, kind):
     if rank == VICTIM:
         inject_gemm_fault(kind, at_call=6)  # mid-way through the second call, after pieces were issued
-    _call_op(op, group, rank, world, rows=4 * world, chunks=4, iters=4)
+    _call(op, group, rank, world, rows=4 * world, chunks=4, iters=4)
 
 
 SCENARIOS = {
@@ -124,16 +183,29 @@ def _expect(outcomes, name, ranks, error_type, pattern="", bound=BOUND_S):
     (4, "all_gather_matmul", "exit"),
 ])
 def test_fault_matrix_for_schedules(world, op, crash_kind):
+    _run_matrix_row(world, op, crash_kind)
+
+
+@pytest.mark.parametrize("world,target,crash_kind", [
+    (2, "ColumnParallelLinear", "sigkill"),
+    (2, "RowParallelLinear", "exit"),
+    (2, "parallelize", "sigkill"),
+])
+def test_fault_matrix_for_layers(world, target, crash_kind):
+    _run_matrix_row(world, target, crash_kind)
+
+
+def _run_matrix_row(world, op, crash_kind):
     plan = [(name, {"op": op}) for name in SCENARIOS if name != "crash"]
     plan.append(("crash", {"op": op, "kind": crash_kind}))
     outcomes, codes = run_scenarios(world, __name__, plan, timeout_s=TIMEOUT_S)
     everyone, survivors = range(world), [r for r in range(world) if r != VICTIM]
-    _expect(outcomes, "shape_differs", everyone, "InconsistentCallError", f"rank {VICTIM} has x")
+    _expect(outcomes, "shape_differs", everyone, "InconsistentCallError", f"rank {VICTIM} has ")
     _expect(outcomes, "dtype_differs", everyone, "InconsistentCallError", "float64")
-    if op == "matmul_reduce_scatter":
-        _expect(outcomes, "not_divisible", everyone, "ValueError", "multiple of the group's world size")
-    else:
+    if op in ("all_gather_matmul", "matmul_all_reduce"):
         _expect(outcomes, "not_divisible", everyone, None)
+    else:
+        _expect(outcomes, "not_divisible", everyone, "ValueError", "multiple of")
     _expect(outcomes, "missing_group", everyone, "TypeError", "group: expected a torch.distributed ProcessGroup")
     _expect(outcomes, "foreign_group", [0], None)
     _expect(outcomes, "foreign_group", [r for r in everyone if r != 0], "ValueError", "not a member of the group")
@@ -220,3 +292,48 @@ def test_randomized_equivalence(world_fixture, request):
 
     check()
     assert sum(counted) >= N_EXAMPLES * CASES_PER_EXAMPLE, f"ran {sum(counted)} cases"
+
+
+# ---------------------------------------------------------------------------------------------
+# No leak of chunk buffers, handles or per-call state over many iterations
+# ---------------------------------------------------------------------------------------------
+
+
+def _live_tensors() -> int:
+    import gc
+
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+
+def _run_memory_growth(group, *, iters):
+    from fusedpar import checks, comm
+    from fusedpar.layers import ColumnParallelLinear, RowParallelLinear
+
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    torch.manual_seed(0)
+    up = ColumnParallelLinear.from_linear(torch.nn.Linear(32, 64), group=group, sequence_parallel=True, chunks=4,
+                                          kernel="torch")
+    down = RowParallelLinear.from_linear(torch.nn.Linear(64, 32), group=group, sequence_parallel=True, chunks=4,
+                                         kernel="torch")
+    x = torch.randn(2, 12, 32).chunk(world, 1)[rank].requires_grad_()
+    os.environ["FUSEDPAR_DEBUG"] = "1"  # the per-call fingerprint state must not grow either
+    counts = []
+    try:
+        for i in range(iters):
+            down(torch.relu(up(x))).sum().backward()
+            up.zero_grad(set_to_none=True)
+            down.zero_grad(set_to_none=True)
+            x.grad = None
+            if i in (19, iters - 1):
+                counts.append((_live_tensors(), len(comm._COMMUNICATORS), len(checks._CALLS)))
+    finally:
+        os.environ.pop("FUSEDPAR_DEBUG", None)
+    (t0, c0, k0), (t1, c1, k1) = counts
+    assert t1 <= t0, f"rank {rank}: live tensors grew from {t0} (iteration 20) to {t1} (iteration {iters})"
+    assert (c1, k1) == (c0, k0), f"rank {rank}: communicator caches grew: {(c0, k0)} -> {(c1, k1)}"
+    return t1
+
+
+def test_no_memory_growth_over_220_layer_iterations(dist2):
+    dist2.run(_run_memory_growth, iters=220)
