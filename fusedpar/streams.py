@@ -130,16 +130,17 @@ _STREAM_SETS: dict[torch.device, StreamSet] = {}
 
 @contextlib.contextmanager
 def nvtx_range(name: str) -> Iterator[None]:
-    """An NVTX range around the body on CUDA builds; a no-op where NVTX is unavailable."""
-    pushed = False
-    if torch.cuda.is_available():
-        try:
-            torch.cuda.nvtx.range_push(name)
-            pushed = True
-        except (RuntimeError, AttributeError):  # NVTX missing from this build
-            pushed = False
-    try:
+    """Label the body: an NVTX range on CUDA builds (nsys timelines), and a torch.profiler
+    range while a profiler is running (Chrome / Perfetto traces, CPU included). Each part
+    is a no-op where unavailable, so the schedules can mark every chunk at no cost."""
+    with contextlib.ExitStack() as stack:
+        if torch.autograd.profiler._is_profiler_enabled:
+            stack.enter_context(torch.profiler.record_function(name))
+        if torch.cuda.is_available():
+            try:
+                torch.cuda.nvtx.range_push(name)
+            except (RuntimeError, AttributeError):  # NVTX missing from this build
+                pass
+            else:
+                stack.callback(torch.cuda.nvtx.range_pop)
         yield
-    finally:
-        if pushed:
-            torch.cuda.nvtx.range_pop()

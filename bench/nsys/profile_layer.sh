@@ -2,7 +2,7 @@
 # Capture one `python -m fusedpar profile --gpu` run with Nsight Systems.
 #
 #   bench/nsys/profile_layer.sh [REPORT_PREFIX] [extra `fusedpar profile` options...]
-#   e.g. bench/nsys/profile_layer.sh traces/ar-8k --shape 8192 4096 4096 --chunks 4
+#   e.g. bench/nsys/profile_layer.sh traces/mlp-8k --shape 8192 14336 4096 --chunks 4
 #
 # Only the steps after warm-up are captured: the profile command brackets them with
 # cudaProfilerStart/Stop, which --capture-range=cudaProfilerApi listens for.

@@ -82,39 +82,4 @@ def timestamp() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
 
 
-def import_kernels():
-    """``fusedpar.kernels`` if it is there yet, else None (it lands on another branch)."""
-    try:
-        from fusedpar import kernels
-    except ImportError:
-        return None
-    return kernels if hasattr(kernels, "matmul") else None
-
-
-@functools.lru_cache(maxsize=1)
-def _library_nvtx_range():
-    """``fusedpar.streams.nvtx_range`` once the overlap branch has landed, else None."""
-    try:
-        from fusedpar.streams import nvtx_range as lib_range
-    except ImportError:
-        return None
-    return lib_range
-
-
-@contextlib.contextmanager
-def nvtx_range(name: str) -> Iterator[None]:
-    """A torch.profiler label (CPU traces) and an NVTX range (nsys timelines) named
-    ``name``; the NVTX part is skipped where CUDA is unavailable."""
-    with torch.profiler.record_function(name):
-        lib_range = _library_nvtx_range()
-        if lib_range is not None:
-            with lib_range(name):
-                yield
-        elif torch.cuda.is_available():
-            torch.cuda.nvtx.range_push(name)
-            try:
-                yield
-            finally:
-                torch.cuda.nvtx.range_pop()
-        else:
-            yield
+from fusedpar.streams import nvtx_range  # noqa: E402,F401  (re-exported for the CLI modules)

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from fusedpar import costmodel
-from fusedpar.cli._common import REPO_ROOT, import_kernels, nvtx_range, run_metadata
+from fusedpar.cli._common import REPO_ROOT, nvtx_range, run_metadata
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,9 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, help="default float32 CPU, bfloat16 GPU")
     parser.add_argument("--kernel", default="auto",
                         help="fusedpar.kernels matmul: auto / triton / torch")
-    parser.add_argument("--workload", choices=("loop", "overlap"), default="loop",
-                        help="loop: the stand-in chunked loop below; overlap: "
-                             "fusedpar.overlap.matmul_all_reduce (once it is merged)")
+    parser.add_argument("--workload", choices=("layer", "overlap"), default="layer",
+                        help="layer: fwd+bwd of a sequence-parallel MLP block (column ring "
+                             "all-gather, row chunked reduce-scatter); overlap: the bare "
+                             "matmul_all_reduce schedule")
     parser.add_argument("--warmup", type=int, default=2, help="untraced steps first")
     parser.add_argument("--steps", type=int, default=3, help="traced steps")
     parser.add_argument("--torch-trace", action="store_true",
@@ -54,48 +55,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_workload(args: argparse.Namespace, *, group: dist.ProcessGroup,
                    device: torch.device) -> Callable[[], torch.Tensor]:
-    """One step of a chunked ``matmul_all_reduce``: ``all_reduce(x @ w)`` computed in row
-    chunks, each chunk's all-reduce launched asynchronously as soon as it is computed::
+    """One step to trace. ``--workload layer`` (default): forward + backward of one
+    sequence-parallel MLP block, the overlapped layers as a model runs them::
 
-        comm:          [ar 0][ar 1][ar 2]
-        compute: [mm 0][mm 1][mm 2]
+        x_shard -> ColumnParallelLinear (ring all-gather ∥ GEMMs) -> gelu
+                -> RowParallelLinear (GEMMs ∥ chunked reduce-scatter) -> y_shard
+        backward: reduce-scatter of dgrad ∥ wgrad, all-gather of dy ∥ dgrad + wgrad
 
-    It stands in for an overlapped layer until the layers land; ``--workload overlap``
-    runs fusedpar.overlap.matmul_all_reduce on the same operands instead.
+    ``--workload overlap``: the bare ``matmul_all_reduce`` schedule. ``--shape M N K`` is
+    tokens (all ranks), intermediate and hidden size.
     """
+    from fusedpar.layers import ColumnParallelLinear, RowParallelLinear
+    from fusedpar.overlap import matmul_all_reduce
+
     m, n, k = args.shape
     dtype = getattr(torch, args.dtype)
-    gen = torch.Generator().manual_seed(dist.get_rank(group))
-    x = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)
-    w = torch.randn(k, n, generator=gen).to(device=device, dtype=dtype)
-    y = torch.empty(m, n, device=device, dtype=dtype)
-    kernels = import_kernels()
-
-    def matmul(a: torch.Tensor, out: torch.Tensor) -> None:
-        if kernels is None:
-            torch.matmul(a, w, out=out)
-        else:
-            kernels.matmul(a, w, out=out, kernel=args.kernel)
-
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    gen = torch.Generator().manual_seed(rank)
     if args.workload == "overlap":
-        from fusedpar.overlap import matmul_all_reduce  # ImportError names what is missing
+        x = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)
+        w = torch.randn(k, n, generator=gen).to(device=device, dtype=dtype)
+        return lambda: matmul_all_reduce(x, w, group=group, chunks=args.chunks, kernel=args.kernel)
 
-        return lambda: matmul_all_reduce(x, w, group=group, chunks=args.chunks,
-                                         kernel=args.kernel)
-
-    bounds = torch.arange(m).tensor_split(args.chunks)
+    knobs = dict(group=group, sequence_parallel=True, chunks=args.chunks, kernel=args.kernel,
+                 dtype=dtype, device=device)
+    up = ColumnParallelLinear(k, n, bias=False, **knobs)
+    down = RowParallelLinear(n, k, bias=False, **knobs)
+    x = torch.randn(1, m // world, k, generator=gen).to(device=device, dtype=dtype).requires_grad_()
 
     def step() -> torch.Tensor:
-        pending = []
-        for j, rows in enumerate(bounds):
-            lo, hi = int(rows[0]), int(rows[-1]) + 1
-            with nvtx_range(f"mm {j}"):
-                matmul(x[lo:hi], y[lo:hi])
-            with nvtx_range(f"all_reduce {j}"):
-                pending.append(dist.all_reduce(y[lo:hi], group=group, async_op=True))
-        with nvtx_range("wait"):
-            for work in pending:
-                work.wait()
+        with nvtx_range("forward"):
+            y = down(torch.nn.functional.gelu(up(x)))
+        with nvtx_range("backward"):
+            y.sum().backward()
         return y
 
     return step
@@ -170,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
             dtype=getattr(torch, args.dtype), device=costmodel.device_spec_for(device))
     args.out = Path(args.out).resolve()
     args.out.mkdir(parents=True, exist_ok=True)
-    print(f"profile ({args.workload}): chunked matmul_all_reduce {args.shape} {args.dtype} chunks={args.chunks} "
+    print(f"profile ({args.workload}): {args.shape} {args.dtype} chunks={args.chunks} "
           f"world={args.world} on {device.type}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
@@ -180,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
             torch.multiprocessing.spawn(_rank_main, args=(args.world, init_file, args),
                                         nprocs=args.world, join=True)
     meta = run_metadata(device, getattr(args, "argv", None))
-    meta.update(workload=f"{args.workload}: chunked matmul_all_reduce", shape=args.shape, dtype=args.dtype,
+    meta.update(workload=args.workload, shape=args.shape, dtype=args.dtype,
                 chunks=args.chunks, world=args.world, steps=args.steps, warmup=args.warmup)
     (args.out / "profile-meta.json").write_text(json.dumps(meta, indent=1))
     return 0
