@@ -40,7 +40,7 @@ PLAN = {
     "attn.q_proj": "colwise", "attn.k_proj": "colwise", "attn.v_proj": "colwise", "attn.o_proj": "rowwise",
     "mlp.gate_proj": "colwise", "mlp.up_proj": "colwise", "mlp.down_proj": "rowwise",
 }
-VARIANTS = ("fusedpar_c1", "dtensor", "fusedpar")
+VARIANTS = ("dtensor", "fusedpar", "fusedpar_c1")  # the peer first: it is the baseline
 # CPU: torch GEMMs, like DTensor (the interpreted Triton kernel is a correctness tool, not a
 # speed one); GPU: the Triton kernel.
 KERNEL = "auto" if torch.cuda.is_available() else "torch"
@@ -158,7 +158,8 @@ def test_block_fwd_bwd(benchmark, pool, variant):
     med = statistics.median(per_step)
     _MEDIANS[variant] = med
     benchmark.extra_info.update({
-        "variant": variant, "world": 2, "backend": "gloo", "device": "cpu",
+        "variant": variant, "op": "llama_block_fwd_bwd", "baseline": variant == "dtensor", "m": BATCH * SEQ,
+        "world": 2, "backend": "gloo", "device": "cpu",
         "shape": f"batch={BATCH} seq={SEQ} hidden={HIDDEN} heads={HEADS} kv_heads={KV_HEADS} ffn={FFN} fp32",
         "kernel": "n/a (DTensor: torch)" if variant == "dtensor" else _kernel_name(),
         "iters_per_round": ITERS, "rounds": ROUNDS,
