@@ -325,3 +325,61 @@ def _run_debug_fingerprint(group):
 
 def test_debug_mode_catches_shapes_that_differ_across_ranks(dist2):
     dist2.run(_run_debug_fingerprint)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: the bounds stated in the docstrings
+# ---------------------------------------------------------------------------------------------
+
+
+def _run_peak_memory(group, *, chunk_values):
+    """Peak bytes allocated inside each schedule vs inside its unfused reference.
+
+    Docstring bounds: all_gather_matmul needs nothing beyond the gathered input and the
+    output (what the unfused op holds too); matmul_reduce_scatter holds at most two piece
+    buffers of 1/chunks of the [M, N] partial sum the unfused op allocates whole;
+    matmul_all_reduce computes in place. So for every chunk count: fused ≤ 1.10 × unfused.
+    """
+    import gc
+
+    from tests.memory import PeakMemory
+
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    m, k, n = 64, 48, 40
+    x_ag, w = torch.randn(m, k), torch.randn(k, n)
+    x_full, w_k = torch.randn(m * world, k), torch.randn(k, n)
+    report = {}
+    for op, args in (("all_gather_matmul", (x_ag, w)), ("matmul_reduce_scatter", (x_full, w_k)),
+                     ("matmul_all_reduce", (x_full, w_k))):
+        peaks = {}
+        for c in chunk_values:
+            for name, fn in (("fused", getattr(overlap, op)), ("unfused", getattr(overlap, op + "_reference"))):
+                gc.collect()
+                with PeakMemory() as mem:
+                    y = fn(*args, group=group, chunks=c, kernel="torch")
+                    del y
+                peaks[name, c] = mem.peak
+            assert peaks["unfused", c] > 0, f"{op}: the probe saw no allocation at all"
+            assert peaks["fused", c] <= 1.10 * peaks["unfused", c], (
+                f"rank {rank} {op} chunks={c}: peak {peaks['fused', c]} B > 1.10 x unfused {peaks['unfused', c]} B"
+            )
+        report[op] = {f"{name}@{c}": v for (name, c), v in peaks.items()}
+    return report
+
+
+def test_peak_memory_within_ten_percent_of_unfused(dist2):
+    dist2.run(_run_peak_memory, chunk_values=[None, 1, 2, 3, 4, 8])
+
+
+def test_peak_memory_probe_sees_allocations_and_frees():
+    from tests.memory import PeakMemory
+
+    with PeakMemory() as mem:
+        a = torch.empty(1000)              # 4000 B
+        b = a[:10]                         # a view: no new storage
+        del a
+        c = torch.empty(250)               # 1000 B, while a's storage lives on through b
+        del b, c
+        d = torch.empty(2000)              # 8000 B after both were freed
+        del d
+    assert mem.peak == 8000 and mem.live == 0, (mem.peak, mem.live)
