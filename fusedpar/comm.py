@@ -74,11 +74,17 @@ def check_group(group: Any, *, arg: str = "group") -> dist.ProcessGroup:
 
 
 class CollectiveHandle:
-    """A collective in flight. `wait()` orders the caller after it; then drops its tensors.
+    """A collective in flight. `wait()` orders the caller's current stream after it.
 
-    It holds references to the tensors the collective reads and writes until `wait()`
-    returns, so the caching allocator cannot hand their memory to other work while a side
-    stream still uses it (see streams.py).
+    `wait()` may be called from several streams, once on each: the ring schedule first
+    makes the comm stream wait for a piece's arrival (so the next hop forwards it) and then
+    the compute stream (so the GEMM reads it). On CPU the first call blocks until the
+    collective is done and later calls return at once.
+
+    The handle holds references to the tensors the collective reads and writes for as long
+    as it lives, so the caching allocator cannot hand their memory to other work while a
+    side stream still uses it (see streams.py); schedules drop their handles only after
+    the compute stream has waited.
     """
 
     def __init__(
@@ -93,14 +99,17 @@ class CollectiveHandle:
         self._event = event
         self._keep = list(keep)
         self._describe = describe
-        self._done = False
+        # Only GPU work needs ordering per stream; a gloo work is done once the host has
+        # waited, and waiting on a finished gloo send/recv again blocks until its timeout.
+        self._per_stream = event is not None or any(t.is_cuda for t in self._keep)
+        self._host_done = False
 
     def wait(self) -> None:
-        if self._done:
+        if self._host_done:
             return
         try:
             for work in self._works:
-                work.wait()
+                work.wait()  # NCCL: the current stream waits; gloo: the host waits
         except RuntimeError as e:
             raise CollectiveError(
                 f"fusedpar: {self._describe()} failed: a peer rank crashed, stalled past the "
@@ -108,13 +117,9 @@ class CollectiveHandle:
             ) from e
         if self._event is not None:
             torch.cuda.current_stream().wait_event(self._event)
-        self._done = True
-        self._works.clear()
-        self._keep.clear()
+        self._host_done = not self._per_stream
 
     def is_completed(self) -> bool:
-        if self._done:
-            return True
         if self._event is not None:
             return bool(self._event.query())
         return all(w.is_completed() for w in self._works)

@@ -10,12 +10,11 @@ On CPU every "stream" is the host thread, so each call below is a no-op and orde
 program order; gloo's async work runs on its own threads and is ordered by `Handle.wait()`.
 
 Lifetime of tensors used on a side stream (caching-allocator safety): we do NOT use
-`Tensor.record_stream`. The schedules keep a Python reference to every tensor a side
-stream touches until the compute stream has waited on that stream's done-event
-(`CollectiveHandle.wait()` drops its references only after making the current stream
-wait). From then on any reuse of the memory by the allocator is ordered after the side
-stream's work. `record_stream` would also be safe but defers reuse to an unpredictable
-later point, which inflates peak memory under a steady stream of chunks.
+`Tensor.record_stream`. Every `CollectiveHandle` holds references to the tensors its
+collective touches, and a schedule drops its handles only after the compute stream has
+waited on each of them. From then on any reuse of the memory by the allocator is ordered
+after the side stream's work. `record_stream` would also be safe but defers reuse to an
+unpredictable later point, which inflates peak memory under a steady stream of chunks.
 """
 from __future__ import annotations
 

@@ -243,6 +243,7 @@ TOL = {"float64": 1e-12, "float32": 1e-5, "float16": 5e-3, "bfloat16": 2e-2}
 def _run_random_cases(group, cases):
     """Sequence-parallel pair (all_gather_matmul, matmul_reduce_scatter) or the all-reduce one."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
+    failures: list[str] = []
     for i, c in enumerate(cases):
         dtype = getattr(torch, c["dtype"])
         g = torch.Generator().manual_seed(c["seed"])
@@ -262,18 +263,23 @@ def _run_random_cases(group, cases):
             fused = getattr(overlap, op)(*args, **kw)
             ref = getattr(overlap, op + "_reference")(*args, **kw)
             # float64 truth of the reference too, so a wrong reference cannot hide a wrong schedule
-            truth = x.double() @ w.double() + (b.double() if b is not None else 0)
+            pre = x.double() @ w.double() + (b.double() if b is not None else 0)
             truth = {None: lambda t: t, "relu": torch.relu, "silu": torch.nn.functional.silu,
                      "gelu": torch.nn.functional.gelu,
-                     "gelu_tanh": lambda t: torch.nn.functional.gelu(t, approximate="tanh")}[c["activation"]](truth)
+                     "gelu_tanh": lambda t: torch.nn.functional.gelu(t, approximate="tanh")}[c["activation"]](pre)
             if op == "matmul_reduce_scatter":
-                truth = truth.chunk(world)[rank]
-            scale = truth.norm().clamp_min(1e-30)
+                truth, pre = truth.chunk(world)[rank], pre.chunk(world)[rank]
+            # The activations are Lipschitz (slope <= 1.13), so the output's error is bounded by
+            # the pre-activation's: scale by the larger norm, or a GELU tail (all inputs very
+            # negative, outputs ~0) would turn harmless rounding into a huge relative error.
+            scale = max(truth.norm().item(), pre.norm().item(), 1e-30)
             for name, y in (("fused", fused), ("reference", ref)):
-                err = ((y.double() - truth).norm() / scale).item()
-                assert err <= TOL[c["dtype"]] or truth.norm() < 1e-6, (
-                    f"case {i} {op} {name} on rank {rank} of {world}: rel err {err:.3g} > {TOL[c['dtype']]}; case={c}"
-                )
+                err = (y.double() - truth).norm().item() / scale
+                if not err <= TOL[c["dtype"]]:
+                    failures.append(f"case {i} {op} {name} on rank {rank} of {world}: rel err {err:.3g} > "
+                                    f"{TOL[c['dtype']]}; case={c}")
+    # Raised after the loop, so every rank issues every collective and none is left waiting.
+    assert not failures, "\n".join(failures)
     return len(cases)
 
 
