@@ -64,6 +64,7 @@ LAYERS = [
     ("llama-70b", "q", 8192, 8192, "col"), ("llama-70b", "o", 8192, 8192, "row"),
     ("llama-8b", "k/v", 4096, 1024, "col"), ("llama-70b", "k/v", 8192, 1024, "col"),
 ]
+SHORT = {"all_gather_matmul": "AG+GEMM", "matmul_reduce_scatter": "GEMM+RS"}
 QUICK_LAYERS = {"gate/up", "down"}
 SMOKE_LAYERS = [("tiny", "up", 64, 96, "col"), ("tiny", "down", 96, 64, "row")]
 
@@ -385,7 +386,7 @@ def plot(result: dict, path: Path) -> None:
         for i, (key, label) in enumerate((("C_ms", "C (GEMM)"), ("M_ms", "M (transfer)"),
                                           ("serial_ms", "serial"), ("overlapped_ms", "overlapped"))):
             ax.bar([x + (i - 1.5) * 0.2 for x in xs], [r[key] for r in sel], width=0.2, label=label)
-        ax.set_xticks(list(xs), [f"{r['case']}\n{r['op'].split('_')[0]}.. c={r['chunks']}" for r in sel],
+        ax.set_xticks(list(xs), [f"{r['case']}\n{SHORT[r['op']]} c={r['chunks']}" for r in sel],
                       fontsize=6, rotation=30, ha="right")
         ax.set_ylabel("ms (median)")
         ax.set_title(f"kernel={kernel}, emulated {result['emulation']['link_gbps']} GB/s link, "
@@ -477,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"T {best['overlapped_ms']:.3f} (c={best['chunks']}) hidden {_f(best['hidden_fraction'], '.2f')} "
                   f"pred err {_f(best['pred_err'], '+.1%')} [{time.monotonic() - t0:.0f} s]", flush=True)
             add_table_predictions(result["rows"], base, first, dtype)
-            write(result, args.out, png=False)
+            write(result, args.out, png=True)
     add_table_predictions(result["rows"], base, first, dtype)
     result["seconds"] = time.monotonic() - t0
     write(result, args.out, png=True)
