@@ -237,7 +237,7 @@ def measure_case(case: Case, comm: EmulatedLinkCommunicator, *, dtype, device, k
     reference = getattr(overlap, case.op + "_reference")
     if case.op == "all_gather_matmul":
         x = torch.randn(m // tp, k, generator=g).to(device=device, dtype=dtype)
-        gathered = torch.empty(m, k, device=device, dtype=dtype)
+        gathered = torch.randn(m, k, generator=g).to(device=device, dtype=dtype)  # C's input too
         transfer = lambda: comm.all_gather(gathered, x).wait()  # noqa: E731
         gemm_in = gathered
     else:
