@@ -35,7 +35,6 @@ import csv
 import dataclasses
 import datetime
 import json
-import os
 import platform
 import statistics
 import subprocess
