@@ -146,15 +146,17 @@ def test_gpu_run_all_plumbing_on_cpu(tmp_path):
     env = {"OUT": str(tmp_path / "dry"), "PYTHON": sys.executable}
     _run(cmd=[*script, "--dry-run"], env_extra=env)
     summary = (tmp_path / "dry/summary.md").read_text()
-    for step in ("env", "gpu-tests", "bench-kernels", "bench-overlap", "calibrate",
-                 "predict", "profile", "bench-layers"):
+    for step in ("env", "gpu-tests", "bench-kernels", "bench-overlap", "overlap-emulated",
+                 "calibrate", "predict", "profile", "bench-layers"):
         assert re.search(rf"^\| {step} \| dry-run \|", summary, re.M), step
     env["OUT"] = str(tmp_path / "quick")
-    _run(cmd=[*script, "--quick", "--only", "env,calibrate,predict"], env_extra=env,
-         timeout=90)
+    _run(cmd=[*script, "--quick", "--only", "env,calibrate,predict,overlap-emulated"],
+         env_extra=env, timeout=120)
     summary = (tmp_path / "quick/summary.md").read_text()
     assert re.search(r"^\| calibrate \| ok \|", summary, re.M)
     assert "## GEMM calibration" in summary and "| torch | float32 |" in summary
     assert "llama-70b" in summary
+    assert re.search(r"^\| overlap-emulated \| ok \|", summary, re.M)
+    assert "## Overlap on an emulated link (one GPU)" in summary and "CPU smoke run" in summary
     versions = json.loads((tmp_path / "quick/env/versions.json").read_text())
     assert versions["torch"] and versions["date"]

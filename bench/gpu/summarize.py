@@ -1,5 +1,6 @@
 """Write OUT/summary.md for a bench/gpu/run_all.sh run: device, versions, each step's
-outcome, the benchmark tables, the calibration table and links to every result file.
+outcome, the benchmark tables, the emulated-link overlap tables, the calibration table and
+links to every result file.
 
     python3 bench/gpu/summarize.py OUT
 """
@@ -52,6 +53,17 @@ def calibration_tables(out: Path) -> list[str]:
     return lines
 
 
+def emulated_tables(out: Path) -> list[str]:
+    """The markdown of each overlap_emulated.py run under ``out`` (it writes its own tables),
+    its headings one level down."""
+    lines = []
+    for path in sorted(out.rglob("overlap-emulated.md")):
+        text = "\n" + path.read_text()
+        lines += [text.replace("\n### ", "\n#### ").replace("\n## ", "\n### ").strip(),
+                  "", f"(from [{path.relative_to(out)}]({path.relative_to(out)}))", ""]
+    return lines
+
+
 def main(out: Path) -> int:
     """Write ``out/summary.md``; return 0."""
     versions = json.loads(_read(out / "env/versions.json") or "{}")
@@ -71,6 +83,7 @@ def main(out: Path) -> int:
     for s in steps:
         lines.append(f"| {s['step']} | {s['status']} | {s['seconds']} | [{s['log']}]({s['log']}) |")
     lines += ["", "## Benchmarks", ""] + (bench_tables(out) or ["(none)", ""])
+    lines += ["## Overlap on an emulated link (one GPU)", ""] + (emulated_tables(out) or ["(none)", ""])
     lines += ["## GEMM calibration", ""] + (calibration_tables(out) or ["(none)", ""])
     predict = _read(out / "logs/predict.log").strip()
     if predict:
