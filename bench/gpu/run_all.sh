@@ -7,8 +7,8 @@
 # installed, PYTHONPATH points at this checkout. Results go to ${OUT:-bench/results/gpu-run}:
 # per-step logs, bench JSON/CSV/PNG, calibration, traces and summary.md.
 # Each step runs under `timeout` and a failure is recorded, not fatal, so one stuck
-# step cannot eat the others' time. Steps: env gpu-tests bench-kernels bench-overlap
-# overlap-emulated calibrate predict profile bench-layers (then the summary always runs).
+# step cannot eat the others' time. Steps: env gpu-tests bench-kernels overlap-emulated
+# calibrate predict profile bench-overlap bench-layers (then the summary always runs).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -116,11 +116,12 @@ bench_step() {  # bench_step NAME LIMIT PATTERN...
 
 export OUT PY
 export -f env_info
+# Ordered by what only a GPU can tell (limits add up to ~540 s of the 570 s budget); the
+# gloo suites (bench-overlap, bench-layers) run CPU ranks even here, so they come last.
 step env 30 bash -c env_info
-step gpu-tests 120 "$PY" -m pytest -m gpu tests -q -p no:cacheprovider --timeout=120 \
+step gpu-tests 100 "$PY" -m pytest -m gpu tests -q -p no:cacheprovider --timeout=100 \
     --junitxml="$OUT/gpu-tests.xml"
-bench_step bench-kernels 110 'test_kernel*.py' 'test_matmul*.py'
-bench_step bench-overlap 110 'test_overlap*.py'
+bench_step bench-kernels 150 'test_kernel*.py' 'test_matmul*.py'
 # One GPU cannot move data between ranks: overlap measured against an emulated link.
 # It starts no new case after 3/4 of its limit and writes its files after every case.
 emu_limit=$((BUDGET_S - SECONDS - RESERVE_S)); [ "$emu_limit" -gt 120 ] && emu_limit=120
@@ -131,14 +132,15 @@ else
     step overlap-emulated "$emu_limit" "$PY" bench/gpu/overlap_emulated.py --cpu-smoke \
         --out "$OUT/overlap-emulated"
 fi
-step calibrate 60 "$PY" -m fusedpar bench --calibrate "${QUICK[@]}" --out "$OUT/calibrate"
+step calibrate 45 "$PY" -m fusedpar bench --calibrate "${QUICK[@]}" --out "$OUT/calibrate"
 step predict 15 "$PY" -m fusedpar bench --predict
 if [ "$HAS_CUDA" = 1 ]; then
-    step profile 75 env PYTHON="$PY" bench/nsys/profile_layer.sh "$OUT/profile/fusedpar"
+    step profile 60 env PYTHON="$PY" bench/nsys/profile_layer.sh "$OUT/profile/fusedpar"
 else
-    step profile 75 "$PY" -m fusedpar profile --out "$OUT/profile"
+    step profile 60 "$PY" -m fusedpar profile --out "$OUT/profile"
 fi
-bench_step bench-layers 90 'test_layer*.py'  # last: whatever time is left
+bench_step bench-overlap 40 'test_overlap*.py'   # gloo ranks: whatever time is left
+bench_step bench-layers 40 'test_layer*.py'
 RESERVE_S=0 ONLY="" DRY=0  # the summary runs even in a dry run: it is the plumbing
 step summary 20 "$PY" bench/gpu/summarize.py "$OUT"
 echo "summary: $OUT/summary.md"
