@@ -62,12 +62,11 @@ def fixed_bench(benchmark, bench_rounds: int):
         benchmark.extra_info.update(info)
         if flops is not None:
             benchmark.extra_info["flops"] = flops
-        timed = fn
-        if torch.cuda.is_available():
-            def timed():
-                result = fn()
+        def timed():
+            result = fn()
+            if torch.cuda.is_available():
                 torch.cuda.synchronize()
-                return result
+            return result
         return benchmark.pedantic(timed, rounds=bench_rounds, iterations=1,
                                   warmup_rounds=warmup)
 

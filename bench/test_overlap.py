@@ -26,7 +26,7 @@ LOOP = 4  # schedule calls per timed loop
 
 def _problem(op: str, group, m: int, k: int, n: int, dtype: torch.dtype):
     """This rank's operands: global x is [m, k*?]; the GEMM per rank is [m, k] @ [k, n]."""
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    world = dist.get_world_size(group)
     g = torch.Generator().manual_seed(0)
     if op == "all_gather_matmul":
         return torch.randn(m // world, k, generator=g).to(dtype), torch.randn(k, n, generator=g).to(dtype)

@@ -28,7 +28,6 @@ rank that has it instead of leaving its peers waiting. With `FUSEDPAR_DEBUG=1` (
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -212,10 +211,6 @@ class PendingOutput:
         return self._value
 
 
-def _comm_for(group: Any, comm: str) -> Communicator:
-    return get_communicator(group, comm)
-
-
 # --------------------------------------------------------------------------------------------
 # all_gather_matmul
 # --------------------------------------------------------------------------------------------
@@ -256,8 +251,8 @@ def all_gather_matmul(
     """
     dim = _check_operands(x_shard, w, bias, activation, x_name="x_shard", dim=dim)
     _check_chunks(chunks)
-    communicator = _comm_for(group, comm)
-    world, rank = communicator.world_size, communicator.rank
+    communicator = get_communicator(group, comm)
+    world = communicator.world_size
     out_shape = list(x_shard.shape[:-1]) + [w.shape[1]]
     out_shape[dim] *= world
     _check_out(out, out_shape, x_shard)
@@ -273,12 +268,12 @@ def all_gather_matmul(
     # Outputs in row layout; for dim == 0 these are views of `out` itself (written in place).
     direct = dim == 0 and out is not None
     y_rows = out.view(world * m, n) if direct and out.is_contiguous() else x_rows.new_empty(world * m, n)
-    gathered = x_rows.new_empty(world * m, k)
+    # A world of one gathers nothing: its "gathered" input is its own shard (no copy).
+    gathered = x_rows if world == 1 else x_rows.new_empty(world * m, k)
 
     with nvtx_range(f"all_gather_matmul c={chunks}"):
         if world == 1:
             matmul(x_rows, w, bias=bias, activation=activation, out=y_rows, kernel=kernel)
-            gathered.copy_(x_rows)
         elif chunks == 1:
             _pipeline_single_all_gather(communicator, x_rows, gathered)
             matmul(gathered, w, bias=bias, activation=activation, out=y_rows, kernel=kernel)
@@ -385,7 +380,7 @@ def all_gather_matmul_reference(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Unfused `all_gather_matmul`: a blocking all-gather, then `torch.matmul` (same signature)."""
     dim = _check_operands(x_shard, w, bias, activation, x_name="x_shard", dim=dim)
-    communicator = _comm_for(group, comm)
+    communicator = get_communicator(group, comm)
     world = communicator.world_size
     x_rows, row_shape = _to_rows(x_shard, dim)
     gathered = x_rows.new_empty(world * x_rows.shape[0], x_rows.shape[1])
@@ -442,7 +437,7 @@ def matmul_reduce_scatter(
     """
     dim = _check_operands(x, w, bias, activation, x_name="x", dim=dim)
     _check_chunks(chunks)
-    communicator = _comm_for(group, comm)
+    communicator = get_communicator(group, comm)
     world = communicator.world_size
     if x.shape[dim] % world:
         raise ValueError(
@@ -520,7 +515,7 @@ def matmul_reduce_scatter_reference(
 ) -> Tensor | PendingOutput:
     """Unfused `matmul_reduce_scatter`: `torch.matmul`, then a blocking reduce-scatter."""
     dim = _check_operands(x, w, bias, activation, x_name="x", dim=dim)
-    communicator = _comm_for(group, comm)
+    communicator = get_communicator(group, comm)
     world = communicator.world_size
     if x.shape[dim] % world:
         raise ValueError(f"x.shape[{dim}]: expected a multiple of the group's world size {world}, got {x.shape[dim]}")
@@ -565,7 +560,7 @@ def matmul_all_reduce(
     """
     _check_operands(x, w, bias, activation, x_name="x", dim=None)
     _check_chunks(chunks)
-    communicator = _comm_for(group, comm)
+    communicator = get_communicator(group, comm)
     world = communicator.world_size
     out_shape = list(x.shape[:-1]) + [w.shape[1]]
     _check_out(out, out_shape, x)
@@ -615,7 +610,7 @@ def matmul_all_reduce_reference(
 ) -> Tensor | PendingOutput:
     """Unfused `matmul_all_reduce`: `torch.matmul`, then a blocking all-reduce."""
     _check_operands(x, w, bias, activation, x_name="x", dim=None)
-    communicator = _comm_for(group, comm)
+    communicator = get_communicator(group, comm)
     y = (x.reshape(-1, x.shape[-1]) @ w).contiguous()
     communicator.all_reduce(y).wait()
     _epilogue(y, bias, activation)
@@ -672,7 +667,7 @@ def matmul_reduce_scatter_with_wgrad(
     dw `[K, N]` (`dw.T` contiguous, the nn.Linear weight layout).
     """
     _check_backward(dy, w, x, dy_name="dy")
-    communicator = _comm_for(group, comm)
+    communicator = get_communicator(group, comm)
     dim = dim % dy.ndim
     x_gather: CollectiveHandle | None = None
     if x_is_gathered or communicator.world_size == 1:
@@ -753,7 +748,7 @@ def all_gather_matmul_with_wgrad(
     `[..., M, ..., K]` and dw `[K, N]`.
     """
     _check_backward(dy_shard, w, x, dy_name="dy_shard")
-    communicator = _comm_for(group, comm)
+    communicator = get_communicator(group, comm)
     world = communicator.world_size
     dim = dim % dy_shard.ndim
     if x.shape[dim] != dy_shard.shape[dim] * world:

@@ -1,15 +1,12 @@
-"""Helpers shared by the subcommands: device naming, run metadata, guarded imports."""
+"""Helpers shared by the subcommands: device naming and run metadata."""
 from __future__ import annotations
 
-import contextlib
-import functools
 import datetime as _dt
 import platform
 import re
 import shlex
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -81,5 +78,3 @@ def timestamp() -> str:
     """UTC time stamp for file names."""
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
 
-
-from fusedpar.streams import nvtx_range  # noqa: E402,F401  (re-exported for the CLI modules)

@@ -336,13 +336,7 @@ def run_calibration(args: argparse.Namespace) -> Path:
         # The model keeps one peak per dtype, reached by big squares; few shapes also
         # keep Triton's per-shape autotuning inside run_all.sh's time limit.
         sizes = (4096,) if args.quick else (2048, 4096, 8192)
-        backends = ["torch"]
-        try:
-            from fusedpar.kernels import matmul  # noqa: F401
-
-            backends.append("fusedpar")
-        except ImportError:
-            pass
+        backends = ["torch", "fusedpar"]
     else:
         # Interpreted Triton is too slow to say anything about throughput: torch only.
         dtypes = (torch.float32,)

@@ -116,13 +116,11 @@ def _batches(args: argparse.Namespace, device: torch.device):
     g = torch.Generator().manual_seed(args.seed + 1)
     while True:
         start = torch.randint(0, args.vocab, (args.batch, 1), generator=g)
-        steps = torch.arange(args.seq).unsqueeze(0)
         tokens = start.clone().expand(-1, args.seq).clone()
         for i in range(1, args.seq):
             tokens[:, i] = (5 * tokens[:, i - 1] + 3) % args.vocab
         noise = torch.rand(tokens.shape, generator=g) < 0.05
         tokens = torch.where(noise, torch.randint(0, args.vocab, tokens.shape, generator=g), tokens)
-        del steps
         yield tokens.to(device)
 
 

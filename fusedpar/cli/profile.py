@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 
 from fusedpar import costmodel
-from fusedpar.cli._common import REPO_ROOT, nvtx_range, run_metadata
+from fusedpar.cli._common import REPO_ROOT, run_metadata
+from fusedpar.streams import nvtx_range
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
