@@ -25,7 +25,7 @@ LOOP = 4  # schedule calls per timed loop
 
 
 def _problem(op: str, group, m: int, k: int, n: int, dtype: torch.dtype):
-    """This rank's operands: global x is [m, k*?]; the GEMM per rank is [m, k] @ [k, n]."""
+    """This rank's operands, so that each rank's GEMM is [m, k] @ [k, n] with m the rows of all ranks."""
     world = dist.get_world_size(group)
     g = torch.Generator().manual_seed(0)
     if op == "all_gather_matmul":
