@@ -195,7 +195,7 @@ def _demo(group: dist.ProcessGroup, rank: int, world: int, device: torch.device,
         ]
         if device.type == "cpu":
             rows.append(("note", "CPU ranks share 2 cores with gloo: overlap cannot gain wall time here; "
-                                 "see bench/results for GPU numbers"))
+                                 "GPU timings come from bench/gpu/run_all.sh"))
         width = max(len(k) for k, _ in rows)
         print("\nfusedpar demo")
         for k, v in rows:
@@ -237,7 +237,7 @@ def _progress(total: int, *, enabled: bool):
     try:
         from tqdm import tqdm
 
-        bar = tqdm(total=total, desc="training", leave=True, file=sys.stdout, dynamic_ncols=True)
+        bar = tqdm(total=total, desc="training", leave=True, file=sys.stdout, dynamic_ncols=True, mininterval=0.5)
 
         def update(text: str) -> None:
             bar.set_postfix_str(text)
