@@ -395,10 +395,20 @@ def _grid(batch: int, M: int, N: int, num_sms: int | None):
     return grid
 
 
+def _tf32_allowed() -> bool:
+    """Whether torch allows TF32 for fp32 CUDA matmuls. Torch >= 2.9 has `fp32_precision`
+    ("tf32" after either API turned TF32 on) and raises when the legacy `allow_tf32` flag
+    is read after a user set the new one, so the new attribute is read first."""
+    precision = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if precision is not None:
+        return precision == "tf32"
+    return bool(torch.backends.cuda.matmul.allow_tf32)
+
+
 def _input_precision(dtype: torch.dtype, upcast: bool) -> str | None:
     """tl.dot precision: tf32 for fp32 inputs iff torch allows it for CUDA matmuls."""
     if dtype == torch.float32 and not upcast:
-        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+        return "tf32" if _tf32_allowed() else "ieee"
     if upcast:
         return "ieee"  # bf16 up-cast to fp32 by the interpreter workaround: exact fp32 dot
     return None  # fp16 / bf16: the only tensor-core path

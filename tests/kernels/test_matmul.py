@@ -256,3 +256,21 @@ def test_num_sms_caps_the_grid_and_programs_loop_over_tiles(num_sms, kernel):
 def test_bad_num_sms(num_sms):
     with pytest.raises(ValueError, match=r"num_sms must be None or a positive int, got"):
         matmul(*_ok(), num_sms=num_sms)
+
+
+@pytest.mark.skipif(not hasattr(torch.backends.cuda.matmul, "fp32_precision"), reason="torch < 2.9 has no fp32_precision")
+def test_fp32_runs_after_tf32_was_set_with_the_new_api():
+    """Reading the legacy allow_tf32 flag after the new API was used raises in torch >= 2.9."""
+    from fusedpar.kernels.matmul import _tf32_allowed
+
+    before = torch.backends.cuda.matmul.fp32_precision
+    try:
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        assert _tf32_allowed()
+        a, b = torch.randn(20, 30), torch.randn(30, 10)
+        for kernel in ("torch", "triton") if interpreter.is_interpreting() else ("torch",):
+            torch.testing.assert_close(matmul(a, b, kernel=kernel), a @ b, rtol=1e-3, atol=1e-3)
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        assert not _tf32_allowed()
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = before
