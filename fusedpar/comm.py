@@ -355,11 +355,15 @@ def init_distributed(
     """`init_process_group` with a short default timeout; returns the world group.
 
     Backend defaults to nccl when CUDA is available, gloo otherwise. A peer that dies then
-    surfaces as an error within `timeout` instead of torch's 30-minute default.
+    surfaces as an error within `timeout` instead of torch's 30-minute default. On NCCL the
+    group's streams are high priority (see `_high_priority_nccl`).
     """
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if not dist.is_initialized():
+        options = _high_priority_nccl(backend)
+        if options is not None:
+            kwargs.setdefault("pg_options", options)
         dist.init_process_group(backend, timeout=timeout, **kwargs)
     return dist.group.WORLD
 
@@ -367,5 +371,20 @@ def init_distributed(
 def new_group(
     ranks: Sequence[int] | None = None, *, timeout: datetime.timedelta = DEFAULT_TIMEOUT, backend: str | None = None
 ) -> dist.ProcessGroup:
-    """`dist.new_group` with fusedpar's short default timeout (see `DEFAULT_TIMEOUT`)."""
-    return dist.new_group(ranks=list(ranks) if ranks is not None else None, timeout=timeout, backend=backend)
+    """`dist.new_group` with fusedpar's short default timeout (see `DEFAULT_TIMEOUT`) and,
+    on NCCL, high-priority streams."""
+    return dist.new_group(ranks=list(ranks) if ranks is not None else None, timeout=timeout, backend=backend,
+                          pg_options=_high_priority_nccl(backend or dist.get_backend()))
+
+
+def _high_priority_nccl(backend: str) -> Any:
+    """NCCL options asking for high-priority streams, or None off NCCL.
+
+    With comm="torch", NCCL kernels run on the process group's own streams; at default
+    priority the scheduler may queue them behind a wave of GEMM blocks, which delays every
+    chunk the schedules are trying to hide."""
+    if backend != "nccl" or not hasattr(dist, "ProcessGroupNCCL"):
+        return None
+    options = dist.ProcessGroupNCCL.Options()
+    options.is_high_priority_stream = True
+    return options

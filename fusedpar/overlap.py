@@ -767,13 +767,18 @@ def all_gather_matmul_with_wgrad(
     )
     dx_rows = x_rows.new_empty(world * m, k)
     dw = _new_wgrad(w)
+    # The ring adds one wgrad term per piece: in fp16/bf16 each addition would round, so the
+    # terms accumulate in fp32 and are rounded once at the end.
+    ring = world > 1 and chunks > 1
+    half = w.dtype in (torch.float16, torch.bfloat16)
+    dw_acc = torch.empty(w.shape[1], w.shape[0], dtype=torch.float32, device=w.device).t() if ring and half else dw
     wt = w.t()
     dx3, x3 = dx_rows.view(world, m, k), x_rows.view(world, m, k)
     first = [True]
 
     def consume(src: int, rows: slice, block: Tensor) -> None:
         matmul(block, wt, out=dx3[src, rows], kernel=kernel)
-        matmul(x3[src, rows].t(), block, out=dw, accumulate=not first[0], kernel=kernel)
+        matmul(x3[src, rows].t(), block, out=dw_acc, accumulate=not first[0], kernel=kernel)
         first[0] = False
 
     with nvtx_range(f"all_gather_matmul_with_wgrad c={chunks}"):
@@ -787,5 +792,7 @@ def all_gather_matmul_with_wgrad(
         else:
             dy_full = dy_rows.new_empty(world * m, n)
             _ring_all_gather(communicator, dy_rows, dy_full, pieces=-(-chunks // world), consume=consume)
+    if dw_acc is not dw:
+        dw.copy_(dw_acc)
     return _from_rows(dx_rows, x_row_shape, dim), dw
 

@@ -383,3 +383,23 @@ def test_peak_memory_probe_sees_allocations_and_frees():
         d = torch.empty(2000)              # 8000 B after both were freed
         del d
     assert mem.peak == 8000 and mem.live == 0, (mem.peak, mem.live)
+
+
+def _run_bf16_wgrad_accumulation(group):
+    """The row-parallel SP backward adds one wgrad term per ring piece: in bf16 each addition
+    would round, so the error would grow with the piece count. Accumulated in fp32 it does not."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    t = _inputs(21, {"x": (512 * world, 64), "dy": (512 * world, 48), "w": (64, 48)}, torch.bfloat16)
+    truth = t["x"].double().T @ t["dy"].double()
+    errs = {}
+    for c in (1, 16):
+        _, dw = overlap.all_gather_matmul_with_wgrad(t["dy"].chunk(world)[rank], t["w"], t["x"], group=group,
+                                                     chunks=c, kernel="torch")
+        assert dw.dtype == torch.bfloat16
+        errs[c] = rel_err(dw, truth)
+    assert errs[16] <= 1.5 * errs[1] + 1e-4, f"rank {rank}: 16 ring pieces {errs[16]:.2e} vs one GEMM {errs[1]:.2e}"
+    return errs
+
+
+def test_bf16_wgrad_accumulates_in_fp32(dist2):
+    dist2.run(_run_bf16_wgrad_accumulation)

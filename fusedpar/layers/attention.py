@@ -125,6 +125,8 @@ class ParallelAttention(nn.Module):
         if self.local_kv_heads != self.local_heads:  # grouped-query: each kv head serves a run of q heads
             rep = self.local_heads // self.local_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        if attn_mask is not None and self.is_causal:
+            attn_mask = _with_causal(attn_mask, q.shape[-2], k.shape[-2])
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=self.is_causal and attn_mask is None)
         return self.o_proj(o.transpose(1, 2).reshape(b, s, self.local_heads * self.head_dim))
 
@@ -151,3 +153,14 @@ def _from_kwargs(attn: ParallelAttention, name: str) -> dict[str, Any]:
     if not isinstance(layer, RowParallelLinear):
         kw["save_gathered_input"] = spec.save_gathered_input
     return kw
+
+
+def _with_causal(attn_mask: Tensor, q_len: int, kv_len: int) -> Tensor:
+    """`attn_mask` (bool: True attends; or additive float) restricted to the causal triangle.
+
+    SDPA refuses `attn_mask` together with `is_causal=True`; dropping causality when a
+    padding mask is passed would silently let tokens see the future."""
+    causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=attn_mask.device).tril(kv_len - q_len)
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & causal
+    return attn_mask.masked_fill(~causal, float("-inf"))

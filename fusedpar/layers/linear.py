@@ -18,6 +18,7 @@ backward, like Megatron's fused QKV weight but over separately stored parameters
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -178,6 +179,31 @@ def gather_from_shard(x_shard: Tensor, *, group: Any, dim: int = -2, comm: str =
 # --------------------------------------------------------------------------------------------
 
 
+def _autocast_operands(x: Tensor, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Under `torch.autocast`, the GEMM runs in the autocast dtype, as `nn.Linear`'s would:
+    the input, the (e.g. fp32 master) weight and the bias are cast here, and the casts'
+    backward returns the gradients in each parameter's own dtype."""
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return x, w, b
+    dtype = torch.get_autocast_dtype(device_type)
+    return x.to(dtype), w.to(dtype), b.to(dtype) if b is not None else None
+
+
+def _autocast_off(method: Any) -> Any:
+    """Run an autograd Function's forward/backward with autocast off: its operands already
+    have one dtype (`_autocast_operands`), and the kernels write into preallocated outputs,
+    which autocast would refuse or re-cast."""
+
+    @functools.wraps(method)
+    def run(ctx: Any, x: Tensor, *args: Any) -> Any:
+        with torch.autocast(x.device.type, enabled=False):
+            return method(ctx, x, *args)
+
+    return run
+
+
+
 class _ColumnParallelFn(torch.autograd.Function):
     """Column-parallel `y_part = x @ w_shard_n + b_shard_n` (w `[K, N/world]`).
 
@@ -192,6 +218,7 @@ class _ColumnParallelFn(torch.autograd.Function):
     """
 
     @staticmethod
+    @_autocast_off
     def forward(ctx: Any, x: Tensor, w: Tensor, bias: Tensor | None, spec: LinearSpec, holder: list | None) -> Tensor:
         ctx.spec = spec
         if spec.sequence_parallel:
@@ -208,6 +235,7 @@ class _ColumnParallelFn(torch.autograd.Function):
         return y
 
     @staticmethod
+    @_autocast_off
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
         x_kept, w = ctx.saved_tensors
         spec: LinearSpec = ctx.spec
@@ -243,6 +271,7 @@ class _RowParallelFn(torch.autograd.Function):
     """
 
     @staticmethod
+    @_autocast_off
     def forward(ctx: Any, x: Tensor, w: Tensor, bias: Tensor | None, spec: LinearSpec) -> Tensor:
         ctx.spec = spec
         ctx.save_for_backward(x, w)
@@ -251,6 +280,7 @@ class _RowParallelFn(torch.autograd.Function):
         return overlap.matmul_all_reduce(x, w, bias=bias, **spec.knobs())
 
     @staticmethod
+    @_autocast_off
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
         x, w = ctx.saved_tensors
         spec: LinearSpec = ctx.spec
@@ -292,6 +322,13 @@ def _take_precomputed(layer: nn.Module, x: Tensor) -> Tensor | None:
     """The output a fused group (`column_parallel_group`, via `parallelize`) already computed for `x`."""
     stash = layer.__dict__.pop("_fusedpar_precomputed", None)
     return stash[1] if stash is not None and stash[0] is x else None
+
+
+def _keep_frozen(layer: nn.Module, linear: nn.Linear) -> None:
+    """Carry each parameter's `requires_grad` over from the linear being sharded, so a model
+    frozen before `parallelize` (fine-tuning only some layers) stays frozen after it."""
+    for name, param in linear.named_parameters(recurse=False):
+        getattr(layer, name).requires_grad_(param.requires_grad)
 
 
 class _ParallelLinearBase(nn.Module):
@@ -371,7 +408,7 @@ class ColumnParallelLinear(_ParallelLinearBase):
             layer.weight.copy_(w.chunk(world, 0)[rank])
             if linear.bias is not None:
                 layer.bias.copy_(linear.bias.chunk(world, 0)[rank])
-        layer.weight.requires_grad_(w.requires_grad)
+        _keep_frozen(layer, linear)
         return layer
 
     def column_operands(self) -> tuple[Tensor, Tensor | None]:
@@ -382,7 +419,7 @@ class ColumnParallelLinear(_ParallelLinearBase):
         precomputed = _take_precomputed(self, x)
         if precomputed is not None:
             return precomputed
-        y = _ColumnParallelFn.apply(x, self.weight.t(), self.bias, self.spec, None)
+        y = _ColumnParallelFn.apply(*_autocast_operands(x, self.weight.t(), self.bias), self.spec, None)
         if self.gather_output:
             y = _GatherFn.apply(y, self.spec, -1)
         return y
@@ -463,6 +500,7 @@ class ReplicatedColumnLinear(_ParallelLinearBase):
             layer.weight.copy_(w)
             if linear.bias is not None:
                 layer.bias.copy_(linear.bias)
+        _keep_frozen(layer, linear)
         return layer
 
     def column_operands(self) -> tuple[Tensor, Tensor | None]:
@@ -475,7 +513,7 @@ class ReplicatedColumnLinear(_ParallelLinearBase):
         if precomputed is not None:
             return precomputed
         w, b = self.column_operands()
-        return _ColumnParallelFn.apply(x, w.t(), b, self.spec, None)
+        return _ColumnParallelFn.apply(*_autocast_operands(x, w.t(), b), self.spec, None)
 
     def full_state_dict(self) -> dict[str, Tensor]:
         out = {"weight": self.weight.detach().clone()}
@@ -546,7 +584,7 @@ class RowParallelLinear(_ParallelLinearBase):
             layer.weight.copy_(w.chunk(world, 1)[rank])
             if linear.bias is not None:
                 layer.bias.copy_(linear.bias)
-        layer.weight.requires_grad_(w.requires_grad)
+        _keep_frozen(layer, linear)
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
@@ -556,7 +594,7 @@ class RowParallelLinear(_ParallelLinearBase):
         if self.spec.sequence_parallel:
             _check_divisible(x, self.spec.sequence_dim, _rank_world(self.spec)[1],
                              what="RowParallelLinear (sequence_parallel=True)")
-        return _RowParallelFn.apply(x, self.weight.t(), self.bias, self.spec)
+        return _RowParallelFn.apply(*_autocast_operands(x, self.weight.t(), self.bias), self.spec)
 
     def full_state_dict(self) -> dict[str, Tensor]:
         """The unsharded `{"weight", "bias"}` (a collective: every rank of the group must call it)."""
@@ -605,7 +643,7 @@ def column_parallel_group(
     else:
         b = torch.cat([bi if bi is not None else wi.new_zeros(wi.shape[0]) for wi, bi in operands], 0)
     holder: list[Tensor] = []
-    y = _ColumnParallelFn.apply(x, w.t(), b, spec, holder)
+    y = _ColumnParallelFn.apply(*_autocast_operands(x, w.t(), b), spec, holder)
     x_full = holder[0] if spec.sequence_parallel else x
     outs = list(y.split(sizes, -1)) if len(sizes) > 1 else [y]
     return outs, (x_full.detach() if spec.sequence_parallel else x_full)

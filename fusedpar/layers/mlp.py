@@ -95,9 +95,11 @@ class ParallelMLP(nn.Module):
         return mlp
 
     def _fused_gated_ok(self) -> bool:
+        # The gated kernel records no autograd history, so only under no_grad: with frozen
+        # weights, gradients must still flow back to the input. Biases are not in the kernel.
         spec = self.up_proj.spec
-        no_grad = not torch.is_grad_enabled() or not any(p.requires_grad for p in self.parameters())
-        return self.gated and no_grad and not spec.sequence_parallel and self.up_proj.bias is None
+        return (self.gated and not torch.is_grad_enabled() and not spec.sequence_parallel
+                and self.up_proj.bias is None and self.gate_proj.bias is None)
 
     def forward(self, x: Tensor) -> Tensor:
         act = _ACTS[self.activation]
