@@ -127,6 +127,10 @@ def _head_dim(model: nn.Module, parent: nn.Module) -> int | None:
     return hd if isinstance(hd, int) and hd > 0 else None
 
 
+class _NoDecoderLayers(ValueError):
+    """The plan's modules do not sit in one ModuleList of decoder layers."""
+
+
 def _decoder_layers(model: nn.Module, matches: dict[str, tuple[str, str]]) -> tuple[str, nn.ModuleList]:
     """The ModuleList the plan's wildcards run over (e.g. `model.layers`): the sequence-parallel region."""
     lists = set()
@@ -139,7 +143,7 @@ def _decoder_layers(model: nn.Module, matches: dict[str, tuple[str, str]]) -> tu
                     lists.add(prefix)
                 break
     if len(lists) != 1:
-        raise ValueError(
+        raise _NoDecoderLayers(
             f"parallelize(sequence_parallel=True): expected the plan's modules to sit in exactly one "
             f"ModuleList of decoder layers (the sequence-parallel region), got {sorted(lists) or 'none'}"
         )
@@ -213,6 +217,11 @@ def parallelize(
 
     if sequence_parallel:
         _check_sequence_region(model, matches, region_name, region)
+    else:
+        try:  # decoder-layer models: blocks with head-split layers, same check as with SP
+            _check_unplanned_parameters(matches, *_decoder_layers(model, matches), sequence_parallel=False)
+        except _NoDecoderLayers:
+            pass  # other models: a parameter next to parallel layers may see replicated inputs
 
     # 2. Convert the linears.
     knobs = dict(chunks=chunks, kernel=kernel, comm=comm, sequence_dim=-2)
@@ -279,19 +288,30 @@ def _check_sequence_region(model: nn.Module, matches: dict[str, tuple[str, str]]
                 f"parallelize(sequence_parallel=True): {path} (plan key {key!r}): expected a style that "
                 f"takes sequence shards inside {name} ('colwise' / 'rowwise'), got {style!r}"
             )
+    _check_unplanned_parameters(matches, name, region, sequence_parallel=True)
+
+
+def _check_unplanned_parameters(matches: dict[str, tuple[str, str]], name: str, region: nn.ModuleList, *,
+                                sequence_parallel: bool) -> None:
+    """Reject an unplanned module with parameters inside a decoder-layer block that holds
+    planned layers (e.g. a per-head q_norm, or a gate_proj left out of the plan): it would
+    see split activations, and its gradient would be a per-rank partial sum nothing adds up.
+    With sequence parallelism every such block sees split activations; without it, only
+    blocks with a 'colwise' layer (its split output feeds the rest of the block)."""
     planned = set(matches)
+    splitting = planned if sequence_parallel else {p for p, (style, _) in matches.items() if style == "colwise"}
     for i, layer in enumerate(region):
         for child_name, child in layer.named_children():
             base = f"{name}.{i}.{child_name}"
-            if not any(p == base or p.startswith(base + ".") for p in planned):
+            if not any(p == base or p.startswith(base + ".") for p in splitting):
                 continue
             for sub_name, sub in child.named_modules():
                 path = f"{base}.{sub_name}" if sub_name else base
                 covered = any(path == p or path.startswith(p + ".") for p in planned)
                 if not covered and any(True for _ in sub.parameters(recurse=False)):
                     raise ValueError(
-                        f"parallelize(sequence_parallel=True): {path}: expected a plan entry for a module "
-                        f"with parameters inside a block with parallel layers (its gradient would be a "
+                        f"parallelize(sequence_parallel={sequence_parallel}): {path}: expected a plan entry for a "
+                        f"module with parameters inside a block with parallel layers (its gradient would be a "
                         f"per-rank partial sum; e.g. 'replicated_with_grad_allreduce'), got none"
                     )
 
