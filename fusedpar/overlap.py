@@ -648,10 +648,11 @@ def matmul_reduce_scatter_with_wgrad(
     x_is_gathered: bool,
     dim: int = 0,
     chunks: int | None = None,
+    need_wgrad: bool = True,
     kernel: str = "auto",
     comm: str = "torch",
     debug: bool | None = None,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor | None]:
     """Backward of `y = all_gather(x_shard, dim) @ w` (column-parallel, sequence-parallel).
 
     Computes `dx_shard = reduce_scatter(dy @ w.T, dim)` and `dw = x_full.T @ dy`, where
@@ -664,13 +665,16 @@ def matmul_reduce_scatter_with_wgrad(
         compute:       [dgrad 0][dgrad 1][dgrad 2][wgrad ........]
 
     dy `[..., M, ..., N]` full, w `[K, N]`; returns dx_shard `[..., M/world, ..., K]` and
-    dw `[K, N]` (`dw.T` contiguous, the nn.Linear weight layout).
+    dw `[K, N]` (`dw.T` contiguous, the nn.Linear weight layout), or None with
+    `need_wgrad=False` (a frozen weight: no wgrad GEMM, no re-gather).
     """
     _check_backward(dy, w, x, dy_name="dy")
     communicator = get_communicator(group, comm)
     dim = dim % dy.ndim
     x_gather: CollectiveHandle | None = None
-    if x_is_gathered or communicator.world_size == 1:
+    if not need_wgrad:
+        x_full_rows = None
+    elif x_is_gathered or communicator.world_size == 1:
         x_full_rows, _ = _to_rows(x, dim)
     else:
         x_rows, _ = _to_rows(x, dim)
@@ -680,12 +684,14 @@ def matmul_reduce_scatter_with_wgrad(
     pending = matmul_reduce_scatter(
         dy, w.t(), group=communicator, dim=dim, chunks=chunks, async_op=True, kernel=kernel, debug=debug
     )
-    if x_gather is not None:
-        x_gather.wait()
-    dy_rows, _ = _to_rows(dy, dim)
-    dw = _new_wgrad(w)
-    with nvtx_range("wgrad"):
-        matmul(x_full_rows.t(), dy_rows, out=dw, kernel=kernel)
+    dw = None
+    if x_full_rows is not None:
+        if x_gather is not None:
+            x_gather.wait()
+        dy_rows, _ = _to_rows(dy, dim)
+        dw = _new_wgrad(w)
+        with nvtx_range("wgrad"):
+            matmul(x_full_rows.t(), dy_rows, out=dw, kernel=kernel)
     assert isinstance(pending, PendingOutput)
     return pending.wait(), dw
 
@@ -697,10 +703,11 @@ def matmul_all_reduce_with_wgrad(
     *,
     group: dist.ProcessGroup | Communicator,
     chunks: int | None = None,
+    need_wgrad: bool = True,
     kernel: str = "auto",
     comm: str = "torch",
     debug: bool | None = None,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor | None]:
     """Backward of `y = x @ w` with x replicated and w a column shard (column-parallel).
 
     Computes `dx = all_reduce(dy @ w.T)` (chunked; the last all-reduces still in flight
@@ -709,15 +716,18 @@ def matmul_all_reduce_with_wgrad(
         comm:            [ar 0][ar 1][ar 2]
         compute: [dgrad 0][dgrad 1][dgrad 2][wgrad ........]
 
-    dy `[..., N]`, w `[K, N]`, x `[..., K]`; returns dx `[..., K]` (full) and dw `[K, N]`.
+    dy `[..., N]`, w `[K, N]`, x `[..., K]`; returns dx `[..., K]` (full) and dw `[K, N]`
+    (None with `need_wgrad=False`).
     """
     _check_backward(dy, w, x, dy_name="dy")
     pending = matmul_all_reduce(
         dy, w.t(), group=group, chunks=chunks, async_op=True, kernel=kernel, comm=comm, debug=debug
     )
-    dw = _new_wgrad(w)
-    with nvtx_range("wgrad"):
-        matmul(x.reshape(-1, x.shape[-1]).t(), dy.reshape(-1, dy.shape[-1]), out=dw, kernel=kernel)
+    dw = None
+    if need_wgrad:
+        dw = _new_wgrad(w)
+        with nvtx_range("wgrad"):
+            matmul(x.reshape(-1, x.shape[-1]).t(), dy.reshape(-1, dy.shape[-1]), out=dw, kernel=kernel)
     assert isinstance(pending, PendingOutput)
     return pending.wait(), dw
 
@@ -730,10 +740,11 @@ def all_gather_matmul_with_wgrad(
     group: dist.ProcessGroup | Communicator,
     dim: int = 0,
     chunks: int | None = None,
+    need_wgrad: bool = True,
     kernel: str = "auto",
     comm: str = "torch",
     debug: bool | None = None,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor | None]:
     """Backward of `y_shard = reduce_scatter(x @ w, dim)` (row-parallel, sequence-parallel).
 
     Computes `dx = all_gather(dy_shard, dim) @ w.T` and `dw = x.T @ all_gather(dy_shard, dim)`.
@@ -745,7 +756,7 @@ def all_gather_matmul_with_wgrad(
         compute: [dgrad local][wgrad local][dgrad r-1][wgrad r-1][dgrad r-2][wgrad r-2]
 
     dy_shard `[..., M/world, ..., N]`, w `[K, N]`, x `[..., M, ..., K]`; returns dx
-    `[..., M, ..., K]` and dw `[K, N]`.
+    `[..., M, ..., K]` and dw `[K, N]` (None with `need_wgrad=False`: no wgrad GEMMs).
     """
     _check_backward(dy_shard, w, x, dy_name="dy_shard")
     communicator = get_communicator(group, comm)
@@ -766,19 +777,21 @@ def all_gather_matmul_with_wgrad(
         dy_shard=(list(dy_shard.shape), str(dy_shard.dtype)), w=list(w.shape), dim=dim, chunks=chunks,
     )
     dx_rows = x_rows.new_empty(world * m, k)
-    dw = _new_wgrad(w)
+    dw = _new_wgrad(w) if need_wgrad else None
     # The ring adds one wgrad term per piece: in fp16/bf16 each addition would round, so the
     # terms accumulate in fp32 and are rounded once at the end.
     ring = world > 1 and chunks > 1
     half = w.dtype in (torch.float16, torch.bfloat16)
-    dw_acc = torch.empty(w.shape[1], w.shape[0], dtype=torch.float32, device=w.device).t() if ring and half else dw
+    dw_acc = torch.empty(w.shape[1], w.shape[0], dtype=torch.float32, device=w.device).t() \
+        if need_wgrad and ring and half else dw
     wt = w.t()
     dx3, x3 = dx_rows.view(world, m, k), x_rows.view(world, m, k)
     first = [True]
 
     def consume(src: int, rows: slice, block: Tensor) -> None:
         matmul(block, wt, out=dx3[src, rows], kernel=kernel)
-        matmul(x3[src, rows].t(), block, out=dw_acc, accumulate=not first[0], kernel=kernel)
+        if need_wgrad:
+            matmul(x3[src, rows].t(), block, out=dw_acc, accumulate=not first[0], kernel=kernel)
         first[0] = False
 
     with nvtx_range(f"all_gather_matmul_with_wgrad c={chunks}"):
@@ -788,10 +801,13 @@ def all_gather_matmul_with_wgrad(
             dy_full = dy_rows.new_empty(world * m, n)
             _pipeline_single_all_gather(communicator, dy_rows, dy_full)
             matmul(dy_full, wt, out=dx_rows, kernel=kernel)
-            matmul(x_rows.t(), dy_full, out=dw, kernel=kernel)
+            if need_wgrad:
+                matmul(x_rows.t(), dy_full, out=dw, kernel=kernel)
         else:
             dy_full = dy_rows.new_empty(world * m, n)
             _ring_all_gather(communicator, dy_rows, dy_full, pieces=-(-chunks // world), consume=consume)
+    if not need_wgrad:
+        return _from_rows(dx_rows, x_row_shape, dim), None
     if dw_acc is not dw:
         dw.copy_(dw_acc)
     return _from_rows(dx_rows, x_row_shape, dim), dw

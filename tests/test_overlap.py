@@ -253,6 +253,19 @@ def _run_backward_blocks(group, *, chunks, dtype_name="float64"):
     dx, dw = overlap.all_gather_matmul_with_wgrad(dy_shard, w_row, x_row, group=group, chunks=chunks, kernel="torch")
     _check("row-sp dgrad", dx, dy_full.double() @ w_row.double().T, dtype, case)
     _check("row-sp wgrad", dw, x_row.double().reshape(-1, k).T @ dy_full.double().reshape(-1, n), dtype, case)
+    # Frozen weights: need_wgrad=False gives the same dgrad and no wgrad at all.
+    frozen = [
+        overlap.matmul_reduce_scatter_with_wgrad(dy_col, w_col, t["x"].chunk(world, 0)[rank], group=group,
+                                                 x_is_gathered=False, chunks=chunks, need_wgrad=False, kernel="torch"),
+        overlap.matmul_all_reduce_with_wgrad(dy_col, w_col, t["x"], group=group, chunks=chunks, need_wgrad=False,
+                                             kernel="torch"),
+        overlap.all_gather_matmul_with_wgrad(dy_shard, w_row, x_row, group=group, chunks=chunks, need_wgrad=False,
+                                             kernel="torch"),
+    ]
+    for (dx_frozen, dw_frozen), ref in zip(frozen, (dx_ref, t["dy"].double() @ t["w"].double().T,
+                                                     dy_full.double() @ w_row.double().T)):
+        assert dw_frozen is None, f"{case}: need_wgrad=False still returned a wgrad"
+        _check("frozen dgrad", dx_frozen, ref, dtype, case)
     return True
 
 

@@ -244,13 +244,14 @@ class _ColumnParallelFn(torch.autograd.Function):
         if spec.sequence_parallel:
             if need_dx:
                 dx, dw = overlap.matmul_reduce_scatter_with_wgrad(
-                    dy, w, x_kept, x_is_gathered=spec.save_gathered_input, dim=spec.sequence_dim, **spec.knobs()
+                    dy, w, x_kept, x_is_gathered=spec.save_gathered_input, dim=spec.sequence_dim,
+                    need_wgrad=need_dw, **spec.knobs()
                 )
             elif need_dw:
                 x_full = x_kept if spec.save_gathered_input else _all_gather_dim(x_kept, spec.communicator(), spec.sequence_dim)
                 dw = _wgrad(x_full, dy, w, spec.kernel)
         elif need_dx:
-            dx, dw = overlap.matmul_all_reduce_with_wgrad(dy, w, x_kept, **spec.knobs())
+            dx, dw = overlap.matmul_all_reduce_with_wgrad(dy, w, x_kept, need_wgrad=need_dw, **spec.knobs())
         elif need_dw:
             dw = _wgrad(x_kept, dy, w, spec.kernel)
         db = _sum_rows(dy) if need_db else None
@@ -288,7 +289,8 @@ class _RowParallelFn(torch.autograd.Function):
         dx = dw = db = None
         if spec.sequence_parallel:
             if need_dx or need_dw:
-                dx, dw = overlap.all_gather_matmul_with_wgrad(dy, w, x, dim=spec.sequence_dim, **spec.knobs())
+                dx, dw = overlap.all_gather_matmul_with_wgrad(dy, w, x, dim=spec.sequence_dim, need_wgrad=need_dw,
+                                                              **spec.knobs())
             if need_db:
                 db = _sum_rows(dy).contiguous()
                 spec.communicator().all_reduce(db).wait()
