@@ -284,7 +284,7 @@ def test_backward_blocks_4_ranks(dist4):
 
 
 def _run_bad_inputs(group):
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    world = dist.get_world_size(group)
     x, w = torch.randn(6, 8), torch.randn(8, 4)
     cases = [
         (lambda: overlap.matmul_reduce_scatter(torch.randn(5, 8), w, group=group), ValueError, r"x.shape\[0\].*multiple.*world size 2.*got 5"),

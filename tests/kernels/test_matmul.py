@@ -10,7 +10,7 @@ import torch
 from fusedpar.kernels import ACTIVATIONS, matmul, resolve_kernel
 from fusedpar.kernels import interpreter
 from tests.kernels._helpers import (
-    DTYPES, LAYOUTS, SHAPES, TOL, Out, assert_close, batch_split, make_a, make_b, reference_act)
+    DTYPES, LAYOUTS, SHAPES, TOL, Out, assert_close, make_a, make_b, reference_act)
 
 # sigmoid's exp(-x) overflows to inf for very negative x in numpy (the result, 0, is right)
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")

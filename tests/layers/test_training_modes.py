@@ -107,7 +107,7 @@ def test_causal_attention_keeps_causality_with_a_padding_mask():
 
 
 def _run_attention_mask(group):
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    rank = dist.get_rank(group)
     torch.manual_seed(0)
     q, k, v, o = nn.Linear(32, 32), nn.Linear(32, 16), nn.Linear(32, 16), nn.Linear(32, 32)
     attn = ParallelAttention.from_linears(q=q, k=k, v=v, o=o, num_heads=4, num_kv_heads=2, group=group,
