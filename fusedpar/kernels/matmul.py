@@ -173,12 +173,12 @@ def _activate(x, ACTIVATION: tl.constexpr):
 # Kernel: out[b] (+)= act(a[b] @ w + bias)
 # ----------------------------------------------------------------------------------------
 
-@triton.autotune(configs=get_autotune_configs(), key=["M", "N", "K"], restore_value=["out_ptr"],
+@triton.autotune(configs=get_autotune_configs(), key=["M_BUCKET", "N", "K"], restore_value=["out_ptr"],
                  **_AUTOTUNE_KWARGS)
 @triton.jit
 def _matmul_kernel(
     a_ptr, b_ptr, bias_ptr, out_ptr,
-    BATCH, M, N, K,
+    BATCH, M, N, K, M_BUCKET,
     stride_ab, stride_am, stride_ak,
     stride_bk, stride_bn,
     stride_bias,
@@ -233,11 +233,11 @@ def _matmul_kernel(
 # Kernel: y[b] = act(a[b] @ w_gate) * (a[b] @ w_up), optionally storing both pre-activations
 # ----------------------------------------------------------------------------------------
 
-@triton.autotune(configs=get_autotune_configs(), key=["M", "N", "K"], **_AUTOTUNE_KWARGS)
+@triton.autotune(configs=get_autotune_configs(), key=["M_BUCKET", "N", "K"], **_AUTOTUNE_KWARGS)
 @triton.jit
 def _gated_matmul_kernel(
     a_ptr, bg_ptr, bu_ptr, out_ptr, gate_ptr, up_ptr,
-    BATCH, M, N, K,
+    BATCH, M, N, K, M_BUCKET,
     stride_ab, stride_am, stride_ak,
     stride_bgk, stride_bgn,
     stride_buk, stride_bun,
@@ -385,6 +385,13 @@ def _as_batched(a: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torch
     except RuntimeError:
         out3 = out.reshape(batch, M, N)
     return a3, out3
+
+
+def _m_bucket(rows: int) -> int:
+    """The autotuner's key for M: rows rounded up to a power of two. Keyed on the exact M,
+    every new token count (each ragged chunk of an overlap schedule, each prefill length)
+    would re-run the whole config sweep, with a device sync, in the middle of a schedule."""
+    return triton.next_power_of_2(max(rows, 1))
 
 
 def _grid(batch: int, M: int, N: int, num_sms: int | None):
@@ -543,7 +550,7 @@ def matmul(
 
     _matmul_kernel[_grid(batch, M, N, num_sms)](
         a3, b, bias if bias is not None else out3, out3,
-        batch, M, N, K,
+        batch, M, N, K, _m_bucket(batch * M),
         a3.stride(0), a3.stride(1), a3.stride(2),
         b.stride(0), b.stride(1),
         bias.stride(0) if bias is not None else 0,
@@ -613,7 +620,7 @@ def gated_matmul(
 
     _gated_matmul_kernel[_grid(batch, M, N, num_sms)](
         a3, b_gate, b_up, out3, gate3, up3,
-        batch, M, N, K,
+        batch, M, N, K, _m_bucket(batch * M),
         a3.stride(0), a3.stride(1), a3.stride(2),
         b_gate.stride(0), b_gate.stride(1),
         b_up.stride(0), b_up.stride(1),
