@@ -125,6 +125,14 @@ def _check_out(out: Tensor | None, shape: Sequence[int], like: Tensor, *, name: 
         raise ValueError(f"{name}: expected device {like.device}, got {out.device}")
 
 
+def _check_scatter_dim(x: Tensor, dim: int, world: int) -> None:
+    if x.shape[dim] % world:
+        raise ValueError(
+            f"x.shape[{dim}]: expected a multiple of the group's world size {world} "
+            f"(reduce-scatter splits it evenly), got {x.shape[dim]}"
+        )
+
+
 def _check_chunks(chunks: int | None) -> None:
     if chunks is not None and (not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1):
         raise ValueError(f"chunks: expected None or an int >= 1, got {chunks!r}")
@@ -285,18 +293,14 @@ def all_gather_matmul(
 
             _ring_all_gather(communicator, x_rows, gathered, pieces=-(-chunks // world), consume=consume)
 
-    y = _finish_out(y_rows, row_shape, dim, world, out)
-    if not return_gathered:
-        return y
-    g_shape = list(row_shape)
-    g_shape[0] *= world
-    return y, _from_rows(gathered, g_shape, dim)
+    full_shape = _gathered_shape(row_shape, world)
+    y = _from_rows_out(y_rows, full_shape, dim, out)
+    return (y, _from_rows(gathered, full_shape, dim)) if return_gathered else y
 
 
-def _finish_out(y_rows: Tensor, row_shape: Sequence[int], dim: int, world: int, out: Tensor | None) -> Tensor:
-    shape = list(row_shape)
-    shape[0] *= world
-    return _into(out, _from_rows(y_rows, shape, dim))
+def _gathered_shape(row_shape: Sequence[int], world: int) -> tuple[int, ...]:
+    """The row shape (gathered dim first) of `world` shards gathered on their first dim."""
+    return (row_shape[0] * world, *row_shape[1:])
 
 
 def _into(out: Tensor | None, y: Tensor) -> Tensor:
@@ -306,6 +310,10 @@ def _into(out: Tensor | None, y: Tensor) -> Tensor:
     if y.data_ptr() != out.data_ptr() or y.stride() != out.stride():
         out.copy_(y)
     return out
+
+
+def _from_rows_out(y_rows: Tensor, row_shape: Sequence[int], dim: int, out: Tensor | None) -> Tensor:
+    return _into(out, _from_rows(y_rows, row_shape, dim))
 
 
 def _pipeline_single_all_gather(communicator: Communicator, x_rows: Tensor, gathered: Tensor) -> None:
@@ -387,12 +395,9 @@ def all_gather_matmul_reference(
     communicator.all_gather(gathered, x_rows.contiguous()).wait()
     y_rows = gathered @ w
     _epilogue(y_rows, bias, activation)
-    y = _finish_out(y_rows, row_shape, dim, world, out)
-    if not return_gathered:
-        return y
-    g_shape = list(row_shape)
-    g_shape[0] *= world
-    return y, _from_rows(gathered, g_shape, dim)
+    full_shape = _gathered_shape(row_shape, world)
+    y = _from_rows_out(y_rows, full_shape, dim, out)
+    return (y, _from_rows(gathered, full_shape, dim)) if return_gathered else y
 
 
 # --------------------------------------------------------------------------------------------
@@ -439,11 +444,7 @@ def matmul_reduce_scatter(
     _check_chunks(chunks)
     communicator = get_communicator(group, comm)
     world = communicator.world_size
-    if x.shape[dim] % world:
-        raise ValueError(
-            f"x.shape[{dim}]: expected a multiple of the group's world size {world} "
-            f"(reduce-scatter splits it evenly), got {x.shape[dim]}"
-        )
+    _check_scatter_dim(x, dim, world)
     out_shape = list(x.shape[:-1]) + [w.shape[1]]
     out_shape[dim] //= world
     _check_out(out, out_shape, x)
@@ -490,10 +491,6 @@ def matmul_reduce_scatter(
     return PendingOutput(finish) if async_op else finish()
 
 
-def _from_rows_out(y_rows: Tensor, row_shape: Sequence[int], dim: int, out: Tensor | None) -> Tensor:
-    return _into(out, _from_rows(y_rows, row_shape, dim))
-
-
 def _done(y: Tensor, async_op: bool) -> Tensor | PendingOutput:
     return PendingOutput(lambda: y) if async_op else y
 
@@ -517,8 +514,7 @@ def matmul_reduce_scatter_reference(
     dim = _check_operands(x, w, bias, activation, x_name="x", dim=dim)
     communicator = get_communicator(group, comm)
     world = communicator.world_size
-    if x.shape[dim] % world:
-        raise ValueError(f"x.shape[{dim}]: expected a multiple of the group's world size {world}, got {x.shape[dim]}")
+    _check_scatter_dim(x, dim, world)
     x_rows, row_shape = _to_rows(x, dim)
     partial = x_rows @ w
     y_rows = partial.new_empty(partial.shape[0] // world, partial.shape[1])
