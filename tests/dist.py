@@ -16,27 +16,39 @@ import datetime
 import multiprocessing as mp
 import os
 import queue
-import socket
+import tempfile
 import traceback
 from typing import Any, Callable
 
 _CTX = mp.get_context("spawn")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def rendezvous_file() -> str:
+    """A `file://` init method on a fresh path. A TCP port picked in advance can be taken by
+    another socket (gloo's own connections included) before rank 0 binds it; a file cannot."""
+    handle, path = tempfile.mkstemp(prefix="fusedpar-rdzv-")
+    os.close(handle)
+    os.unlink(path)  # FileStore creates it; a stale file would hold an old group's keys
+    return f"file://{path}"
 
 
-def _worker(rank: int, world: int, port: int, timeout_s: float, tasks: Any, results: Any) -> None:
+def remove_rendezvous(init_method: str) -> None:
+    """Delete a `rendezvous_file()` once its processes are gone (a rank that exits abruptly
+    leaves it behind)."""
+    try:
+        os.unlink(init_method.removeprefix("file://"))
+    except FileNotFoundError:
+        pass
+
+
+def _worker(rank: int, world: int, init_method: str, timeout_s: float, tasks: Any, results: Any) -> None:
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)  # 2 cores shared by 2-4 ranks: oversubscription only slows gloo down
     dist.init_process_group(
         "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
+        init_method=init_method,
         rank=rank,
         world_size=world,
         timeout=datetime.timedelta(seconds=timeout_s),
@@ -70,13 +82,13 @@ class DistPool:
         self._procs: list[Any] = []
 
     def _start(self) -> None:
-        port = free_port()
+        init_method = self._init_method = rendezvous_file()
         self._tasks = [_CTX.Queue() for _ in range(self.world)]
         self._results = _CTX.Queue()
         self._procs = [
             _CTX.Process(
                 target=_worker,
-                args=(r, self.world, port, self.timeout_s, self._tasks[r], self._results),
+                args=(r, self.world, init_method, self.timeout_s, self._tasks[r], self._results),
                 daemon=True,
             )
             for r in range(self.world)
@@ -125,6 +137,8 @@ class DistPool:
             p.join(timeout=5)
             if p.is_alive():
                 p.kill()
+        if self._procs:
+            remove_rendezvous(self._init_method)
         self._procs = []
 
 

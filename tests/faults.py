@@ -2,7 +2,7 @@
 
 The long-lived pool in tests/dist.py cannot host these: a crashed rank takes its group with
 it. `run_scenarios` spawns `world` processes that each run a list of scenarios in order,
-building a fresh process group (new port, short timeout) for each one and destroying it
+building a fresh process group (new rendezvous file, short timeout) for each one and destroying it
 after, so every scenario after the first also proves that fusedpar works again once the
 group is rebuilt. Each rank reports, per scenario, whether it raised, what, and how long
 the call took. A rank that crashes reports nothing more, so a crash must come last.
@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tests.dist import free_port
+from tests.dist import remove_rendezvous, rendezvous_file
 
 _CTX = mp.get_context("spawn")
 VICTIM = 1
@@ -61,7 +61,7 @@ def inject_gemm_fault(kind: str, at_call: int) -> None:
     ov.matmul = faulty
 
 
-def _worker(rank: int, world: int, ports: list[int], timeout_s: float, module: str,
+def _worker(rank: int, world: int, rendezvous: list[str], timeout_s: float, module: str,
             scenarios: list[tuple[str, dict[str, Any]]], results: Any) -> None:
     import importlib
 
@@ -70,8 +70,8 @@ def _worker(rank: int, world: int, ports: list[int], timeout_s: float, module: s
 
     torch.set_num_threads(1)
     table: dict[str, Callable[..., Any]] = importlib.import_module(module).SCENARIOS
-    for (name, kwargs), port in zip(scenarios, ports):
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+    for (name, kwargs), init_method in zip(scenarios, rendezvous):
+        dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s))
         group = dist.group.WORLD
         start = time.monotonic()
@@ -99,9 +99,9 @@ def _worker(rank: int, world: int, ports: list[int], timeout_s: float, module: s
 def run_scenarios(world: int, module: str, scenarios: list[tuple[str, dict[str, Any]]], *,
                   timeout_s: float = 3.0, limit_s: float = 120.0) -> tuple[dict[str, dict[int, Outcome]], list[int | None]]:
     """Run `scenarios` (names in `module.SCENARIOS`) on `world` fresh ranks; outcomes + exit codes."""
-    ports = [free_port() for _ in scenarios]
+    rendezvous = [rendezvous_file() for _ in scenarios]
     results = _CTX.Queue()
-    procs = [_CTX.Process(target=_worker, args=(r, world, ports, timeout_s, module, scenarios, results))
+    procs = [_CTX.Process(target=_worker, args=(r, world, rendezvous, timeout_s, module, scenarios, results))
              for r in range(world)]
     for p in procs:
         p.start()
@@ -128,4 +128,6 @@ def run_scenarios(world: int, module: str, scenarios: list[tuple[str, dict[str, 
             codes.append(None)  # hung: the test fails on this
         else:
             codes.append(p.exitcode)
+    for init_method in rendezvous:
+        remove_rendezvous(init_method)
     return outcomes, codes
