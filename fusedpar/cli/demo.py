@@ -14,12 +14,10 @@ import argparse
 import copy
 import datetime
 import os
-import socket
 import statistics
 import sys
+import tempfile
 import time
-from typing import Any
-
 import torch
 import torch.distributed as dist
 
@@ -52,17 +50,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun
-        return _rank_main(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), None, args)
+        return _rank_main(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), "env://", args)
     if args.world_size < 1:
         raise SystemExit(f"--world-size: expected >= 1, got {args.world_size}")
-    port = _free_port()
-    ctx = torch.multiprocessing.get_context("spawn")
-    results = ctx.SimpleQueue()
-    procs = [ctx.Process(target=_spawned, args=(r, args.world_size, port, args, results)) for r in range(args.world_size)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join()
+    # The ranks meet through a file (no port picked in advance that another socket could
+    # take) and gloo talks over loopback only.
+    with tempfile.TemporaryDirectory(prefix="fusedpar-demo-") as folder:
+        init_method = f"file://{folder}/rendezvous"
+        ctx = torch.multiprocessing.get_context("spawn")
+        procs = [ctx.Process(target=_spawned, args=(r, args.world_size, init_method, args))
+                 for r in range(args.world_size)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
     codes = [p.exitcode for p in procs]
     if any(codes):
         print(f"fusedpar demo: ranks exited with codes {codes}", file=sys.stderr)
@@ -70,18 +71,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _spawned(rank: int, world: int, init_method: str, args: argparse.Namespace) -> None:
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    sys.exit(_rank_main(rank, world, init_method, args))
 
 
-def _spawned(rank: int, world: int, port: int, args: argparse.Namespace, results: Any) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    sys.exit(_rank_main(rank, world, port, args))
-
-
-def _rank_main(rank: int, world: int, port: int | None, args: argparse.Namespace) -> int:
+def _rank_main(rank: int, world: int, init_method: str, args: argparse.Namespace) -> int:
     from fusedpar.comm import init_distributed
 
     use_cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world
@@ -90,7 +85,7 @@ def _rank_main(rank: int, world: int, port: int | None, args: argparse.Namespace
     else:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     group = init_distributed("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=120),
-                             rank=rank, world_size=world)
+                             init_method=init_method, rank=rank, world_size=world)
     device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
     try:
         ok = _demo(group, rank, world, device, args)
