@@ -3,9 +3,17 @@
 ``matmul`` computes ``act(a @ b + bias)`` (optionally accumulating into ``out``) and
 ``gated_matmul`` computes ``act(a @ b_gate) * (a @ b_up)``; both read strided operands and
 write into any strided ``out``, so tensor-parallel overlap schedules can feed them chunks.
+``plan_matmul`` / ``plan_gated_matmul`` say which kernel (TMA or pointer) and tile a call
+would run, and why; ``GemmConfig`` forces one. ``python -m fusedpar kernels`` compiles every
+tile for sm_90a and sm_80 and reports registers, spills, shared memory, wgmma and TMA.
 """
 from __future__ import annotations
 
-from fusedpar.kernels.matmul import ACTIVATIONS, gated_matmul, matmul, resolve_kernel
+from fusedpar.kernels.common import ACTIVATIONS, resolve_kernel
+from fusedpar.kernels.configs import GemmConfig, set_autotune
+from fusedpar.kernels.gated import gated_matmul, plan_gated_matmul
+from fusedpar.kernels.matmul import matmul, plan_matmul
+from fusedpar.kernels.plan import GemmPlan
 
-__all__ = ["ACTIVATIONS", "gated_matmul", "matmul", "resolve_kernel"]
+__all__ = ["ACTIVATIONS", "GemmConfig", "GemmPlan", "gated_matmul", "matmul", "plan_gated_matmul", "plan_matmul",
+           "resolve_kernel", "set_autotune"]

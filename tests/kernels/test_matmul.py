@@ -155,9 +155,8 @@ def test_resolve_kernel(monkeypatch):
 
 
 def test_backend_choice_is_logged_once(caplog, monkeypatch):
-    # the package re-exports the function `matmul`, which hides the module of that name
-    matmul_module = importlib.import_module("fusedpar.kernels.matmul")
-    monkeypatch.setattr(matmul_module, "_logged_backends", set())
+    common = importlib.import_module("fusedpar.kernels.common")
+    monkeypatch.setattr(common, "_logged_backends", set())
     with caplog.at_level(logging.INFO, logger="fusedpar"):
         for _ in range(3):
             matmul(torch.randn(4, 4), torch.randn(4, 4), kernel="torch")
@@ -261,7 +260,7 @@ def test_bad_num_sms(num_sms):
 @pytest.mark.skipif(not hasattr(torch.backends.cuda.matmul, "fp32_precision"), reason="torch < 2.9 has no fp32_precision")
 def test_fp32_runs_after_tf32_was_set_with_the_new_api():
     """Reading the legacy allow_tf32 flag after the new API was used raises in torch >= 2.9."""
-    from fusedpar.kernels.matmul import _tf32_allowed
+    from fusedpar.kernels.common import _tf32_allowed
 
     before = torch.backends.cuda.matmul.fp32_precision
     try:

@@ -111,7 +111,7 @@ def _run_model_cases(group, cases):
 
 def _run_triton_model_case(group, case):
     """The case with the GEMM backend that actually ran checked: the (interpreted) Triton kernel."""
-    kernels = importlib.import_module("fusedpar.kernels.matmul")  # the module (the package re-exports a function by that name)
+    kernels = importlib.import_module("fusedpar.kernels.common")  # where the backend choice is logged
 
     kernels._logged_backends.discard(("cpu", "triton"))
     losses = _run_model_case(group, case)

@@ -1,0 +1,409 @@
+"""Static check of the GEMM family for Hopper and Ampere, on a machine without a GPU.
+
+Triton compiles for a GPU target it does not have (``GPUTarget("cuda", 90, 32)``), so the
+compiled kernels can be read here: registers and stack (spills) from the cubin through the
+``cuobjdump`` Triton ships, shared memory from the compile metadata, and from the PTX
+whether the tensor cores are used (``wgmma`` on sm_90, ``mma.sync`` on sm_80), whether
+the K loop's loads are asynchronous (TMA ``cp.async.bulk.tensor`` or ``cp.async``) and
+whether TMA is used.
+
+Each case builds the launch the library itself would make (the same planner, the same
+arguments, through :func:`~fusedpar.kernels.matmul._matmul_launch`) from CPU tensors of the
+layout, then specializes and compiles it exactly as the JIT does at a launch (the JIT's own
+binder, so unit strides and 16-divisible sizes are specialized as they are at run time).
+
+    python -m fusedpar kernels [--check] [--full] [--jobs N] [--json FILE]
+
+Compiles run in worker processes with ``TRITON_INTERPRET=0`` (the interpreter's kernels
+cannot be compiled), ~1-4 s each.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+__all__ = ["Case", "Result", "TARGETS", "default_cases", "run_cases", "problems", "format_table"]
+
+# name -> (compute capability, SMs, shared memory a block may opt into, bytes)
+TARGETS: dict[str, tuple[tuple[int, int], int, int]] = {
+    "sm_90a": ((9, 0), 132, 227 * 1024),
+    "sm_80": ((8, 0), 108, 163 * 1024),
+}
+DTYPES = ("bfloat16", "float16", "float32-tf32", "float32-ieee")
+# how the library launches a GEMM: the Linear forward, the dgrad, the wgrad, a strided out
+# slice that TMA cannot take, and the overlap schedules' chunk consumer
+LAYOUTS = ("x@w.T", "dy@w", "dy.T@x", "out_slice", "batched")
+EPILOGUES = ("none", "bias_silu", "bias_gelu", "accumulate_fp32", "gated_silu", "gated_preact")
+# the problem each case plans for (M, N, K): large, so the rules pick their biggest tile
+SHAPE = (4096, 4096, 4096)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One compile: ``config`` None means the tile the rules pick for ``shape``; a config
+    given is one of the candidates (all may be picked, by the rules or the autotuner)."""
+
+    target: str
+    dtype: str
+    layout: str
+    epilogue: str
+    shape: tuple[int, int, int] = SHAPE
+    config: object = None  # GemmConfig | None (object: keeps this module import-light)
+
+
+@dataclasses.dataclass
+class Result:
+    case: Case
+    path: str = ""
+    config: str = ""
+    ok: bool = False
+    error: str = ""
+    shared: int = 0
+    registers: int = 0
+    stack: int = 0
+    local: int = 0
+    mma: str = ""
+    pipelined: bool = False
+    tma: bool = False
+    seconds: float = 0.0
+    skipped: str = ""  # why a case was not compiled (its path cannot take the layout)
+
+    @property
+    def smem_limit(self) -> int:
+        return TARGETS[self.case.target][2]
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["case"] = {**dataclasses.asdict(self.case), "config": self.config}
+        return d
+
+
+# ----------------------------------------------------------------------------------------
+# Building the library's own launch for a case (CPU tensors; nothing runs)
+# ----------------------------------------------------------------------------------------
+
+def _operands(case: Case):
+    import torch
+
+    dtype = getattr(torch, case.dtype.split("-")[0])
+    M, N, K = case.shape
+    gated = case.epilogue.startswith("gated")
+    if case.layout == "x@w.T":  # x [M, K] @ w.T, w [N, K]: the Linear forward
+        a = torch.empty(M, K, dtype=dtype)
+        bs = [torch.empty(N, K, dtype=dtype).T for _ in range(1 + gated)]
+    elif case.layout == "dy@w":  # dgrad: dy [M, K] @ w [K, N] (w row-major)
+        a = torch.empty(M, K, dtype=dtype)
+        bs = [torch.empty(K, N, dtype=dtype) for _ in range(1 + gated)]
+    elif case.layout == "dy.T@x":  # wgrad: dy.T [M, K] (unit stride on M) @ x [K, N]
+        a = torch.empty(K, M, dtype=dtype).T
+        bs = [torch.empty(K, N, dtype=dtype) for _ in range(1 + gated)]
+    elif case.layout in ("out_slice", "batched"):
+        a = torch.empty(M, K, dtype=dtype)
+        bs = [torch.empty(N, K, dtype=dtype).T for _ in range(1 + gated)]
+        if case.layout == "batched":  # [B, m, K] rows of a received chunk, out rows of each block
+            a = torch.empty(4, M // 4 + 8, K, dtype=dtype)[:, 8:]
+    else:
+        raise ValueError(f"unknown layout {case.layout!r}")
+    out_dtype = torch.float32 if case.epilogue == "accumulate_fp32" else dtype
+    rows = a.shape[:-1]
+    if case.layout == "out_slice":  # an odd column offset: TMA cannot take it
+        out = torch.empty(*rows[:-1], rows[-1], N + 8, dtype=out_dtype)[..., 1:N + 1]
+    elif case.layout == "batched":
+        out = torch.empty(rows[0], rows[1] * 2, N, dtype=out_dtype)[:, rows[1]:]
+    else:
+        out = torch.empty(*rows, N, dtype=out_dtype)
+    return a, bs, out
+
+
+def build_launch(case: Case):
+    """The launch :func:`~fusedpar.kernels.matmul.matmul` / ``gated_matmul`` would make."""
+    import torch
+
+    import importlib
+
+    from fusedpar.kernels import common, gated, plan
+
+    mm = importlib.import_module("fusedpar.kernels.matmul")  # the module (the package exports the function)
+
+    capability, sms, _ = TARGETS[case.target]
+    torch.backends.cuda.matmul.allow_tf32 = case.dtype == "float32-tf32"
+    a, bs, out = _operands(case)
+    plan._PLAN_TARGET = (capability, sms)
+    try:
+        a3, out3 = common._as_batched(a, out)
+        if case.epilogue.startswith("gated"):
+            pre = case.epilogue == "gated_preact"
+            gate3 = torch.empty(out3.shape, dtype=a.dtype) if pre else out3
+            up3 = torch.empty(out3.shape, dtype=a.dtype) if pre else out3
+            return gated._gated_launch(a3, bs[0], bs[1], out3, gate3, up3, "silu", pre, None, case.config)
+        has_bias = case.epilogue.startswith("bias")
+        bias = torch.empty(out.shape[-1], dtype=a.dtype) if has_bias else None
+        act = case.epilogue.split("_", 1)[1] if has_bias else None
+        return mm._matmul_launch(a3, bs[0], bias, out3, act, case.epilogue == "accumulate_fp32", None, case.config)
+    finally:
+        plan._PLAN_TARGET = None
+
+
+# ----------------------------------------------------------------------------------------
+# Compiling a launch as the JIT would, and reading the result
+# ----------------------------------------------------------------------------------------
+
+def _compile(launch, target_name: str):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    fn = launch.fn
+    if not hasattr(fn, "_pack_args"):
+        raise RuntimeError("kernels are interpreted (TRITON_INTERPRET=1): compile in a fresh process")
+    capability = TARGETS[target_name][0]
+    target = GPUTarget("cuda", capability[0] * 10 + capability[1], 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    kwargs = dict(launch.kwargs)
+    kwargs.setdefault("debug", False)
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:  # what JITFunction.run adds before binding (triton 3.6-3.9)
+        kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+        if hasattr(knobs.compilation, "fpsan_homomorphic_casts"):
+            kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
+    bound_args, specialization, options = binder(*launch.args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=target, options=options.__dict__)
+
+
+def _cuobjdump() -> str:
+    import triton
+
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+
+
+def _resource_usage(cubin: bytes) -> dict[str, int]:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True,
+                             text=True, timeout=60)
+    text = out.stdout + out.stderr
+    usage = {}
+    for key in ("REG", "STACK", "SHARED", "LOCAL"):
+        m = re.search(rf"\b{key}:(\d+)", text)
+        if m is None:
+            raise RuntimeError(f"cuobjdump printed no {key}: {text.strip()[:300]}")
+        usage[key] = int(m.group(1))
+    return usage
+
+
+def compile_case(case: Case) -> Result:
+    """Compile one case in this process (which must not be interpreting) and read it."""
+    t0 = time.perf_counter()
+    result = Result(case)
+    try:
+        launch = build_launch(case)
+        result.path = launch.plan.path
+        result.config = launch.plan.config.short()
+        compiled = _compile(launch, case.target)
+        ptx = compiled.asm["ptx"]
+        usage = _resource_usage(compiled.asm["cubin"])
+        result.registers, result.stack, result.local = usage["REG"], usage["STACK"], usage["LOCAL"]
+        result.shared = int(getattr(compiled.metadata, "shared", 0))
+        result.mma = "wgmma" if "wgmma.mma_async" in ptx else ("mma" if "mma.sync" in ptx else "")
+        result.tma = "cp.async.bulk.tensor" in ptx
+        result.pipelined = result.tma or "cp.async.commit_group" in ptx or "cp.async.ca" in ptx \
+            or "cp.async.cg" in ptx
+        result.ok = True
+    except Exception as e:  # noqa: BLE001 - the report records every failure as a row
+        if isinstance(e, ValueError) and "which cannot run here" in str(e):
+            # a candidate forced onto a path the planner refuses for this layout (tf32 with
+            # an M-major operand on TMA): never launched, so nothing to check
+            result.path, result.skipped = "n/a", str(e).split("cannot run here: ")[-1]
+            result.seconds = time.perf_counter() - t0
+            return result
+        result.error = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _worker_init() -> None:
+    import warnings
+
+    os.environ["TRITON_INTERPRET"] = "0"
+    # triton 3.9 warns once per process that its fp-fusion default will change in 3.10
+    warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
+
+
+def run_cases(cases: list[Case], jobs: int | None = None) -> list[Result]:
+    """Compile every case, in ``jobs`` fresh processes (the kernels must be imported with
+    the interpreter off), results in the order of ``cases``."""
+    jobs = jobs or min(len(cases), os.cpu_count() or 1)
+    ctx = multiprocessing.get_context("spawn")
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"  # spawned workers inherit it before importing triton
+    try:
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init) as pool:
+            return list(pool.map(compile_case, cases))
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+# ----------------------------------------------------------------------------------------
+# Which cases, and what counts as a problem
+# ----------------------------------------------------------------------------------------
+
+# What the rules' pick is compiled with in every dtype (default report): one case per
+# layout, each with the epilogue that stresses it most.
+RULE_CASES = (("x@w.T", "bias_silu"), ("x@w.T", "gated_preact"), ("dy@w", "none"), ("dy.T@x", "accumulate_fp32"),
+              ("out_slice", "bias_silu"), ("batched", "gated_silu"))
+
+
+def default_cases(full: bool = False) -> list[Case]:
+    """The cases of a report.
+
+    Default (what the test suite runs, ~40 s on 2 cores): every candidate tile of every
+    kernel on each target whose path it serves (TMA tiles on sm_90a, pointer tiles on both)
+    in bf16 with the heaviest epilogue (bias+SiLU; gated with its pre-activations); then
+    the rules' pick for a large problem in every dtype and layout (:data:`RULE_CASES`) on
+    sm_90a, and in bf16 on sm_80. The tile sets the register and shared-memory budget; the
+    dtype, layout and epilogue change the code around it, which the rule cases cover.
+    ``full``: every candidate in every dtype, layout and epilogue on both targets.
+    """
+    import torch
+
+    from fusedpar.kernels.configs import candidate_configs
+
+    cases: list[Case] = []
+    seen = set()
+
+    def add(case: Case) -> None:
+        if case not in seen:
+            seen.add(case)
+            cases.append(case)
+
+    dtype_of = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32-tf32": torch.float32,
+                "float32-ieee": torch.float32}
+    for target in TARGETS:
+        tma_target = TARGETS[target][0] >= (9, 0)
+        for op, epi in (("matmul", "bias_silu"), ("gated", "gated_preact")):
+            for tma in ((True, False) if tma_target else (False,)):
+                for dt in (DTYPES if full else ("bfloat16",)):
+                    cands = candidate_configs(op, dtype_of[dt], tma, tensor_cores=dt != "float32-ieee")
+                    for cfg in cands:
+                        for layout in (LAYOUTS if full else ("x@w.T" if tma else "out_slice",)):
+                            if tma and layout == "out_slice":
+                                continue  # TMA cannot take it: the pointer tiles cover it
+                            if epi.startswith("gated") and layout in ("dy@w", "dy.T@x"):
+                                continue
+                            add(Case(target, dt, layout, epi, config=cfg))
+    for target in TARGETS:
+        for dt in (DTYPES if TARGETS[target][0] >= (9, 0) else ("bfloat16",)):
+            if full:
+                combos = [(lay, epi) for lay in LAYOUTS for epi in EPILOGUES
+                          if not (epi.startswith("gated") and lay in ("dy@w", "dy.T@x"))]
+            else:
+                combos = RULE_CASES
+            for layout, epi in combos:
+                add(Case(target, dt, layout, epi))
+    return cases
+
+
+def problems(results: list[Result]) -> list[str]:
+    """What ``--check`` fails on: any case that did not compile, spills, overflows shared
+    memory, or (16-bit and tf32 tiles of >= 64 rows on sm_90a) misses wgmma or pipelining."""
+    found = []
+    for r in results:
+        c = r.case
+        where = f"{c.target} {c.dtype} {c.layout} {c.epilogue} {r.config or c.config}"
+        if r.skipped:
+            continue
+        if not r.ok:
+            found.append(f"{where}: does not compile: {r.error}")
+            continue
+        if r.stack or r.local:
+            found.append(f"{where}: spills (stack {r.stack} B, local {r.local} B, {r.registers} registers)")
+        if r.shared > r.smem_limit:
+            found.append(f"{where}: needs {r.shared} B of shared memory, the target has {r.smem_limit}")
+        block_m = int(re.search(r":(\d+)x", r.config).group(1)) if r.config else 0
+        if c.target == "sm_90a" and c.dtype != "float32-ieee" and block_m >= 64 and r.path == "tma":
+            if r.mma != "wgmma":
+                found.append(f"{where}: no wgmma (tensor cores via {r.mma or 'nothing'})")
+            if not r.pipelined:
+                found.append(f"{where}: K loop not pipelined (no TMA / cp.async)")
+        if c.target == "sm_80" and c.dtype != "float32-ieee" and r.mma != "mma":
+            found.append(f"{where}: no mma.sync on sm_80")
+    return found
+
+
+def format_table(results: list[Result]) -> str:
+    head = ("target", "dtype", "layout", "epilogue", "path", "config", "smem KiB", "regs", "spill B", "mma",
+            "pipelined", "tma", "s")
+    rows = []
+    for r in results:
+        c = r.case
+        if r.skipped:
+            rows.append((c.target, c.dtype, c.layout, c.epilogue, r.path, c.config.short() if c.config else "", "-",
+                         "-", "-", "n/a", r.skipped[:60], "", f"{r.seconds:.1f}"))
+            continue
+        if not r.ok:
+            rows.append((c.target, c.dtype, c.layout, c.epilogue, r.path, r.config, "-", "-", "-", "ERROR",
+                         r.error[:60], "", f"{r.seconds:.1f}"))
+            continue
+        rows.append((c.target, c.dtype, c.layout, c.epilogue, r.path, r.config, f"{r.shared / 1024:.0f}",
+                     str(r.registers), str(r.stack + r.local), r.mma or "-", "yes" if r.pipelined else "no",
+                     "yes" if r.tma else "no", f"{r.seconds:.1f}"))
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    line = lambda row: "  ".join(str(x).ljust(w) for x, w in zip(row, widths))  # noqa: E731
+    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m fusedpar kernels", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 if anything the rules or autotuner may pick fails to compile, spills, "
+                             "overflows shared memory or misses wgmma/pipelining")
+    parser.add_argument("--full", action="store_true", help="every candidate x dtype x layout x epilogue")
+    parser.add_argument("--jobs", type=int, default=None, help="compile processes (default: CPU count)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+
+
+def run(args) -> int:
+    cases = default_cases(full=args.full)
+    t0 = time.perf_counter()
+    results = run_cases(cases, args.jobs)
+    print(format_table(results))
+    found = problems(results)
+    import triton
+
+    print(f"\n{len(results)} compiles in {time.perf_counter() - t0:.0f} s (triton {triton.__version__}); "
+          f"{len(found)} problem(s)")
+    for p in found:
+        print("  " + p)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"triton": triton.__version__, "results": [r.to_json() for r in results],
+                                         "problems": found}, indent=1))
+    return 1 if (args.check and found) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

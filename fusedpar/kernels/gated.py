@@ -1,0 +1,267 @@
+"""The gated GEMM kernels ``act(a @ b_gate) * (a @ b_up)`` (SwiGLU, GeGLU) and their launcher
+:func:`gated_matmul`: one A tile feeds two fp32 accumulators, so neither product goes
+through memory. A pointer and a TMA kernel, chosen per launch as for :mod:`.matmul`.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fusedpar.kernels import interpreter
+from fusedpar.kernels.common import (
+    _activate, _as_batched, _check_activation, _check_config, _check_num_sms, _check_operands, _check_out,
+    _halves, _input_precision, _select_backend, _tile_coords, _tma_load_a, _tma_load_b, _tma_store_c)
+from fusedpar.kernels.configs import GemmConfig, m_class
+from fusedpar.kernels.plan import GemmPlan, _choose, _descriptor, _grid_size, _Launch, _offset_dtype, _run
+from fusedpar.kernels.torch_gemm import _TORCH_ACTIVATIONS, _torch_product
+
+__all__ = ["gated_matmul", "plan_gated_matmul"]
+
+
+# ----------------------------------------------------------------------------------------
+# Pointer kernel: y[b] = act(a[b] @ b_gate) * (a[b] @ b_up), optionally the pre-activations
+# ----------------------------------------------------------------------------------------
+
+@triton.jit
+def _gated_matmul_kernel(
+    a_ptr, bg_ptr, bu_ptr, out_ptr, gate_ptr, up_ptr,
+    BATCH, M, N, K,
+    stride_ab, stride_am, stride_ak,
+    stride_bgk, stride_bgn,
+    stride_buk, stride_bun,
+    stride_ob, stride_om, stride_on,
+    stride_pb, stride_pm, stride_pn,
+    ACTIVATION: tl.constexpr, RETURN_PREACT: tl.constexpr,
+    UPCAST_TO_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, OFFSET_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    num_tiles = BATCH * tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    for tile_id in range(tl.program_id(axis=0), num_tiles, tl.num_programs(axis=0)):
+        pid_batch, pid_m, pid_n = _tile_coords(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+
+        # -- offsets of the first K-block, as in _matmul_kernel (rows/cols past M/N wrap) ---
+        a_base = a_ptr + pid_batch * stride_ab
+        offs_am = ((pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M).to(OFFSET_DTYPE)
+        offs_bn = ((pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N).to(OFFSET_DTYPE)
+        offs_k = tl.arange(0, BLOCK_K).to(OFFSET_DTYPE)
+        a_offs = offs_am[:, None] * stride_am + offs_k[None, :] * stride_ak
+        bg_offs = offs_k[:, None] * stride_bgk + offs_bn[None, :] * stride_bgn
+        bu_offs = offs_k[:, None] * stride_buk + offs_bn[None, :] * stride_bun
+
+        # -- main loop: one A tile feeds two fp32 accumulators (fp32 for the same reason as in
+        #    _matmul_kernel), so the intermediate never goes through memory -----------------
+        acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            k_remaining = K - k * BLOCK_K
+            a = tl.load(a_base + a_offs, mask=offs_k[None, :] < k_remaining, other=0.0)
+            bg = tl.load(bg_ptr + bg_offs, mask=offs_k[:, None] < k_remaining, other=0.0)
+            bu = tl.load(bu_ptr + bu_offs, mask=offs_k[:, None] < k_remaining, other=0.0)
+            if UPCAST_TO_FP32:  # interpreter only: its bf16 arithmetic is wrong (interpreter.py)
+                a = a.to(tl.float32)
+                bg = bg.to(tl.float32)
+                bu = bu.to(tl.float32)
+            acc_gate = tl.dot(a, bg, acc_gate, input_precision=INPUT_PRECISION)
+            acc_up = tl.dot(a, bu, acc_up, input_precision=INPUT_PRECISION)
+            a_offs += BLOCK_K * stride_ak
+            bg_offs += BLOCK_K * stride_bgk
+            bu_offs += BLOCK_K * stride_buk
+
+        # -- epilogue in fp32: gate activation times up, one cast at each store ------------
+        offs_cm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = (offs_cm[:, None] < M) & (offs_cn[None, :] < N)
+        y = _activate(acc_gate, ACTIVATION) * acc_up
+        out_ptrs = out_ptr + pid_batch * stride_ob + offs_cm[:, None] * stride_om + offs_cn[None, :] * stride_on
+        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+        if RETURN_PREACT:
+            offs_p = pid_batch * stride_pb + offs_cm[:, None] * stride_pm + offs_cn[None, :] * stride_pn
+            tl.store(gate_ptr + offs_p, acc_gate.to(gate_ptr.dtype.element_ty), mask=mask)
+            tl.store(up_ptr + offs_p, acc_up.to(up_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------
+# TMA kernel: the same, through tensor descriptors, persistent
+# ----------------------------------------------------------------------------------------
+
+@triton.jit
+def _tma_gated_slice(g, u, out_desc, gate_desc, up_desc, off_b, off_m, off_n,
+                     ACTIVATION: tl.constexpr, RETURN_PREACT: tl.constexpr, BATCHED: tl.constexpr,
+                     BLOCK_M: tl.constexpr, SLICE_N: tl.constexpr):
+    y = _activate(g, ACTIVATION) * u
+    _tma_store_c(out_desc, y, off_b, off_m, off_n, BATCHED, BLOCK_M, SLICE_N)
+    if RETURN_PREACT:
+        _tma_store_c(gate_desc, g, off_b, off_m, off_n, BATCHED, BLOCK_M, SLICE_N)
+        _tma_store_c(up_desc, u, off_b, off_m, off_n, BATCHED, BLOCK_M, SLICE_N)
+
+
+@triton.jit
+def _gated_matmul_tma_kernel(
+    a_desc, bg_desc, bu_desc, out_desc, gate_desc, up_desc,
+    BATCH, M, N, K,
+    ACTIVATION: tl.constexpr, RETURN_PREACT: tl.constexpr,
+    UPCAST_TO_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    A_T: tl.constexpr, B_T: tl.constexpr, BATCHED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EPILOGUE_SPLIT: tl.constexpr,
+):
+    num_tiles = BATCH * tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    for tile_id in tl.range(tl.program_id(axis=0), num_tiles, tl.num_programs(axis=0), flatten=True):
+        pid_batch, pid_m, pid_n = _tile_coords(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        off_b = pid_batch.to(tl.int32)
+        off_m = (pid_m * BLOCK_M).to(tl.int32)
+        off_n = (pid_n * BLOCK_N).to(tl.int32)
+
+        # -- one A tile feeds two fp32 accumulators: the products never go through memory --
+        acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in range(k_tiles):
+            off_k = ki * BLOCK_K
+            a = _tma_load_a(a_desc, off_b, off_m, off_k, A_T, BATCHED, BLOCK_M, BLOCK_K)
+            bg = _tma_load_b(bg_desc, off_n, off_k, B_T)
+            bu = _tma_load_b(bu_desc, off_n, off_k, B_T)
+            if UPCAST_TO_FP32:  # interpreter only: its bf16 arithmetic is wrong (interpreter.py)
+                a = a.to(tl.float32)
+                bg = bg.to(tl.float32)
+                bu = bu.to(tl.float32)
+            acc_gate = tl.dot(a, bg, acc_gate, input_precision=INPUT_PRECISION)
+            acc_up = tl.dot(a, bu, acc_up, input_precision=INPUT_PRECISION)
+
+        if EPILOGUE_SPLIT == 1:
+            _tma_gated_slice(acc_gate, acc_up, out_desc, gate_desc, up_desc, off_b, off_m, off_n,
+                             ACTIVATION, RETURN_PREACT, BATCHED, BLOCK_M, BLOCK_N)
+        else:
+            SLICE: tl.constexpr = BLOCK_N // 2
+            g0, g1 = _halves(acc_gate, BLOCK_M, BLOCK_N)
+            u0, u1 = _halves(acc_up, BLOCK_M, BLOCK_N)
+            _tma_gated_slice(g0, u0, out_desc, gate_desc, up_desc, off_b, off_m, off_n,
+                             ACTIVATION, RETURN_PREACT, BATCHED, BLOCK_M, SLICE)
+            _tma_gated_slice(g1, u1, out_desc, gate_desc, up_desc, off_b, off_m, off_n + SLICE,
+                             ACTIVATION, RETURN_PREACT, BATCHED, BLOCK_M, SLICE)
+
+
+# ----------------------------------------------------------------------------------------
+# Launch and launcher
+# ----------------------------------------------------------------------------------------
+
+def _gated_launch(a3, b_gate, b_up, out3, gate3, up3, activation, return_preact, num_sms, config) -> _Launch:
+    batch, M, K = a3.shape
+    N = b_gate.shape[1]
+    upcast = interpreter.upcast_to_fp32(a3.dtype)
+    precision = _input_precision(a3.dtype, upcast)
+    outs = [out3, gate3, up3] if return_preact else [out3]
+    path, config, reason, a_t, b_t = _choose("gated_matmul", a3, [b_gate, b_up], outs, N, K, precision,
+                                             num_sms, config)
+    grid = _grid_size(path, batch, M, N, config, num_sms, a3.device)
+    plan = GemmPlan(path, config, reason, grid)
+    flags = dict(ACTIVATION=activation, RETURN_PREACT=return_preact, UPCAST_TO_FP32=upcast,
+                 INPUT_PRECISION=precision, **config.meta, num_warps=config.num_warps,
+                 num_stages=config.num_stages)
+    if path == "pointer":
+        flags["OFFSET_DTYPE"] = _offset_dtype([a3[0], b_gate, b_up])
+        args = (a3, b_gate, b_up, out3, gate3, up3, batch, M, N, K,
+                a3.stride(0), a3.stride(1), a3.stride(2), b_gate.stride(0), b_gate.stride(1),
+                b_up.stride(0), b_up.stride(1), out3.stride(0), out3.stride(1), out3.stride(2),
+                gate3.stride(0), gate3.stride(1), gate3.stride(2))
+        return _Launch(_gated_matmul_kernel, (grid,), args, flags, plan, "gated")
+    bm, bn, bk = config.block_m, config.block_n, config.block_k
+    batched = batch > 1
+    lead = [1] if batched else []
+    out_block = lead + [bm, bn // config.epilogue_split]
+    a_desc = _descriptor(a3, lead + ([bk, bm] if a_t else [bm, bk]), batched, transpose=a_t)
+    b_block = [bn, bk] if b_t else [bk, bn]
+    bg_desc = _descriptor(b_gate, b_block, False, transpose=b_t)
+    bu_desc = _descriptor(b_up, b_block, False, transpose=b_t)
+    out_desc = _descriptor(out3, out_block, batched)
+    gate_desc = _descriptor(gate3, out_block, batched) if return_preact else out_desc
+    up_desc = _descriptor(up3, out_block, batched) if return_preact else out_desc
+    args = (a_desc, bg_desc, bu_desc, out_desc, gate_desc, up_desc, batch, M, N, K)
+    flags.update(A_T=a_t, B_T=b_t, BATCHED=batched, EPILOGUE_SPLIT=config.epilogue_split)
+    return _Launch(_gated_matmul_tma_kernel, (grid,), args, flags, plan, "gated")
+
+
+def gated_matmul(
+    a: torch.Tensor,
+    b_gate: torch.Tensor,
+    b_up: torch.Tensor,
+    *,
+    activation: str | None = "silu",
+    out: torch.Tensor | None = None,
+    return_preact: bool = False,
+    kernel: str = "auto",
+    num_sms: int | None = None,
+    config: GemmConfig | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Computes ``out = act(a @ b_gate) * (a @ b_up)`` (SwiGLU for "silu", GeGLU for "gelu")
+    in one kernel with two fp32 accumulators: the products never go through memory.
+
+    ``a`` is ``[..., M, K]``; ``b_gate`` and ``b_up`` are ``[K, N]`` with any strides (e.g.
+    ``w_gate.T``, ``w_up.T``, or the two halves of a concatenated weight's transpose). ``out``
+    follows :func:`matmul`'s rules. With ``return_preact`` it returns ``(out, gate, up)``
+    where ``gate = a @ b_gate`` and ``up = a @ b_up`` (new contiguous tensors of ``a.dtype``,
+    written by the same kernel, for the backward); otherwise ``out``. ``kernel``,
+    ``num_sms`` and ``config`` as in :func:`matmul`.
+    """
+    op = "gated_matmul"
+    K, N = _check_operands(op, a, {"b_gate": b_gate, "b_up": b_up})
+    out_shape = (*a.shape[:-1], N)
+    _check_activation(op, activation)
+    _check_num_sms(op, num_sms)
+    _check_config(op, config)
+    if out is not None:
+        _check_out(op, out, a, out_shape)
+    backend = _select_backend(op, kernel, a)
+    if out is None:
+        out = torch.empty(out_shape, dtype=a.dtype, device=a.device)
+    gate = up = None
+    if return_preact:
+        gate = torch.empty(out_shape, dtype=a.dtype, device=a.device)
+        up = torch.empty(out_shape, dtype=a.dtype, device=a.device)
+    result = (out, gate, up) if return_preact else out
+    if out.numel() == 0:
+        return result
+
+    if backend == "torch" or K == 0:
+        gate_acc = _torch_product(a, b_gate)
+        up_acc = _torch_product(a, b_up)
+        out.copy_(_TORCH_ACTIVATIONS[activation](gate_acc) * up_acc)
+        if return_preact:
+            gate.copy_(gate_acc)
+            up.copy_(up_acc)
+        return result
+
+    a3, out3 = _as_batched(a, out)
+    batch, M, _ = a3.shape
+    # gate/up are fresh contiguous tensors: they always view as [batch, M, N]
+    gate3 = gate.view(batch, M, N) if return_preact else out3
+    up3 = up.view(batch, M, N) if return_preact else out3
+
+    def rebuild(cfg: GemmConfig | None) -> _Launch:
+        return _gated_launch(a3, b_gate, b_up, out3, gate3, up3, activation, return_preact, num_sms, cfg)
+
+    launch = rebuild(config)
+    tune_key = None
+    if config is None:
+        tune_key = ("gated", launch.plan.path, m_class(batch * M), N, K, activation, return_preact,
+                    a.dtype)
+    _run(op, launch, a.dtype, tune_key, rebuild, [])
+    if out3.data_ptr() != out.data_ptr():  # out's batch dims did not merge: out3 is a copy
+        out.copy_(out3.view(out.shape))
+    return result
+
+
+def plan_gated_matmul(a: torch.Tensor, b_gate: torch.Tensor, b_up: torch.Tensor, *,
+                      activation: str | None = "silu", out: torch.Tensor | None = None,
+                      return_preact: bool = False, num_sms: int | None = None,
+                      config: GemmConfig | None = None) -> GemmPlan:
+    """As :func:`plan_matmul`, for :func:`gated_matmul`."""
+    K, N = _check_operands("plan_gated_matmul", a, {"b_gate": b_gate, "b_up": b_up})
+    _check_config("plan_gated_matmul", config)
+    if out is None:
+        out = torch.empty((*a.shape[:-1], N), dtype=a.dtype, device=a.device)
+    a3, out3 = _as_batched(a, out)
+    batch, M, _ = a3.shape
+    pre = torch.empty((batch, M, N), dtype=a.dtype, device=a.device) if return_preact else out3
+    return _gated_launch(a3, b_gate, b_up, out3, pre, pre, activation, return_preact, num_sms, config).plan

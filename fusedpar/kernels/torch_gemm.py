@@ -1,0 +1,62 @@
+"""The torch backend of the GEMM family: the same computation with torch ops, the CPU
+users' fast path and the tests' reference."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fusedpar.kernels.common import _as_batched
+
+
+_TORCH_ACTIVATIONS = {
+    None: lambda x: x,
+    "relu": F.relu,
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+def _torch_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` in fp32 for fp16/bf16 inputs (like the kernel's fp32 accumulator), else
+    in the inputs' own dtype."""
+    if a.dtype in (torch.float16, torch.bfloat16):
+        return torch.matmul(a.float(), b.float())
+    return torch.matmul(a, b)
+
+
+_TORCH_ACTIVATIONS_INPLACE = {
+    None: lambda y: None,
+    "relu": lambda y: y.relu_(),
+    "silu": lambda y: F.silu(y, inplace=True),
+    "gelu": lambda y: y.copy_(F.gelu(y)),
+    "gelu_tanh": lambda y: y.copy_(F.gelu(y, approximate="tanh")),
+}
+
+
+def _torch_matmul_into(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, activation: str | None,
+                       out: torch.Tensor, accumulate: bool) -> None:
+    """The torch backend writing the product straight into ``out``: no ``[M, N]``
+    temporary, so the overlap schedules' "write this piece into its slice of the output"
+    costs no extra memory. Used where torch computes in the output dtype anyway: fp32/fp64,
+    and every dtype on CUDA, where cuBLAS accumulates fp16/bf16 in fp32 like the kernel."""
+    a3, out3 = _as_batched(a, out)
+    previous = out3.clone() if accumulate and (bias is not None or activation is not None) else None
+    if a3.shape[0] == 1:
+        if accumulate and previous is None:
+            out3[0].addmm_(a3[0], b)
+        else:
+            torch.mm(a3[0], b, out=out3[0])
+    else:
+        b3 = b.unsqueeze(0).expand(a3.shape[0], -1, -1)
+        if accumulate and previous is None:
+            out3.baddbmm_(a3, b3)
+        else:
+            torch.bmm(a3, b3, out=out3)
+    if bias is not None:
+        out3.add_(bias)
+    _TORCH_ACTIVATIONS_INPLACE[activation](out3)
+    if previous is not None:
+        out3.add_(previous)
+    if out3.data_ptr() != out.data_ptr():  # out's batch dims did not merge: out3 is a copy
+        out.copy_(out3.view(out.shape))
