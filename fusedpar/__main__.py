@@ -1,4 +1,4 @@
-"""`python -m fusedpar {demo,bench,profile}`."""
+"""`python -m fusedpar {demo,bench,profile,kernels}`."""
 from __future__ import annotations
 
 import sys

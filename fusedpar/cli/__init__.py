@@ -13,6 +13,7 @@ SUBCOMMANDS = {
     "demo": "run fusedpar on a real problem and check it against torch",
     "bench": "run the benchmark suites, tabulate, plot; or print cost-model predictions",
     "profile": "trace one workload (Chrome trace on CPU, nsys capture range on GPU)",
+    "kernels": "compile the GEMM kernels for sm_90a/sm_80 and report registers, spills, smem, wgmma, TMA",
 }
 
 

@@ -1,0 +1,46 @@
+"""The static check of the GEMM family on sm_90a and sm_80 (no GPU): everything the rules or
+the autotuner may pick compiles, does not spill, fits in shared memory, and on Hopper uses
+wgmma with a pipelined (TMA) K loop. And the check itself can fail."""
+from __future__ import annotations
+
+import pytest
+
+from fusedpar.kernels import GemmConfig
+from fusedpar.kernels.compile_report import Case, default_cases, format_table, problems, run_cases
+
+
+@pytest.fixture(scope="module")
+def report():
+    return run_cases(default_cases())
+
+
+def test_every_pickable_tile_compiles_without_spills_on_sm90a_and_sm80(report):
+    found = problems(report)
+    assert not found, "\n".join(found) + "\n\n" + format_table(report)
+
+
+def test_the_report_covers_both_targets_paths_dtypes_and_layouts(report):
+    seen = {(r.case.target, r.path) for r in report}
+    assert seen == {("sm_90a", "tma"), ("sm_90a", "pointer"), ("sm_80", "pointer")}
+    assert {r.case.dtype for r in report if r.case.target == "sm_90a"} == {
+        "bfloat16", "float16", "float32-tf32", "float32-ieee"}
+    assert {r.case.layout for r in report} == {"x@w.T", "dy@w", "dy.T@x", "out_slice", "batched"}
+
+
+def test_hopper_tiles_use_wgmma_tma_and_a_pipelined_loop(report):
+    hopper = [r for r in report if r.case.target == "sm_90a" and r.path == "tma"
+              and r.case.dtype in ("bfloat16", "float16")]
+    assert hopper and all(r.mma == "wgmma" and r.tma and r.pipelined for r in hopper), format_table(hopper)
+    ampere = [r for r in report if r.case.target == "sm_80"]
+    assert ampere and all(r.mma == "mma" and r.pipelined and not r.tma for r in ampere), format_table(ampere)
+
+
+def test_the_check_fails_on_a_spilling_tile_and_on_one_too_big_for_shared_memory():
+    spilling = Case("sm_80", "bfloat16", "out_slice", "bias_silu",
+                    config=GemmConfig(128, 256, 64, num_warps=4, num_stages=3, tma=False))
+    too_big = Case("sm_90a", "bfloat16", "x@w.T", "none",
+                   config=GemmConfig(256, 256, 128, num_warps=8, num_stages=2, tma=True))  # 256 KiB of ring alone
+    results = run_cases([spilling, too_big], jobs=2)
+    found = problems(results)
+    assert any("spills" in p and "ptr:128x256x64/w4" in p for p in found), found
+    assert any("shared memory" in p and "tma:256x256x128" in p for p in found), found
