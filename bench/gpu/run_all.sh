@@ -7,14 +7,15 @@
 # installed, PYTHONPATH points at this checkout. Results go to ${OUT:-bench/results/gpu-run}:
 # per-step logs, bench JSON/CSV/PNG, calibration, traces and summary.md.
 # Each step runs under `timeout` and a failure is recorded, not fatal, so one stuck
-# step cannot eat the others' time. Steps: env gpu-tests bench-kernels overlap-emulated
-# calibrate predict profile bench-overlap bench-layers (then the summary always runs).
+# step cannot eat the others' time. Steps: env gpu-kernel-tests gpu-tests gemm overlap-emulated
+# calibrate predict profile (then the summary always runs). The gloo suites
+# (bench/test_overlap.py, bench/test_layers.py) measure CPU ranks: run them on the CPU machine.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
 PY=${PYTHON:-python3}
 OUT=${OUT:-bench/results/gpu-run}
-BUDGET_S=${BUDGET_S:-570}   # whole run; the device tool allows 600 s per command
+BUDGET_S=${BUDGET_S:-545}   # whole run; the device tool allows 600 s per command
 RESERVE_S=20                # kept back for the summary
 DRY=0 QUICK=() ONLY=""
 while [ $# -gt 0 ]; do
@@ -116,15 +117,23 @@ bench_step() {  # bench_step NAME LIMIT PATTERN...
 
 export OUT PY
 export -f env_info
-# Ordered by what only a GPU can tell (limits add up to ~540 s of the 570 s budget); the
-# gloo suites (bench-overlap, bench-layers) run CPU ranks even here, so they come last.
-step env 30 bash -c env_info
-step gpu-tests 100 "$PY" -m pytest -m gpu tests -q -p no:cacheprovider --timeout=100 \
-    --junitxml="$OUT/gpu-tests.xml"
-bench_step bench-kernels 150 'test_kernel*.py' 'test_matmul*.py'
+# Ordered by what only a GPU can tell; limits add up to ~550 s of the 570 s budget.
+step env 20 bash -c env_info
+# Compiled, not interpreted, Triton (tests/conftest.py turns the interpreter on otherwise).
+# The kernel matrix compiles ~300 specializations: 8 pytest-xdist workers compile in parallel.
+XDIST=(); "$PY" -c 'import xdist' 2>/dev/null && XDIST=(-n 8)
+step gpu-kernel-tests 100 env FUSEDPAR_COMPILED_TRITON=1 "$PY" -m pytest "${XDIST[@]}" \
+    tests/kernels/test_gpu_kernels.py -q -p no:cacheprovider --timeout=90 --junitxml="$OUT/gpu-kernel-tests.xml"
+step gpu-tests 50 env FUSEDPAR_COMPILED_TRITON=1 "$PY" -m pytest -m gpu tests -q -p no:cacheprovider \
+    --ignore=tests/kernels/test_gpu_kernels.py --timeout=45 --junitxml="$OUT/gpu-tests.xml"
+if [ "$HAS_CUDA" = 1 ]; then
+    step gemm 200 "$PY" bench/gpu/gemm_sweep.py --budget-s 165 --out "$OUT/gemm"
+else
+    step gemm 5 echo "no CUDA: bench/gpu/gemm_sweep.py needs a GPU"
+fi
 # One GPU cannot move data between ranks: overlap measured against an emulated link.
 # It starts no new case after 3/4 of its limit and writes its files after every case.
-emu_limit=$((BUDGET_S - SECONDS - RESERVE_S)); [ "$emu_limit" -gt 120 ] && emu_limit=120
+emu_limit=$((BUDGET_S - SECONDS - RESERVE_S - 70)); [ "$emu_limit" -gt 80 ] && emu_limit=80
 if [ "$HAS_CUDA" = 1 ]; then
     step overlap-emulated "$emu_limit" "$PY" bench/gpu/overlap_emulated.py "${QUICK[@]}" \
         --budget-s $((emu_limit * 3 / 4)) --out "$OUT/overlap-emulated"
@@ -132,15 +141,13 @@ else
     step overlap-emulated "$emu_limit" "$PY" bench/gpu/overlap_emulated.py --cpu-smoke \
         --out "$OUT/overlap-emulated"
 fi
-step calibrate 45 "$PY" -m fusedpar bench --calibrate "${QUICK[@]}" --out "$OUT/calibrate"
-step predict 15 "$PY" -m fusedpar bench --predict
+step calibrate 30 "$PY" -m fusedpar bench --calibrate "${QUICK[@]}" --out "$OUT/calibrate"
+step predict 10 "$PY" -m fusedpar bench --predict
 if [ "$HAS_CUDA" = 1 ]; then
-    step profile 60 env PYTHON="$PY" bench/nsys/profile_layer.sh "$OUT/profile/fusedpar"
+    step profile 30 env PYTHON="$PY" bench/nsys/profile_layer.sh "$OUT/profile/fusedpar"
 else
-    step profile 60 "$PY" -m fusedpar profile --out "$OUT/profile"
+    step profile 30 "$PY" -m fusedpar profile --out "$OUT/profile"
 fi
-bench_step bench-overlap 40 'test_overlap*.py'   # gloo ranks: whatever time is left
-bench_step bench-layers 40 'test_layer*.py'
 RESERVE_S=0 ONLY="" DRY=0  # the summary runs even in a dry run: it is the plumbing
 step summary 20 "$PY" bench/gpu/summarize.py "$OUT"
 echo "summary: $OUT/summary.md"
