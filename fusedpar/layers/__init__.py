@@ -22,6 +22,7 @@ from .linear import (
 from .mlp import ParallelMLP
 from .norm import SequenceParallelLayerNorm, SequenceParallelRMSNorm, all_reduce_grads, grad_all_reduce
 from .parallelize import STYLES, full_state_dict, parallelize, resolve_plan
+from .sharding import ParamShard, local_shard, shard_parameter
 
 __all__ = [
     "ColumnParallelLinear",
@@ -41,4 +42,7 @@ __all__ = [
     "full_state_dict",
     "resolve_plan",
     "STYLES",
+    "ParamShard",
+    "local_shard",
+    "shard_parameter",
 ]

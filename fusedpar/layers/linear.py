@@ -276,9 +276,14 @@ class _RowParallelFn(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, w: Tensor, bias: Tensor | None, spec: LinearSpec) -> Tensor:
         ctx.spec = spec
         ctx.save_for_backward(x, w)
+        # the output is allocated here, not a view of a schedule buffer: autograd forbids in-place
+        # ops on a view made inside a Function, and models add into it (Llama 4: `out.add_(...)`)
         if spec.sequence_parallel:
-            return overlap.matmul_reduce_scatter(x, w, dim=spec.sequence_dim, bias=bias, **spec.knobs())
-        return overlap.matmul_all_reduce(x, w, bias=bias, **spec.knobs())
+            shape = list(x.shape[:-1]) + [w.shape[1]]
+            shape[spec.sequence_dim] //= spec.communicator().world_size
+            return overlap.matmul_reduce_scatter(x, w, dim=spec.sequence_dim, bias=bias, out=x.new_empty(shape),
+                                                 **spec.knobs())
+        return overlap.matmul_all_reduce(x, w, bias=bias, out=x.new_empty(*x.shape[:-1], w.shape[1]), **spec.knobs())
 
     @staticmethod
     @_autocast_off

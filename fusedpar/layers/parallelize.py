@@ -32,6 +32,7 @@ each decoder layer run on shards with their gradients all-reduced.
 """
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -49,16 +50,26 @@ from .linear import (
     split_to_shard,
 )
 from .norm import all_reduce_grads
+from . import embedding, moe, partial
+from .packed import PackedColumnParallelLinear, PackedRowParallelLinear
+from .sharding import ParamShard, gather_shard, shard_parameter, sharded_parameters
+from .unplanned import watch_unplanned
 
 __all__ = ["parallelize", "full_state_dict", "STYLES", "resolve_plan"]
+
+logger = logging.getLogger("fusedpar")
 
 STYLES = (
     "colwise", "colwise_rep", "colwise_gather_output",
     "rowwise", "rowwise_rep", "rowwise_split_input",
+    "packed_colwise", "packed_rowwise",
+    "embedding_rowwise", "embedding_colwise",
+    "moe_tp_experts", "moe_identity_expert", "mla_kv_a_proj", "all_reduce", "local_params",
     "replicated_with_grad_allreduce", "sequence_parallel", "replicate",
 )
 _COLWISE = {"colwise": False, "colwise_rep": True, "colwise_gather_output": True}  # style → gather_output
 _ROWWISE = {"rowwise": True, "rowwise_rep": False, "rowwise_split_input": False}  # style → input_is_parallel
+_PACKED = {"packed_colwise": "col", "packed_rowwise": "row"}
 _PARALLEL_LINEARS = (ColumnParallelLinear, ReplicatedColumnLinear, RowParallelLinear)
 
 
@@ -74,7 +85,7 @@ def resolve_plan(model: nn.Module, plan: Mapping[str, str] | str) -> dict[str, s
                 f"parallelize: plan='auto': expected {type(model).__name__}.config.base_model_tp_plan "
                 f"(a Hugging Face model's own plan), got {base_plan!r}"
             )
-        prefix = _base_prefix(model)
+        prefix = _auto_prefix(model, base_plan)
         return {prefix + key: style for key, style in base_plan.items()}
     if not isinstance(plan, Mapping):
         raise TypeError(f"parallelize: plan: expected a dict of {{path: style}} or 'auto', got {type(plan).__name__}")
@@ -91,19 +102,44 @@ def _base_prefix(model: nn.Module) -> str:
     return ""
 
 
+def _auto_prefix(model: nn.Module, base_plan: Mapping[str, str]) -> str:
+    """The base model's path, plus "."; when `base_model` does not lead to it (a text model
+    whose `base_model_prefix` names a multimodal wrapper's attribute), the child under which
+    every plan key finds a module or parameter."""
+    names = _targets(model)
+    candidates = [_base_prefix(model)] + [name + "." for name, _ in model.named_children()]
+
+    def hits(prefix: str) -> int:
+        return sum(any(_key_regex(prefix + key).match(n) for n in names) for key in base_plan)
+
+    return max(candidates, key=hits)  # the first of the best
+
+
+def _targets(model: nn.Module) -> list[str]:
+    """Paths a plan key may name: every submodule and every parameter."""
+    return [name for name, _ in model.named_modules() if name] + [name for name, _ in model.named_parameters()]
+
+
 def _key_regex(key: str) -> re.Pattern[str]:
     return re.compile("".join("[^.]+" if part == "*" else re.escape(part) for part in re.split(r"(\*)", key)) + "$")
 
 
-def _match(model: nn.Module, plan: dict[str, str]) -> dict[str, tuple[str, str]]:
-    """`{module path: (style, plan key)}`; every key must match a module, no module two styles."""
-    names = [name for name, _ in model.named_modules() if name]
+def _match(model: nn.Module, plan: dict[str, str], *, unmatched_ok: bool = False) -> dict[str, tuple[str, str]]:
+    """`{module or parameter path: (style, plan key)}`; no path two styles. Every key must
+    match, except with `unmatched_ok` (a model's own plan covers variants the model may not
+    build, e.g. dense and MoE MLPs): then at least one must."""
+    names = _targets(model)
     found: dict[str, tuple[str, str]] = {}
     for key, style in plan.items():
-        if style not in STYLES:
-            raise ValueError(f"parallelize: plan[{key!r}]: expected a style in {list(STYLES)}, got {style!r}")
         rx = _key_regex(key)
         hits = [n for n in names if rx.match(n)]
+        if style not in STYLES:
+            where = f"{hits[0]} (plan key {key!r})" if hits else f"plan key {key!r}"
+            raise ValueError(f"parallelize: {where}: style {style!r} is not one fusedpar knows; "
+                             f"expected one of {list(STYLES)}")
+        if not hits and unmatched_ok:
+            logger.info("parallelize: plan key %r matches nothing in %s; skipped", key, type(model).__name__)
+            continue
         if not hits:
             example = ", ".join(names[:6])
             raise ValueError(
@@ -115,6 +151,9 @@ def _match(model: nn.Module, plan: dict[str, str]) -> dict[str, tuple[str, str]]
                 raise ValueError(f"parallelize: {n}: matched by plan keys {found[n][1]!r} ({found[n][0]!r}) and "
                                  f"{key!r} ({style!r}); expected one style")
             found[n] = (style, key)
+    if not found:
+        raise ValueError(f"parallelize: plan: expected at least one key to match a module of {type(model).__name__}, "
+                         f"got none of {list(plan)}")
     return found
 
 
@@ -157,17 +196,25 @@ def _plan_linear(model: nn.Module, path: str, style: str, key: str, world: int) 
     where = f"parallelize: {path} (plan key {key!r}, style {style!r})"
     if not isinstance(module, nn.Linear):
         raise TypeError(f"{where}: expected an nn.Linear, got {type(module).__name__}")
+    if style in _PACKED:  # [gate; up] halves split on their own (packed.py)
+        dim = 0 if _PACKED[style] == "col" else 1
+        ParamShard(dim, 2).check(module.weight.shape, world, where=f"{where}: weight")
+        return {"kind": _PACKED[style], "parts": 2, "gather_output": False, "input_is_parallel": True}
     if style in _ROWWISE:
         if module.in_features % world:
             raise ValueError(f"{where}: in_features: expected a multiple of the world size {world}, "
                              f"got {module.in_features}")
+        config = getattr(model, "config", None)
+        heads = {getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)} - {None}
+        if module.out_features in heads and module.out_features != getattr(config, "hidden_size", None):
+            raise ValueError(f"{where}: out_features: {module.out_features} is one feature per attention head, which "
+                             f"the attention reads for its local heads only; a row-parallel layer returns every "
+                             f"head (expected a layer with a hidden-size output, e.g. o_proj)")
         return {"kind": "row", "input_is_parallel": _ROWWISE[style]}
     parent = model.get_submodule(_parent(path))
     hd = _head_dim(model, parent)
     out = module.out_features
-    if hd is not None and not _COLWISE[style]:
-        if out % hd:
-            raise ValueError(f"{where}: out_features: expected a multiple of {_parent(path)}.head_dim {hd}, got {out}")
+    if hd is not None and not _COLWISE[style] and out % hd == 0:  # heads (not e.g. one gate per head)
         heads = out // hd
         if heads % world == 0:
             return {"kind": "col", "gather_output": False, "heads": heads, "head_dim": hd}
@@ -201,25 +248,31 @@ def parallelize(
 
     Pretrained weights are sharded, not re-initialized. Every rank must call it with the
     same model and plan. `chunks` / `kernel` / `comm` / `save_gathered_input` go to every
-    parallel linear. With `sequence_parallel=True` the sequence length must be a multiple
-    of the world size (checked on each forward before any collective).
+    parallel linear (`kernel` also to the grouped expert GEMMs). With
+    `sequence_parallel=True` the sequence length must be a multiple of the world size
+    (checked on each forward before any collective).
     """
     group = check_group(group, arg="parallelize: group")
     world = dist.get_world_size(group)
-    matches = _match(model, resolve_plan(model, plan))
+    matches = _match(model, resolve_plan(model, plan), unmatched_ok=isinstance(plan, str))
+    params = dict(model.named_parameters())
 
     # 1. Check everything (no comm), so a bad plan raises on every rank before any collective.
-    builds = {p: _plan_linear(model, p, s, k, world) for p, (s, k) in matches.items() if s in _COLWISE or s in _ROWWISE}
+    linears = {p: m for p, m in matches.items() if p not in params and m[0] in (*_COLWISE, *_ROWWISE, *_PACKED)
+               and not _inside_experts(p, matches)}
+    builds = {p: _plan_linear(model, p, s, k, world) for p, (s, k) in linears.items()}
+    others = _plan_other_styles(model, matches, params, world, kernel=kernel, comm=comm)
     region_name, region = _decoder_layers(model, matches) if sequence_parallel else ("", None)
 
     def in_region(path: str) -> bool:
         return bool(region_name) and path.startswith(region_name + ".")
 
+    unplanned: dict[str, nn.Module] = {}
     if sequence_parallel:
         _check_sequence_region(model, matches, region_name, region)
     else:
-        try:  # decoder-layer models: blocks with head-split layers, same check as with SP
-            _check_unplanned_parameters(matches, *_decoder_layers(model, matches), sequence_parallel=False)
+        try:  # decoder-layer models: unplanned modules with parameters in blocks with split layers
+            unplanned = _unplanned_modules(matches, *_decoder_layers(model, matches))
         except _NoDecoderLayers:
             pass  # other models: a parameter next to parallel layers may see replicated inputs
 
@@ -229,25 +282,32 @@ def parallelize(
         linear = model.get_submodule(path)
         sp = in_region(path)
         if b["kind"] == "row":
-            new = RowParallelLinear.from_linear(linear, group=group, name=path, input_is_parallel=b["input_is_parallel"],
-                                                sequence_parallel=sp, **knobs)
+            row_cls = PackedRowParallelLinear if b.get("parts", 1) > 1 else RowParallelLinear
+            new = row_cls.from_linear(linear, group=group, name=path, input_is_parallel=b["input_is_parallel"],
+                                      sequence_parallel=sp, **knobs)
         elif b["kind"] == "rep":
             new = ReplicatedColumnLinear.from_linear(linear, group=group, parts=b["parts"], name=path,
                                                      sequence_parallel=sp, save_gathered_input=save_gathered_input,
                                                      **knobs)
         else:
-            new = ColumnParallelLinear.from_linear(linear, group=group, name=path, gather_output=b["gather_output"],
-                                                   sequence_parallel=sp, save_gathered_input=save_gathered_input,
-                                                   **knobs)
+            col_cls = PackedColumnParallelLinear if b.get("parts", 1) > 1 else ColumnParallelLinear
+            new = col_cls.from_linear(linear, group=group, name=path, gather_output=b["gather_output"],
+                                      sequence_parallel=sp, save_gathered_input=save_gathered_input, **knobs)
         parent_path, _, leaf = path.rpartition(".")
         setattr(model.get_submodule(parent_path), leaf, new)
 
-    # 3. Replicated parameters whose gradients are per-rank partial sums.
+    # 3. The other styles: sharded parameters, experts, embeddings, hooks (each from its module).
+    for apply in others:
+        apply(group)
+
+    # 4. Replicated parameters whose gradients are per-rank partial sums.
     for path, (style, _) in matches.items():
         if style == "replicated_with_grad_allreduce" or (style == "sequence_parallel" and sequence_parallel):
             all_reduce_grads(model.get_submodule(path), group=group, comm=comm)
+    if unplanned:
+        watch_unplanned(model, unplanned, group=group, comm=comm)
 
-    # 4. Attention modules: local head counts; fused column groups under each parent.
+    # 5. Attention modules: local head counts; fused column groups under each parent.
     _set_local_heads(model, builds, world)
     by_parent: dict[str, list[str]] = {}
     for path, b in builds.items():
@@ -256,7 +316,7 @@ def parallelize(
     for parent_path, paths in by_parent.items():
         _install_group(model.get_submodule(parent_path), [model.get_submodule(p) for p in paths], parent_path)
 
-    # 5. Sequence parallelism: split the residual stream inside the decoder layers.
+    # 6. Sequence parallelism: split the residual stream inside the decoder layers.
     if sequence_parallel:
         assert region is not None
         _install_sequence_region(region, region_name, group=group, comm=comm, world=world)
@@ -270,6 +330,68 @@ def parallelize(
                     all_reduce_grads(child, group=group, comm=comm)
     model._fusedpar_parallel = {"group": group, "sequence_parallel": sequence_parallel, "plan": dict(matches)}
     return model
+
+
+def _inside_experts(path: str, matches: dict[str, tuple[str, str]]) -> bool:
+    return matches.get(_parent(path), ("",))[0] == "moe_tp_experts"
+
+
+def _plan_other_styles(model: nn.Module, matches: dict[str, tuple[str, str]], params: dict[str, Any], world: int,
+                       *, kernel: str, comm: str) -> list[Any]:
+    """Check the styles that are not linears (no comm); return one `apply(group)` per entry."""
+    applies: list[Any] = []
+    for path, (style, key) in matches.items():
+        where = f"parallelize: {path} (plan key {key!r}, style {style!r})"
+        module = model if path in params else model.get_submodule(path)
+        if path in params:
+            if _inside_experts(path, matches) or style in ("replicate", "local_params"):
+                continue  # experts' weights: sharded by their block below
+            if style not in _PARAM_DIMS:
+                raise ValueError(f"{where}: expected a module for this style, got a parameter "
+                                 f"(parameters take {sorted(_PARAM_DIMS)})")
+            owner_path, _, leaf = path.rpartition(".")
+            owner = model.get_submodule(owner_path)
+            shard = _param_shard(style, leaf, params[path].ndim)
+            if shard is None:
+                continue
+            shard.check(params[path].shape, world, where=where)
+            applies.append(lambda g, o=owner, n=leaf, sh=shard, w=where: shard_parameter(o, n, sh, group=g, where=w))
+        elif style == "moe_tp_experts":
+            own = {p.rpartition(".")[2]: m[0] for p, m in matches.items() if p in params and _parent(p) == path}
+            shards = moe.plan_experts(module, own, world, where=where)
+            applies.append(lambda g, m=module, sh=shards: moe.shard_experts(m, sh, group=g, comm=comm, kernel=kernel,
+                                                                            name=path))
+        elif style in embedding.EMBEDDING_STYLES:
+            embedding.check_embedding(module, style, world, where=where)
+            applies.append(lambda g, m=module, st=style, n=path: embedding.shard_embedding(m, st, group=g, comm=comm,
+                                                                                           name=n))
+        elif style == "moe_identity_expert":
+            applies.append(lambda g, m=module: partial.install_divide_input(m, world=world))
+        elif style == "all_reduce":
+            applies.append(lambda g, m=module: partial.install_reduce_output(m, group=g, comm=comm))
+        elif style == "mla_kv_a_proj":
+            config = getattr(model, "config", None)
+            config = config.get_text_config() if hasattr(config, "get_text_config") else config
+            rope_dim = getattr(config, "qk_rope_head_dim", None)
+            if not isinstance(rope_dim, int) or not isinstance(module, nn.Linear) or rope_dim >= module.out_features:
+                raise ValueError(f"{where}: expected an nn.Linear whose output ends with config.qk_rope_head_dim "
+                                 f"rope features, got {type(module).__name__} and qk_rope_head_dim={rope_dim!r}")
+            applies.append(lambda g, m=module, r=rope_dim: partial.install_mla_kv_a_proj(m, rope_dim=r, group=g,
+                                                                                         comm=comm))
+    return applies
+
+
+# style on a bare parameter → (dim for >= 2-D, dim for 1-D, packed parts); Hugging Face: colwise
+# splits dim ndim-2 (dim 0 of a vector), rowwise the last dim (a bias stays replicated)
+_PARAM_DIMS = {"colwise": (-2, 0, 1), "rowwise": (-1, -1, 1), "packed_colwise": (-2, -1, 2),
+               "packed_rowwise": (-1, -1, 2)}
+
+
+def _param_shard(style: str, leaf: str, ndim: int) -> ParamShard | None:
+    if style == "rowwise" and leaf == "bias":
+        return None
+    matrix_dim, vector_dim, parts = _PARAM_DIMS[style]
+    return ParamShard(matrix_dim % ndim if ndim >= 2 else vector_dim, parts)
 
 
 def _check_sequence_region(model: nn.Module, matches: dict[str, tuple[str, str]], name: str,
@@ -289,6 +411,26 @@ def _check_sequence_region(model: nn.Module, matches: dict[str, tuple[str, str]]
                 f"takes sequence shards inside {name} ('colwise' / 'rowwise'), got {style!r}"
             )
     _check_unplanned_parameters(matches, name, region, sequence_parallel=True)
+
+
+def _unplanned_modules(matches: dict[str, tuple[str, str]], name: str, region: nn.ModuleList) -> dict[str, nn.Module]:
+    """Unplanned modules with parameters inside decoder-layer blocks that hold a layer whose
+    output is split (column-parallel): whether each reads split data is found on its first
+    forward (unplanned.py)."""
+    planned = set(matches)
+    splitting = {p for p, (style, _) in matches.items() if style in ("colwise", "packed_colwise")}
+    found: dict[str, nn.Module] = {}
+    for i, layer in enumerate(region):
+        for child_name, child in layer.named_children():
+            base = f"{name}.{i}.{child_name}"
+            if not any(p == base or p.startswith(base + ".") for p in splitting):
+                continue
+            for sub_name, sub in child.named_modules():
+                path = f"{base}.{sub_name}" if sub_name else base
+                covered = any(path == p or path.startswith(p + ".") for p in planned)
+                if not covered and any(True for _ in sub.parameters(recurse=False)):
+                    found[path] = sub
+    return found
 
 
 def _check_unplanned_parameters(matches: dict[str, tuple[str, str]], name: str, region: nn.ModuleList, *,
@@ -351,17 +493,30 @@ def _first_input(args: tuple, kwargs: dict) -> tuple[Tensor, Any]:
 
 
 def _install_group(parent: nn.Module, layers: list[nn.Module], parent_path: str) -> None:
-    """Run `layers` (column-parallel children reading the parent's input) as one fused GEMM."""
+    """Run `layers` (column-parallel children reading the parent's input) as one fused GEMM.
+
+    Children that read something else (DeepSeek's q_b_proj reads a latent, not the
+    attention's input) are left out: first those whose width does not fit the input, then,
+    after the first forward, those that did not take the precomputed output."""
+    members = list(layers)
+    learned = [False]
 
     def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         x, put = _first_input(args, kwargs)
-        outs, x_full = column_parallel_group(layers, x)
-        for layer, y in zip(layers, outs):
+        fit = [layer for layer in members if layer.in_features == x.shape[-1]]
+        if not fit:
+            return args, kwargs
+        outs, x_full = column_parallel_group(fit, x)
+        for layer, y in zip(fit, outs):
             layer._fusedpar_precomputed = (x_full, y)
         return put(x_full)
 
     def post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        unused = [type(l).__name__ for l in layers if l.__dict__.pop("_fusedpar_precomputed", None) is not None]
+        unused = [l for l in layers if l.__dict__.pop("_fusedpar_precomputed", None) is not None]
+        if not learned[0] and not layers[0].spec.sequence_parallel:
+            members[:] = [l for l in members if l not in unused]
+            learned[0] = True
+            return output
         if unused and layers[0].spec.sequence_parallel:
             raise RuntimeError(
                 f"parallelize: {parent_path}: expected each column-parallel child to be called on the "
@@ -396,14 +551,19 @@ def _install_sequence_region(region: nn.ModuleList, name: str, *, group: Any, co
 
 
 def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The model's state dict with every parallel linear's weights gathered whole.
+    """The model's state dict with every parallel linear's and every sharded parameter's
+    weights gathered whole.
 
     A collective: every rank of the group must call it. The keys are the original model's,
     so the result loads into a fresh single-process model.
     """
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
         if isinstance(module, _PARALLEL_LINEARS):
             for k, v in module.full_state_dict().items():
-                sd[f"{name}.{k}" if name else k] = v
+                sd[prefix + k] = v
+        for leaf in sharded_parameters(module):
+            if prefix + leaf in sd:
+                sd[prefix + leaf] = gather_shard(module, leaf)
     return sd

@@ -55,17 +55,10 @@ def _run_error_cases(group):
     # a module that is not an nn.Linear
     _expect(TypeError, lambda: parallelize(llama(), {"model.layers.*.input_layernorm": "colwise"}, group=group),
             "model.layers.0.input_layernorm", "nn.Linear", "LlamaRMSNorm")
-    # without sequence parallelism too: a per-head norm left out of the plan (Qwen3's q/k norms
-    # see only this rank's heads, so their gradients would be partial sums)
-    from fusedpar.layers import resolve_plan
-
-    qwen3 = build("qwen3")
-    no_norms = {k: v for k, v in resolve_plan(qwen3, "auto").items() if not k.endswith("_norm")}
-    _expect(ValueError, lambda: parallelize(qwen3, no_norms, group=group),
-            "self_attn.q_norm", "expected a plan entry", "got none")
-    # an unknown style
-    _expect(ValueError, lambda: parallelize(llama(), {"model.layers.*.mlp.up_proj": "packed_colwise"}, group=group),
-            "model.layers.*.mlp.up_proj", "colwise", "got 'packed_colwise'")
+    # an unknown style: named with the module it would apply to and the styles known
+    _expect(ValueError, lambda: parallelize(llama(), {"model.layers.*.mlp.up_proj": "bogus_wise"}, group=group),
+            "model.layers.0.mlp.up_proj", "model.layers.*.mlp.up_proj", "'bogus_wise'", "packed_colwise",
+            "moe_tp_experts")
     # plan="auto" on a model without a tp plan; a plan that is neither
     _expect(ValueError, lambda: parallelize(nn.Sequential(nn.Linear(4, 4)), "auto", group=group),
             "base_model_tp_plan", "got None")
