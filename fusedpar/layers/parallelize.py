@@ -53,6 +53,7 @@ from .norm import all_reduce_grads
 from . import embedding, moe, partial
 from .packed import PackedColumnParallelLinear, PackedRowParallelLinear
 from .sharding import ParamShard, gather_shard, shard_parameter, sharded_parameters
+from .islands import check_layer_inputs, install_island, layer_blocks, sequence_islands
 from .unplanned import watch_unplanned
 
 __all__ = ["parallelize", "full_state_dict", "STYLES", "resolve_plan"]
@@ -243,6 +244,7 @@ def parallelize(
     kernel: str = "auto",
     comm: str = "torch",
     save_gathered_input: bool = True,
+    loss_parallel: bool = False,
 ) -> nn.Module:
     """Convert `model` in place for tensor parallelism over `group`; return it.
 
@@ -250,31 +252,39 @@ def parallelize(
     same model and plan. `chunks` / `kernel` / `comm` / `save_gathered_input` go to every
     parallel linear (`kernel` also to the grouped expert GEMMs). With
     `sequence_parallel=True` the sequence length must be a multiple of the world size
-    (checked on each forward before any collective).
+    (checked on each forward before any collective). With `loss_parallel=True` (training a
+    Hugging Face causal LM) the LM head stays split on the vocabulary: the model returns
+    logits `[.., vocab/world]` and computes its loss with `vocab_parallel_cross_entropy`;
+    a tied input embedding is split the same way.
     """
     group = check_group(group, arg="parallelize: group")
     world = dist.get_world_size(group)
-    matches = _match(model, resolve_plan(model, plan), unmatched_ok=isinstance(plan, str))
+    resolved, tied = resolve_plan(model, plan), False
+    if loss_parallel:
+        resolved, tied = embedding.loss_parallel_plan(model, resolved)
+    matches = _match(model, resolved, unmatched_ok=isinstance(plan, str))
     params = dict(model.named_parameters())
 
     # 1. Check everything (no comm), so a bad plan raises on every rank before any collective.
     linears = {p: m for p, m in matches.items() if p not in params and m[0] in (*_COLWISE, *_ROWWISE, *_PACKED)
                and not _inside_experts(p, matches)}
     builds = {p: _plan_linear(model, p, s, k, world) for p, (s, k) in linears.items()}
+    _check_row_inputs(builds, matches)
     others = _plan_other_styles(model, matches, params, world, kernel=kernel, comm=comm)
     region_name, region = _decoder_layers(model, matches) if sequence_parallel else ("", None)
+    islands = _check_sequence_region(model, matches, set(params), region_name, region) if sequence_parallel else set()
 
-    def in_region(path: str) -> bool:
-        return bool(region_name) and path.startswith(region_name + ".")
+    def in_region(path: str) -> bool:  # sequence-parallel: in the decoder layers, outside islands
+        return (bool(region_name) and path.startswith(region_name + ".")
+                and not any(path.startswith(i + ".") for i in islands))
 
     unplanned: dict[str, nn.Module] = {}
-    if sequence_parallel:
-        _check_sequence_region(model, matches, region_name, region)
-    else:
-        try:  # decoder-layer models: unplanned modules with parameters in blocks with split layers
-            unplanned = _unplanned_modules(matches, *_decoder_layers(model, matches))
-        except _NoDecoderLayers:
-            pass  # other models: a parameter next to parallel layers may see replicated inputs
+    try:  # decoder-layer models: unplanned modules with parameters in blocks with split layers
+        unplanned = _unplanned_modules(matches, *_decoder_layers(model, matches))
+        if sequence_parallel:
+            unplanned = {p: m for p, m in unplanned.items() if not in_region(p)}
+    except _NoDecoderLayers:
+        pass  # other models: a parameter next to parallel layers may see replicated inputs
 
     # 2. Convert the linears.
     knobs = dict(chunks=chunks, kernel=kernel, comm=comm, sequence_dim=-2)
@@ -306,6 +316,8 @@ def parallelize(
             all_reduce_grads(model.get_submodule(path), group=group, comm=comm)
     if unplanned:
         watch_unplanned(model, unplanned, group=group, comm=comm)
+    if loss_parallel:
+        embedding.install_loss_parallel(model, group=group, comm=comm, tied=tied)
 
     # 5. Attention modules: local head counts; fused column groups under each parent.
     _set_local_heads(model, builds, world)
@@ -322,14 +334,30 @@ def parallelize(
         _install_sequence_region(region, region_name, group=group, comm=comm, world=world)
         planned = set(matches)
         for i, layer in enumerate(region):
-            for child_name, child in layer.named_children():
-                path = f"{region_name}.{i}.{child_name}"
+            for path, child in layer_blocks(layer, f"{region_name}.{i}"):
                 owns_params = any(True for _ in child.parameters(recurse=False))
                 holds_plan = any(p == path or p.startswith(path + ".") for p in planned)
-                if owns_params and not holds_plan:
+                if path in islands:
+                    install_island(child, group=group, comm=comm)
+                elif owns_params and not holds_plan:
                     all_reduce_grads(child, group=group, comm=comm)
     model._fusedpar_parallel = {"group": group, "sequence_parallel": sequence_parallel, "plan": dict(matches)}
     return model
+
+
+def _check_row_inputs(builds: dict[str, dict[str, Any]], matches: dict[str, tuple[str, str]]) -> None:
+    """A row-parallel layer that takes split features needs a column-parallel layer (or a
+    column-split parameter) in its block to split them; otherwise it would get whole features."""
+    splitting = [p for p, (style, _) in matches.items() if style in ("colwise", "packed_colwise")]
+    for path, b in builds.items():
+        if b["kind"] == "row" and b["input_is_parallel"]:
+            block = _parent(path)
+            if not any(p != path and p.startswith(block + ".") for p in splitting):
+                style, key = matches[path]
+                raise ValueError(f"parallelize: {path} (plan key {key!r}, style {style!r}): expected a column-parallel "
+                                 f"layer under {block or 'the model'} to split its input features, got none (an "
+                                 f"unplanned layer would hand it whole features; plan it 'colwise', or this one "
+                                 f"'rowwise_split_input')")
 
 
 def _inside_experts(path: str, matches: dict[str, tuple[str, str]]) -> bool:
@@ -394,23 +422,12 @@ def _param_shard(style: str, leaf: str, ndim: int) -> ParamShard | None:
     return ParamShard(matrix_dim % ndim if ndim >= 2 else vector_dim, parts)
 
 
-def _check_sequence_region(model: nn.Module, matches: dict[str, tuple[str, str]], name: str,
-                           region: nn.ModuleList) -> None:
-    """Reject what sequence parallelism cannot run correctly inside the decoder layers (no comm).
-
-    Inside the region, inputs are sequence shards: a layer planned with a replicated input
-    ("*_rep", "rowwise_split_input") would see a shard, and an unplanned parameter inside a
-    block that holds planned layers (e.g. an unplanned gate_proj next to a planned down_proj)
-    would get a per-rank partial gradient that nothing sums.
-    """
-    for path, (style, key) in matches.items():
-        if path.startswith(name + ".") and style in ("colwise_rep", "colwise_gather_output", "rowwise_rep",
-                                                     "rowwise_split_input"):
-            raise ValueError(
-                f"parallelize(sequence_parallel=True): {path} (plan key {key!r}): expected a style that "
-                f"takes sequence shards inside {name} ('colwise' / 'rowwise'), got {style!r}"
-            )
-    _check_unplanned_parameters(matches, name, region, sequence_parallel=True)
+def _check_sequence_region(model: nn.Module, matches: dict[str, tuple[str, str]], params: set[str], name: str,
+                           region: nn.ModuleList) -> set[str]:
+    """What runs where under sequence parallelism (no comm): the blocks that run as islands
+    on the whole sequence (islands.py); raises for what cannot run correctly."""
+    check_layer_inputs(region[0], name)
+    return sequence_islands(matches, params, name, region)
 
 
 def _unplanned_modules(matches: dict[str, tuple[str, str]], name: str, region: nn.ModuleList) -> dict[str, nn.Module]:
@@ -421,8 +438,7 @@ def _unplanned_modules(matches: dict[str, tuple[str, str]], name: str, region: n
     splitting = {p for p, (style, _) in matches.items() if style in ("colwise", "packed_colwise")}
     found: dict[str, nn.Module] = {}
     for i, layer in enumerate(region):
-        for child_name, child in layer.named_children():
-            base = f"{name}.{i}.{child_name}"
+        for base, child in layer_blocks(layer, f"{name}.{i}"):
             if not any(p == base or p.startswith(base + ".") for p in splitting):
                 continue
             for sub_name, sub in child.named_modules():
@@ -431,31 +447,6 @@ def _unplanned_modules(matches: dict[str, tuple[str, str]], name: str, region: n
                 if not covered and any(True for _ in sub.parameters(recurse=False)):
                     found[path] = sub
     return found
-
-
-def _check_unplanned_parameters(matches: dict[str, tuple[str, str]], name: str, region: nn.ModuleList, *,
-                                sequence_parallel: bool) -> None:
-    """Reject an unplanned module with parameters inside a decoder-layer block that holds
-    planned layers (e.g. a per-head q_norm, or a gate_proj left out of the plan): it would
-    see split activations, and its gradient would be a per-rank partial sum nothing adds up.
-    With sequence parallelism every such block sees split activations; without it, only
-    blocks with a 'colwise' layer (its split output feeds the rest of the block)."""
-    planned = set(matches)
-    splitting = planned if sequence_parallel else {p for p, (style, _) in matches.items() if style == "colwise"}
-    for i, layer in enumerate(region):
-        for child_name, child in layer.named_children():
-            base = f"{name}.{i}.{child_name}"
-            if not any(p == base or p.startswith(base + ".") for p in splitting):
-                continue
-            for sub_name, sub in child.named_modules():
-                path = f"{base}.{sub_name}" if sub_name else base
-                covered = any(path == p or path.startswith(p + ".") for p in planned)
-                if not covered and any(True for _ in sub.parameters(recurse=False)):
-                    raise ValueError(
-                        f"parallelize(sequence_parallel={sequence_parallel}): {path}: expected a plan entry for a "
-                        f"module with parameters inside a block with parallel layers (its gradient would be a "
-                        f"per-rank partial sum; e.g. 'replicated_with_grad_allreduce'), got none"
-                    )
 
 
 def _set_local_heads(model: nn.Module, builds: dict[str, dict[str, Any]], world: int) -> None:
@@ -533,7 +524,10 @@ def _install_group(parent: nn.Module, layers: list[nn.Module], parent_path: str)
 def _install_sequence_region(region: nn.ModuleList, name: str, *, group: Any, comm: str, world: int) -> None:
     def split(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         x, put = _first_input(args, kwargs)
-        if x.ndim < 2 or x.shape[-2] % world:
+        if x.ndim not in (2, 3):  # [(batch,) seq, hidden]; hyper-connections carry [batch, seq, streams, hidden]
+            raise ValueError(f"parallelize(sequence_parallel=True): {name}.0 input: expected hidden_states "
+                             f"[(batch,) seq, hidden], got shape {list(x.shape)}")
+        if x.shape[-2] % world:
             raise ValueError(
                 f"parallelize(sequence_parallel=True): {name}.0 input: expected the sequence length "
                 f"(dim -2 of {list(x.shape)}) to be a multiple of the world size {world}, got "

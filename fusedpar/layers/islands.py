@@ -1,0 +1,132 @@
+"""Sequence parallelism around blocks that cannot take sequence shards: "islands".
+
+With `sequence_parallel=True` the residual stream inside the decoder layers is split on the
+sequence dim. A block (a direct child of a decoder layer) runs on those shards natively when
+its plan is plain column/row-parallel linears: the column group gathers the sequence and the
+row layer reduce-scatters it back. Other blocks run as islands, on the whole sequence:
+
+    pre-hook   x_full = all_gather(x_shard)           backward: keep this rank's rows of dx_full
+    inside     the block exactly as without sequence parallelism (replicated input, replicated
+               output: MoE experts, DeepSeek's latent attention, gathered-output styles,
+               unplanned attention or state-space mixers)
+    post-hook  y_shard = y_full.chunk(world, seq)[rank]   backward: all-gather dy
+
+Correct because a block without sequence parallelism returns the same output on every rank
+and sends back the same input gradient on every rank. It costs an all-gather and an
+all-reduce where a native block has an all-gather and a reduce-scatter.
+
+A block is an island when it holds a planned entry that is not a plain linear style, a
+planned parameter, an unplanned module with parameters next to planned linears, or no plan
+at all but matrices (an unplanned attention). Blocks holding only vectors (norms) run on
+shards with their gradients all-reduced, as before.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .linear import gather_from_shard, split_to_shard
+
+__all__ = ["SP_NATIVE_STYLES", "sequence_islands", "install_island", "check_layer_inputs", "layer_blocks"]
+
+SP_NATIVE_STYLES = frozenset({"colwise", "rowwise", "packed_colwise", "packed_rowwise",
+                              "replicated_with_grad_allreduce", "replicate"})
+
+# decoder-layer forward arguments that are not per-token tensors, or per-token context read only
+# inside blocks that run on the whole sequence (hidden_states itself is split): position
+# embeddings, masks, Beam's per-position attention scale. Anything else is refused, since
+# fusedpar cannot tell where it is read (Gemma 3n adds per_layer_input to the split residual).
+_LAYER_ARGS = frozenset({"self", "hidden_states", "attention_mask", "position_ids", "position_embeddings",
+                         "past_key_values", "past_key_value", "layer_past", "cache_position", "use_cache",
+                         "output_attentions", "output_router_logits", "shared_kv_states", "attention_scaling",
+                         "args", "kwargs"})
+
+
+def layer_blocks(layer: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
+    """The blocks a decoder layer calls: its children, with lists of modules (LongCat's two
+    attentions in `self_attn.0`, `self_attn.1`) opened up, since a list is never called."""
+    blocks = []
+    for name, child in layer.named_children():
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+            blocks += [(f"{prefix}.{name}.{n}", c) for n, c in child.named_children()]
+        else:
+            blocks.append((f"{prefix}.{name}", child))
+    return blocks
+
+
+def check_layer_inputs(layer: nn.Module, name: str) -> None:
+    """Refuse (no comm) decoder layers that take inputs other than the residual stream and
+    whole-sequence context (e.g. Gemma 3n's per-layer embeddings, DeepSeek V4's input ids):
+    those would stay whole while the residual stream they meet is split."""
+    extra = [p for p in inspect.signature(type(layer).forward).parameters if p not in _LAYER_ARGS]
+    if extra:
+        raise ValueError(
+            f"parallelize(sequence_parallel=True): {name}.0 ({type(layer).__name__}): expected a decoder layer "
+            f"whose only per-token input is hidden_states (fusedpar splits that one), got also {extra}")
+
+
+def sequence_islands(matches: dict[str, tuple[str, str]], params: set[str], name: str,
+                     region: nn.ModuleList) -> set[str]:
+    """The decoder-layer blocks that run as islands (paths), by the rule in the module doc;
+    also a block planned with plain linears only that holds an unplanned module with
+    parameters (an activation with learned slopes, a router)."""
+    islands: set[str] = set()
+    for i, layer in enumerate(region):
+        for base, child in layer_blocks(layer, f"{name}.{i}"):
+            entries = {p: s for p, (s, _) in matches.items() if p == base or p.startswith(base + ".")}
+            if not entries:
+                if any(p.ndim >= 2 for p in child.parameters()):
+                    islands.add(base)
+                continue
+            if any(s not in SP_NATIVE_STYLES or p in params for p, s in entries.items()):
+                islands.add(base)
+                continue
+            for sub_name, sub in child.named_modules():
+                path = f"{base}.{sub_name}" if sub_name else base
+                covered = any(path == p or path.startswith(p + ".") for p in entries)
+                if not covered and any(True for _ in sub.parameters(recurse=False)):
+                    # natively its input would be the gathered sequence, detached (column group), or
+                    # split features: on the whole sequence it is an ordinary tensor-parallel block
+                    islands.add(base)
+                    break
+    return islands
+
+
+def _first_tensor(args: tuple, kwargs: dict) -> tuple[Tensor, Any]:
+    if args and isinstance(args[0], Tensor):
+        return args[0], lambda t: ((t, *args[1:]), kwargs)
+    if isinstance(kwargs.get("hidden_states"), Tensor):
+        return kwargs["hidden_states"], lambda t: (args, {**kwargs, "hidden_states": t})
+    raise TypeError("sequence-parallel island: expected the block's first argument (or hidden_states=) to be a Tensor")
+
+
+def install_island(module: nn.Module, *, group: dist.ProcessGroup, comm: str = "torch") -> None:
+    """Run `module` on the gathered sequence inside a sequence-parallel region (see the module doc)."""
+
+    shapes: list[tuple[int, ...]] = []
+
+    def gather(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        x, put = _first_tensor(args, kwargs)
+        x_full = gather_from_shard(x, group=group, dim=-2, comm=comm)
+        shapes.append(tuple(x_full.shape[:-1]))
+        return put(x_full)
+
+    def split_one(y: Tensor, tokens: tuple[int, ...]) -> Tensor:
+        if tuple(y.shape[:-1]) == tokens or y.ndim < 2:
+            return split_to_shard(y, group=group, dim=-2, comm=comm)
+        # a block that returns its tokens flattened ([batch * seq, H], Llama 4's MoE): split per sequence
+        y_shard = split_to_shard(y.reshape(*tokens, y.shape[-1]), group=group, dim=-2, comm=comm)
+        return y_shard.reshape(-1, y.shape[-1])
+
+    def split(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        tokens = shapes.pop()
+        if isinstance(output, Tensor):
+            return split_one(output, tokens)
+        return (split_one(output[0], tokens), *output[1:])
+
+    module.register_forward_pre_hook(gather, with_kwargs=True, prepend=True)
+    module.register_forward_hook(split, with_kwargs=True)
+    module._fusedpar_island = True
