@@ -38,7 +38,8 @@ from .linear import gather_from_shard
 from .partial import reduce_partial
 from .sharding import ParamShard, shard_parameter
 
-__all__ = ["shard_embedding", "vocab_parallel_cross_entropy", "install_loss_parallel", "EMBEDDING_STYLES"]
+__all__ = ["shard_embedding", "vocab_parallel_cross_entropy", "install_loss_parallel", "loss_parallel_plan",
+           "EMBEDDING_STYLES"]
 
 EMBEDDING_STYLES = {"embedding_rowwise": 0, "embedding_colwise": 1}  # style → split dim of the [V, H] weight
 
@@ -113,7 +114,7 @@ class _VocabParallelCrossEntropyFn(torch.autograd.Function):
                 ignore_index: int) -> Tensor:
         communicator = get_communicator(group, comm)
         world = communicator.world_size
-        x = logits.float()
+        x = logits.to(torch.promote_types(logits.dtype, torch.float32))  # at least fp32, as HF's loss
         local_max = x.max(-1).values
         local_sum = torch.exp(x - local_max.unsqueeze(-1)).sum(-1)
         stats = torch.stack([local_max, local_sum]).contiguous()  # [2, T]
@@ -168,14 +169,46 @@ def vocab_parallel_cross_entropy(logits_shard: Tensor, labels: Tensor, *, group:
     return loss.sum() / (labels != ignore_index).sum()
 
 
-def install_loss_parallel(model: nn.Module, head: nn.Module, *, group: dist.ProcessGroup, comm: str = "torch") -> None:
+def _module_path(model: nn.Module, module: nn.Module | None) -> str | None:
+    for name, m in model.named_modules():
+        if m is module and name:
+            return name
+    return None
+
+
+def loss_parallel_plan(model: nn.Module, plan: dict[str, str]) -> tuple[dict[str, str], bool]:
+    """`plan` plus the vocab-split LM head ("colwise", no gather) and, when the input
+    embedding shares its weight, the input embedding vocab-split the same way; and whether
+    they share it (checks, no comm)."""
+    where = "parallelize(loss_parallel=True)"
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    head_path = _module_path(model, head)
+    if not isinstance(head, nn.Linear) or head_path is None or not hasattr(model, "loss_function"):
+        raise ValueError(f"{where}: expected a Hugging Face causal LM (get_output_embeddings() an nn.Linear, a "
+                         f"loss_function), got {type(model).__name__} with head {type(head).__name__}")
+    plan = dict(plan)
+    plan[head_path] = "colwise"
+    embed = model.get_input_embeddings()
+    tied = isinstance(embed, nn.Embedding) and embed.weight is head.weight
+    if tied:
+        plan[_module_path(model, embed)] = "embedding_rowwise"
+    return plan, tied
+
+
+def install_loss_parallel(model: nn.Module, *, group: dist.ProcessGroup, comm: str = "torch",
+                          tied: bool = False) -> None:
     """Make a Hugging Face causal LM compute its loss from vocab-split logits.
 
-    `head` is the model's column-parallel LM head (no gather): `model(...).logits` is then
-    `[.., V/world]`, this rank's vocabulary slice. The replacement `loss_function` is
-    Hugging Face's ForCausalLM loss (labels shifted left, `ignore_index`, mean over the
-    labelled tokens or sum / `num_items_in_batch`) on `vocab_parallel_cross_entropy`.
+    Its LM head must already be column-parallel without a gather (`loss_parallel_plan`):
+    `model(...).logits` is then `[.., V/world]`, this rank's vocabulary slice. The
+    replacement `loss_function` is Hugging Face's ForCausalLM loss (labels shifted left,
+    `ignore_index`, mean over the labelled tokens or sum / `num_items_in_batch`) on
+    `vocab_parallel_cross_entropy`. With `tied`, the (vocab-parallel) input embedding gets
+    the head's local rows back, so the two keep one parameter, as before sharding.
     """
+    if tied:
+        model.get_input_embeddings().weight = model.get_output_embeddings().weight
 
     def loss_function(logits: Tensor, labels: Tensor, vocab_size: int | None = None,
                       num_items_in_batch: Tensor | int | None = None, ignore_index: int = -100,
@@ -185,7 +218,7 @@ def install_loss_parallel(model: nn.Module, head: nn.Module, *, group: dist.Proc
             shift_labels = labels[..., 1:].contiguous()
         shift_labels = shift_labels.to(logits.device)
         reduction = "sum" if num_items_in_batch is not None else "mean"
-        loss = vocab_parallel_cross_entropy(logits.float(), shift_labels, group=group, ignore_index=ignore_index,
+        loss = vocab_parallel_cross_entropy(logits, shift_labels, group=group, ignore_index=ignore_index,
                                             reduction=reduction, comm=comm)
         if num_items_in_batch is not None:
             loss = loss / (num_items_in_batch.to(loss.device) if torch.is_tensor(num_items_in_batch)

@@ -12,6 +12,7 @@ column→row pair in Megatron's naming (`f` and `g`), for modules that are not l
 
 Hook styles (module → its forward changed in place, nothing replaced):
     install_reduce_output(module)              "all_reduce": the module's output is a partial sum
+                                               (and so are its inputs' gradients)
     install_divide_input(module)               "moe_identity_expert": an identity expert inside
                                                a partial-sum experts block adds its input once,
                                                not once per rank
@@ -91,9 +92,9 @@ def reduce_partial(y_partial: Tensor, *, group: dist.ProcessGroup, comm: str = "
     return _ReducePartialFn.apply(y_partial, group, comm)
 
 
-def replicated_inputs(*xs: Tensor | None, group: dist.ProcessGroup, comm: str = "torch") -> tuple[Tensor | None, ...]:
+def replicated_inputs(*xs: Any, group: dist.ProcessGroup, comm: str = "torch") -> tuple[Any, ...]:
     """`xs` unchanged; in backward their gradients (partial sums) are summed over ranks with one
-    all-reduce. Tensors that need no gradient (and `None`) pass through untouched."""
+    all-reduce. Tensors that need no gradient, and anything not a tensor, pass through untouched."""
     picked = [i for i, x in enumerate(xs) if isinstance(x, Tensor) and x.requires_grad and torch.is_grad_enabled()]
     if not picked:
         return tuple(xs)
@@ -113,11 +114,20 @@ def _map_first_tensor(output: Any, fn: Any) -> Any:
 
 
 def install_reduce_output(module: nn.Module, *, group: dist.ProcessGroup, comm: str = "torch") -> None:
-    """Style "all_reduce": the module's output (or its first element) is all-reduced in forward."""
+    """Style "all_reduce": the module computes a partial sum from replicated inputs with its
+    sharded parameters (Inkling's shared experts). Its output (or first element) is
+    all-reduced in forward; the gradients it sends to its tensor inputs, partial sums too,
+    are all-reduced together in backward."""
+
+    def pre_hook(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        keys = [k for k, v in kwargs.items() if isinstance(v, Tensor)]
+        wrapped = replicated_inputs(*args, *(kwargs[k] for k in keys), group=group, comm=comm)
+        return tuple(wrapped[:len(args)]), {**kwargs, **dict(zip(keys, wrapped[len(args):]))}
 
     def hook(mod: nn.Module, args: tuple, output: Any) -> Any:
         return _map_first_tensor(output, lambda y: reduce_partial(y, group=group, comm=comm))
 
+    module.register_forward_pre_hook(pre_hook, with_kwargs=True)
     module.register_forward_hook(hook)
 
 
