@@ -4,8 +4,9 @@ Pure pip on stock torch and triton; eager; correct on CPU (gloo, interpreted Tri
 and fast on GPU (NCCL, compiled Triton).
 
 Layers:      ColumnParallelLinear, RowParallelLinear, ParallelMLP, ParallelAttention, parallelize
+             (every Hugging Face TP style: packed, embeddings, MoE experts, MLA), vocab_parallel_cross_entropy
 Schedules:   all_gather_matmul, matmul_reduce_scatter, matmul_all_reduce (+ *_reference, backward blocks)
-Kernels:     matmul, gated_matmul, resolve_kernel
+Kernels:     matmul, gated_matmul, grouped_matmul (+ _wgrad), resolve_kernel
 Comm:        get_communicator, init_distributed, new_group, CollectiveError
 Cost model:  predict, choose_chunks, calibrate, device_spec_for, set_device_spec
 """
@@ -31,11 +32,14 @@ from fusedpar.costmodel import (
     predict,
     set_device_spec,
 )
-from fusedpar.kernels import ACTIVATIONS, gated_matmul, matmul, resolve_kernel
+from fusedpar.kernels import ACTIVATIONS, gated_matmul, grouped_matmul, grouped_matmul_wgrad, matmul, resolve_kernel
 from fusedpar.layers import (
     ColumnParallelLinear,
+    PackedColumnParallelLinear,
+    PackedRowParallelLinear,
     ParallelAttention,
     ParallelMLP,
+    ParamShard,
     ReplicatedColumnLinear,
     RowParallelLinear,
     SequenceParallelLayerNorm,
@@ -43,7 +47,9 @@ from fusedpar.layers import (
     all_reduce_grads,
     column_parallel_group,
     full_state_dict,
+    local_shard,
     parallelize,
+    vocab_parallel_cross_entropy,
 )
 from fusedpar.overlap import (
     PendingOutput,
@@ -63,8 +69,11 @@ __version__ = "0.1.0"
 __all__ = [
     "ACTIVATIONS",
     "ColumnParallelLinear",
+    "PackedColumnParallelLinear",
+    "PackedRowParallelLinear",
     "ParallelAttention",
     "ParallelMLP",
+    "ParamShard",
     "ReplicatedColumnLinear",
     "RowParallelLinear",
     "SequenceParallelLayerNorm",
@@ -72,7 +81,9 @@ __all__ = [
     "all_reduce_grads",
     "column_parallel_group",
     "full_state_dict",
+    "local_shard",
     "parallelize",
+    "vocab_parallel_cross_entropy",
     "CollectiveError",
     "Communicator",
     "CupyCommunicator",
@@ -90,6 +101,8 @@ __all__ = [
     "device_spec_for",
     "gated_matmul",
     "get_communicator",
+    "grouped_matmul",
+    "grouped_matmul_wgrad",
     "init_distributed",
     "matmul",
     "matmul_all_reduce",

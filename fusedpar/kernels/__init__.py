@@ -12,8 +12,9 @@ from __future__ import annotations
 from fusedpar.kernels.common import ACTIVATIONS, resolve_kernel
 from fusedpar.kernels.configs import GemmConfig, set_autotune
 from fusedpar.kernels.gated import gated_matmul, plan_gated_matmul
+from fusedpar.kernels.grouped import grouped_matmul, grouped_matmul_wgrad
 from fusedpar.kernels.matmul import matmul, plan_matmul
 from fusedpar.kernels.plan import GemmPlan
 
-__all__ = ["ACTIVATIONS", "GemmConfig", "GemmPlan", "gated_matmul", "matmul", "plan_gated_matmul", "plan_matmul",
-           "resolve_kernel", "set_autotune"]
+__all__ = ["ACTIVATIONS", "GemmConfig", "GemmPlan", "gated_matmul", "grouped_matmul", "grouped_matmul_wgrad",
+           "matmul", "plan_gated_matmul", "plan_matmul", "resolve_kernel", "set_autotune"]

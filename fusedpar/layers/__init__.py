@@ -2,10 +2,15 @@
 
     ColumnParallelLinear, RowParallelLinear   the two halves of every tensor-parallel block
     ReplicatedColumnLinear                    kv heads when there are fewer than ranks
+    PackedColumn/RowParallelLinear            fused [gate; up] / [q; k; v] weights split per part
     ParallelMLP, ParallelAttention            blocks (gated / plain MLP; MHA / GQA + SDPA)
     SequenceParallelLayerNorm / RMSNorm       norms on sequence shards, gradients all-reduced
+    shard_experts, shard_embedding            MoE experts (grouped GEMMs), vocab/hidden-parallel embeddings
+    vocab_parallel_cross_entropy              the loss of vocab-split logits
+    reduce_partial, replicated_inputs         the partial-sum regions around sharded computations
     parallelize(model, plan, group=...)       convert a model in place from a plain-data plan
     full_state_dict(model)                    gather the unsharded weights back for saving
+    ParamShard, shard_parameter, local_shard  how a sharded parameter maps to its unsharded tensor
 """
 from __future__ import annotations
 
@@ -19,7 +24,11 @@ from .linear import (
     gather_from_shard,
     split_to_shard,
 )
+from .embedding import shard_embedding, vocab_parallel_cross_entropy
 from .mlp import ParallelMLP
+from .moe import grouped_experts, shard_experts
+from .packed import PackedColumnParallelLinear, PackedRowParallelLinear
+from .partial import reduce_partial, replicated_inputs
 from .norm import SequenceParallelLayerNorm, SequenceParallelRMSNorm, all_reduce_grads, grad_all_reduce
 from .parallelize import STYLES, full_state_dict, parallelize, resolve_plan
 from .sharding import ParamShard, local_shard, shard_parameter
@@ -45,4 +54,12 @@ __all__ = [
     "ParamShard",
     "local_shard",
     "shard_parameter",
+    "PackedColumnParallelLinear",
+    "PackedRowParallelLinear",
+    "shard_experts",
+    "grouped_experts",
+    "shard_embedding",
+    "vocab_parallel_cross_entropy",
+    "reduce_partial",
+    "replicated_inputs",
 ]
