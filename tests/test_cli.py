@@ -135,9 +135,19 @@ def test_demo_trains_a_parallel_llama_in_step_with_the_single_process_one():
     assert "torch GEMMs, torch communicator (gloo)" in out and "world size / device       2 / cpu" in out
 
 
+def test_demo_trains_a_parallel_moe_in_step_with_the_single_process_one():
+    out = _run("demo", "--model", "qwen3-moe", "--steps", "3", "--layers", "1", "--hidden", "64", "--intermediate",
+               "32", "--seq", "16", "--batch", "2", "--timing-reps", "1", "--kernel", "torch").stdout
+    assert "Qwen3MoeForCausalLM, 1 layers" in out and "4 experts (top-2) of width 32" in out, out
+    assert re.search(r"logits vs single-process\s+rel\. err [\d.e+-]+ \(tolerance 1e-04\) OK", out), out
+    assert re.search(r"loss agreement\s+max \|parallel - single\| over 3 steps [\d.e+-]+ OK", out), out
+    assert "torch GEMMs (experts: grouped)" in out, out
+
+
 def test_demo_help_lists_its_options():
     out = _run("demo", "--help").stdout
-    for option in ("--world-size", "--steps", "--hidden", "--dtype", "--sequence-parallel", "--kernel", "--comm"):
+    for option in ("--world-size", "--model", "--experts", "--steps", "--hidden", "--dtype", "--sequence-parallel",
+                   "--kernel", "--comm"):
         assert option in out, option
 
 

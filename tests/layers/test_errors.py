@@ -10,7 +10,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fusedpar.layers import ColumnParallelLinear, ParallelAttention, ParallelMLP, RowParallelLinear, parallelize
+from fusedpar.layers import (ColumnParallelLinear, ParallelAttention, ParallelMLP, RowParallelLinear, parallelize,
+                             resolve_plan)
 from tests.layers.test_models import build
 
 
@@ -64,19 +65,65 @@ def _run_error_cases(group):
             "base_model_tp_plan", "got None")
     _expect(ValueError, lambda: parallelize(llama(), "colwise", group=group), "plan", "'auto'", "got 'colwise'")
 
-    # sequence parallelism: a replicated-input style inside the decoder layers; an unplanned
-    # parameter next to planned layers (its gradient would be a partial sum nothing completes)
-    _expect(ValueError, lambda: parallelize(llama(), {"model.layers.*.mlp.down_proj": "rowwise_rep"}, group=group,
-                                            sequence_parallel=True),
-            "model.layers.0.mlp.down_proj", "'colwise' / 'rowwise'", "got 'rowwise_rep'")
-    _expect(ValueError, lambda: parallelize(llama(), {"model.layers.*.mlp.down_proj": "rowwise"}, group=group,
-                                            sequence_parallel=True),
-            "model.layers.0.mlp.gate_proj", "plan entry", "got none")
+    # a row-parallel layer with nothing in its block to split its input (an unplanned gate/up
+    # would hand it whole features), with or without sequence parallelism
+    for sp in (False, True):
+        _expect(ValueError, lambda: parallelize(llama(), {"model.layers.*.mlp.down_proj": "rowwise"}, group=group,
+                                                sequence_parallel=sp),
+                "model.layers.0.mlp.down_proj", "column-parallel layer under model.layers.0.mlp", "got none")
+
+    # the styles beyond colwise/rowwise (tests/models/families.py builds every family)
+    from tests.models.families import build as build_family
+
+    mixtral_plan = lambda **styles: {f"model.layers.*.mlp.experts{'.' + k if k else ''}": v  # noqa: E731
+                                     for k, v in ({"": "moe_tp_experts"} | styles).items()}
+    # an expert weight left out of the plan would be summed over the ranks
+    _expect(ValueError, lambda: parallelize(build_family("mixtral"), mixtral_plan(down_proj="rowwise"), group=group),
+            "model.layers.0.mlp.experts", "gate_up_proj", "expected a plan entry", "got none")
+    # experts split on the wrong dim; [gate; up] split as one block
+    _expect(ValueError, lambda: parallelize(build_family("mixtral"), mixtral_plan(gate_up_proj="packed_colwise",
+                                                                                  down_proj="colwise"), group=group),
+            "down_proj", "intermediate dim", "got dim 1")
+    _expect(ValueError, lambda: parallelize(build_family("mixtral"), mixtral_plan(gate_up_proj="colwise",
+                                                                                  down_proj="rowwise"), group=group),
+            "gate_up_proj", "concatenated [gate; up]", "'packed_colwise'", "got 'colwise'")
+    # packed halves that do not split in 4: 2 x 130 rows
+    _expect(ValueError, lambda: parallelize(build_family("phi3", intermediate_size=130),
+                                            {"model.layers.*.mlp.gate_up_proj": "packed_colwise"}, group=group),
+            "model.layers.0.mlp.gate_up_proj", "2 packed parts x the world size 4 = 8", "got 260")
+    # a vocabulary that does not split in 4
+    _expect(ValueError, lambda: parallelize(llama(vocab_size=254), {"model.embed_tokens": "embedding_rowwise"},
+                                            group=group),
+            "model.embed_tokens", "weight", "world size 4", "got 254")
+    # a module style given to a parameter; mla_kv_a_proj on a model without latent attention
+    _expect(ValueError, lambda: parallelize(llama(), {"model.embed_tokens.weight": "all_reduce"}, group=group),
+            "model.embed_tokens.weight", "expected a module for this style", "got a parameter")
+    _expect(ValueError, lambda: parallelize(llama(), {"model.layers.*.self_attn.k_proj": "mla_kv_a_proj"},
+                                            group=group),
+            "model.layers.0.self_attn.k_proj", "qk_rope_head_dim", "got", "None")
+    # loss_parallel on something that is not a Hugging Face causal LM
+    _expect(ValueError, lambda: parallelize(nn.Sequential(nn.Linear(8, 8)), {"0": "colwise"}, group=group,
+                                            loss_parallel=True),
+            "loss_parallel=True", "get_output_embeddings", "Sequential")
+    # sequence parallelism over decoder layers that take another per-token input
+    _expect(ValueError, lambda: parallelize(build_family("gemma3n_text"), "auto", group=group, sequence_parallel=True),
+            "model.layers.0", "per-token input is hidden_states", "per_layer_input")
 
     # sequence length not divisible under sequence parallelism: raised in forward, before the split
     model = parallelize(llama(), "auto", group=group, sequence_parallel=True)
     _expect(ValueError, lambda: model(torch.zeros(1, 6, dtype=torch.long)),
             "model.layers.0", "sequence length", "world size 4", "got 6")
+
+    # an unplanned module with parameters whose input carries no autograd history (everything
+    # upstream frozen): whether it reads split heads cannot be told, so the first forward raises,
+    # before the block's first collective
+    qwen3 = build("qwen3")
+    no_norms = {k: v for k, v in resolve_plan(qwen3, "auto").items() if not k.endswith("_norm")}
+    model = parallelize(qwen3, no_norms, group=group)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.endswith("q_norm.weight"))
+    _expect(RuntimeError, lambda: model(torch.zeros(1, 8, dtype=torch.long)),
+            "model.layers.0.self_attn.q_norm", "cannot tell", "'replicated_with_grad_allreduce'")
 
     # the layers' own constructors
     _expect(ValueError, lambda: ColumnParallelLinear(8, 10, group=group), "out_features", "world size 4", "got 10")

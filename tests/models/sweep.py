@@ -53,31 +53,81 @@ def _compare(name: str, got: torch.Tensor | None, ref: torch.Tensor | None) -> s
     return None if err <= TOL else f"{name}: relative error {err:.3g} > {TOL:.0e}"
 
 
-def run_family(group: Any, family: str, sp: bool, *, batch: int = 2, seq: int = 8) -> dict[str, Any]:
-    """One family, one layout: compare with the twin; raise Refused or AssertionError."""
-    ref = build(family)
+def _with_overrides(model: torch.nn.Module, overrides: dict[str, str]) -> dict[str, str]:
+    """The model's own plan (keys that match something in it) with `overrides` on top (None drops a key)."""
+    import re
+
+    from fusedpar.layers import resolve_plan
+
+    names = [n for n, _ in model.named_modules()] + [n for n, _ in model.named_parameters()]
+    regex = lambda key: re.compile(key.replace(".", r"\.").replace("*", "[^.]+") + "$")  # noqa: E731
+    plan = {k: v for k, v in resolve_plan(model, "auto").items() if any(regex(k).match(n) for n in names)}
+    return {k: v for k, v in (plan | overrides).items() if v is not None}
+
+
+def run_family(group: Any, family: str, sp: bool, *, plan: Any = "auto", kernel: str = "torch",
+               loss_parallel: bool = False, steps: int = 0, state_dict: bool = False, config: dict | None = None,
+               batch: int = 2, seq: int = 8) -> dict[str, Any]:
+    """One family, one layout: compare with the twin; raise Refused or AssertionError.
+
+    Always: the loss, the logits (this rank's vocabulary slice with `loss_parallel`) and
+    every gradient. `steps`: that many AdamW steps in lockstep, equal losses. `state_dict`:
+    the gathered weights load into a fresh single-process model with the same logits.
+    """
+    ref = build(family, **(config or {}))
     model = copy.deepcopy(ref)
+    if isinstance(plan, tuple):  # ("auto", overrides)
+        plan = _with_overrides(model, plan[1])
     try:
-        parallelize(model, "auto", group=group, sequence_parallel=sp, kernel="torch")
+        parallelize(model, plan, group=group, sequence_parallel=sp, kernel=kernel, loss_parallel=loss_parallel)
     except (ValueError, TypeError, NotImplementedError) as e:
         raise Refused(f"{type(e).__name__}: {e}") from None
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, VOCAB, (batch, seq), generator=g)
     out_ref = ref(ids, labels=ids)
     out = model(ids, labels=ids)
-    errors = [e for e in [_compare("logits", out.logits, out_ref.logits)] if e]
+    logits_ref = out_ref.logits.chunk(world, -1)[rank] if loss_parallel else out_ref.logits
+    errors = [e for e in [_compare("logits", out.logits, logits_ref), _compare("loss", out.loss, out_ref.loss)] if e]
     out_ref.loss.backward()
     out.loss.backward()
     ref_params = dict(ref.named_parameters())
     for name, p in model.named_parameters():
         ref_grad = ref_params[name].grad
         errors += [e for e in [_compare(f"grad {name}", p.grad, local_shard(model, name, ref_grad))] if e]
+    if steps:
+        opts = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (ref, model)]
+        for step in range(steps):
+            batch_ids = torch.randint(3, VOCAB, ids.shape, generator=g)
+            losses = []
+            for m, opt in zip((ref, model), opts):
+                opt.zero_grad()
+                loss = m(batch_ids, labels=batch_ids).loss
+                loss.backward()
+                opt.step()
+                losses.append(loss.detach())
+            errors += [e for e in [_compare(f"loss at step {step}", losses[1], losses[0])] if e]
+    if state_dict:
+        from fusedpar.layers import full_state_dict
+
+        gathered = full_state_dict(model)
+        fresh = build(family, seed=123, **(config or {}))
+        fresh.load_state_dict(gathered)
+        with torch.no_grad():
+            got, want = fresh(ids).logits, model(ids).logits
+        errors += [e for e in [_compare("fresh-model logits", got.chunk(world, -1)[rank] if loss_parallel else got,
+                                        want)] if e]
     if errors:
         raise AssertionError("; ".join(errors[:4]) + (f" (+{len(errors) - 4} more)" if len(errors) > 4 else ""))
     styles = sorted({style for style, _ in model._fusedpar_parallel["plan"].values()})
     experts = sorted({m._fusedpar_experts for m in model.modules() if hasattr(m, "_fusedpar_experts")})
     shards = sorted({f"{n}{list(s.dim for s, _ in [v])}" for m in model.modules() for n, v in sharded_parameters(m).items()})
     return {"styles": styles, "experts": experts, "shards": shards}
+
+
+def run_cases(group: Any, cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`run_family` for each case dict (`family`, `sp`, options); raises on a refusal too."""
+    return [run_family(group, **case) for case in cases]
 
 
 def run_families(group: Any, names: list[str], sp: bool) -> list[dict[str, Any]]:
