@@ -1,9 +1,11 @@
-"""`python -m fusedpar demo`: a tensor-parallel Llama trained next to its single-process twin.
+"""`python -m fusedpar demo`: a tensor-parallel model trained next to its single-process twin.
 
 With fewer than 2 GPUs it starts its own ranks on this machine (gloo, 127.0.0.1 only);
 under `torchrun` it uses the ranks it is given (NCCL when each rank has a GPU). Each rank
-builds the same tiny random `LlamaForCausalLM` (no download), keeps one copy whole as the
-reference and converts the other with `parallelize(model, "auto", sequence_parallel=...)`.
+builds the same tiny random Hugging Face model (no download): `--model llama` (default),
+or a mixture of experts, `mixtral` or `qwen3-moe` (experts split on their intermediate dim,
+router replicated, grouped expert GEMMs). It keeps one copy whole as the reference and
+converts the other with `parallelize(model, "auto", sequence_parallel=...)`.
 It checks the logits, trains both on the same synthetic batches in lockstep, times one
 MLP block overlapped (chunked) vs serial (chunks=1), and prints a table on rank 0. The exit
 status is non-zero if the parallel model's logits or losses leave the reference's.
@@ -27,10 +29,15 @@ LOSS_TOL = {"float32": 1e-3, "float64": 1e-8, "bfloat16": 5e-2, "float16": 2e-2}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--world-size", type=int, default=2, help="ranks to start when not under torchrun (default 2)")
+    parser.add_argument("--model", default="llama", choices=sorted(MODELS),
+                        help="llama (default), or a mixture of experts: mixtral, qwen3-moe")
+    parser.add_argument("--experts", type=int, default=4, help="experts per MoE layer (default 4)")
+    parser.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
     parser.add_argument("--steps", type=int, default=30, help="training steps (default 30)")
     parser.add_argument("--layers", type=int, default=2, help="decoder layers (default 2)")
     parser.add_argument("--hidden", type=int, default=128, help="hidden size (default 128)")
-    parser.add_argument("--intermediate", type=int, default=256, help="MLP intermediate size (default 256)")
+    parser.add_argument("--intermediate", type=int, default=256,
+                        help="MLP (for MoE models: each expert's) intermediate size (default 256)")
     parser.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
     parser.add_argument("--kv-heads", type=int, default=2, help="key/value heads (default 2)")
     parser.add_argument("--vocab", type=int, default=256, help="vocabulary size (default 256)")
@@ -94,16 +101,26 @@ def _rank_main(rank: int, world: int, init_method: str, args: argparse.Namespace
     return 0 if ok else 1
 
 
-def _tiny_llama(args: argparse.Namespace, dtype: torch.dtype, device: torch.device):
-    from transformers import LlamaConfig, LlamaForCausalLM
+MODELS = {"llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM", "qwen3-moe": "Qwen3MoeForCausalLM"}
 
-    config = LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        max_position_embeddings=max(256, args.seq), attn_implementation="sdpa",
-    )
+
+def _tiny_model(args: argparse.Namespace, dtype: torch.dtype, device: torch.device):
+    import transformers
+
+    common = dict(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
+                  num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+                  max_position_embeddings=max(256, args.seq), attn_implementation="sdpa")
+    if args.model == "mixtral":
+        config = transformers.MixtralConfig(intermediate_size=args.intermediate, num_local_experts=args.experts,
+                                            num_experts_per_tok=args.top_k, **common)
+    elif args.model == "qwen3-moe":
+        config = transformers.Qwen3MoeConfig(moe_intermediate_size=args.intermediate, num_experts=args.experts,
+                                             num_experts_per_tok=args.top_k, head_dim=args.hidden // args.heads,
+                                             **common)
+    else:
+        config = transformers.LlamaConfig(intermediate_size=args.intermediate, **common)
     torch.manual_seed(args.seed)  # same weights on every rank
-    return LlamaForCausalLM(config).to(device=device, dtype=dtype)
+    return getattr(transformers, MODELS[args.model])(config).to(device=device, dtype=dtype)
 
 
 def _batches(args: argparse.Namespace, device: torch.device):
@@ -128,7 +145,7 @@ def _demo(group: dist.ProcessGroup, rank: int, world: int, device: torch.device,
     from fusedpar.layers import parallelize
 
     dtype = getattr(torch, args.dtype)
-    reference = _tiny_llama(args, dtype, device)
+    reference = _tiny_model(args, dtype, device)
     model = parallelize(copy.deepcopy(reference), "auto", group=group, sequence_parallel=args.sequence_parallel,
                         kernel=args.kernel, comm=args.comm, chunks=args.chunks)
     data = _batches(args, device)
@@ -170,9 +187,11 @@ def _demo(group: dist.ProcessGroup, rank: int, world: int, device: torch.device,
     ok_loss = max_loss_diff <= LOSS_TOL[args.dtype] * max(1.0, abs(losses_ref[-1]) if losses_ref else 1.0)
     if rank == 0:
         backend = dist.get_backend(group)
+        experts = (f", {args.experts} experts (top-{args.top_k}) of width {args.intermediate}"
+                   if args.model != "llama" else "")
         rows = [
-            ("model", f"LlamaForCausalLM, {args.layers} layers, hidden {args.hidden}, {args.heads} heads "
-                      f"/ {args.kv_heads} kv heads, vocab {args.vocab}, {args.dtype}"),
+            ("model", f"{MODELS[args.model]}, {args.layers} layers, hidden {args.hidden}, {args.heads} heads "
+                      f"/ {args.kv_heads} kv heads{experts}, vocab {args.vocab}, {args.dtype}"),
             ("parallelism", f"tensor parallel over {world} ranks, plan='auto', "
                             f"sequence parallel {'on' if args.sequence_parallel else 'off'}"),
             ("logits vs single-process", f"rel. err {logits_err:.2e} (tolerance {LOGITS_TOL[args.dtype]:.0e}) "
@@ -185,7 +204,8 @@ def _demo(group: dist.ProcessGroup, rank: int, world: int, device: torch.device,
             ("MLP block fwd+bwd", f"overlapped (chunks={timing['chunks']}) {timing['overlapped'] * 1e3:.2f} ms, "
                                   f"serial (chunks=1) {timing['serial'] * 1e3:.2f} ms, "
                                   f"ratio {timing['overlapped'] / timing['serial']:.2f}"),
-            ("kernel / comm", f"{kernel} GEMMs, {args.comm} communicator ({backend})"),
+            ("kernel / comm", f"{kernel} GEMMs{' (experts: grouped)' if args.model != 'llama' else ''}, "
+                              f"{args.comm} communicator ({backend})"),
             ("world size / device", f"{world} / {device}"),
         ]
         if device.type == "cpu":
