@@ -42,6 +42,8 @@ DTYPES = ("bfloat16", "float16", "float32-tf32", "float32-ieee")
 # how the library launches a GEMM: the Linear forward, the dgrad, the wgrad, a strided out
 # slice that TMA cannot take, and the overlap schedules' chunk consumer
 LAYOUTS = ("x@w.T", "dy@w", "dy.T@x", "out_slice", "batched")
+# the grouped (MoE experts) kernels: forward/dgrad over expert weights [G, N, K], and the wgrad
+GROUPED_LAYOUTS = ("grouped", "grouped_wgrad")
 EPILOGUES = ("none", "bias_silu", "bias_gelu", "accumulate_fp32", "gated_silu", "gated_preact")
 # the problem each case plans for (M, N, K): large, so the rules pick their biggest tile
 SHAPE = (4096, 4096, 4096)
@@ -124,9 +126,41 @@ def _operands(case: Case):
     return a, bs, out
 
 
-def build_launch(case: Case):
-    """The launch :func:`~fusedpar.kernels.matmul.matmul` / ``gated_matmul`` would make."""
+def _grouped_launch(case: Case):
+    """The launch :func:`~fusedpar.kernels.grouped.grouped_matmul` (or its wgrad) would make."""
+    import types
+
     import torch
+
+    from fusedpar.kernels import grouped
+    from fusedpar.kernels.common import _input_precision
+
+    dtype = getattr(torch, case.dtype.split("-")[0])
+    torch.backends.cuda.matmul.allow_tf32 = case.dtype == "float32-tf32"
+    (M, N, K), G = case.shape, 8
+    x, ends = torch.empty(M, K, dtype=dtype), torch.empty(G, dtype=torch.int64)
+    kind = "wgrad" if case.layout == "grouped_wgrad" else "fwd"
+    blocks = grouped._blocks(kind)
+    if kind == "fwd":
+        w, y = torch.empty(G, N, K, dtype=dtype).transpose(1, 2), torch.empty(M, N, dtype=dtype)  # nn.Linear layout
+        tiles = torch.empty(M // blocks["BLOCK_M"], dtype=torch.int32), torch.empty(M // blocks["BLOCK_M"],
+                                                                                    dtype=torch.int64)
+        fn, args = grouped._grouped_kernel, (x, w, y, *tiles, ends, N, K, *x.stride(), *w.stride(), *y.stride())
+    else:
+        dy, dw = torch.empty(M, N, dtype=dtype), torch.empty(G, K, N, dtype=dtype)
+        fn, args = grouped._grouped_wgrad_kernel, (x, dy, dw, ends, K, N, *x.stride(), *dy.stride(), *dw.stride())
+    short = f"grp:{blocks['BLOCK_M']}x{blocks['BLOCK_N']}x{blocks['BLOCK_K']}/w4"
+    plan = types.SimpleNamespace(path="grouped", config=types.SimpleNamespace(short=lambda: short))
+    kwargs = dict(UPCAST_TO_FP32=False, INPUT_PRECISION=_input_precision(dtype, False), **blocks)
+    return types.SimpleNamespace(fn=fn, args=args, kwargs=kwargs, plan=plan)
+
+
+def build_launch(case: Case):
+    """The launch :func:`~fusedpar.kernels.matmul.matmul` / ``gated_matmul`` / ``grouped_matmul`` would make."""
+    import torch
+
+    if case.layout in GROUPED_LAYOUTS:
+        return _grouped_launch(case)
 
     import importlib
 
@@ -275,9 +309,10 @@ def default_cases(full: bool = False) -> list[Case]:
 
     Default (what the test suite runs, ~40 s on 2 cores): every candidate tile of every
     kernel on each target whose path it serves (TMA tiles on sm_90a, pointer tiles on both)
-    in bf16 with the heaviest epilogue (bias+SiLU; gated with its pre-activations); then
-    the rules' pick for a large problem in every dtype and layout (:data:`RULE_CASES`) on
-    sm_90a, and in bf16 on sm_80. The tile sets the register and shared-memory budget; the
+    in bf16 with the heaviest epilogue (bias+SiLU; gated with its pre-activations); the
+    grouped (MoE) kernels in bf16 and tf32 on sm_90a, bf16 on sm_80; then the rules' pick
+    for a large problem in every dtype and layout (:data:`RULE_CASES`) on sm_90a, and in
+    bf16 on sm_80. The tile sets the register and shared-memory budget; the
     dtype, layout and epilogue change the code around it, which the rule cases cover.
     ``full``: every candidate in every dtype, layout and epilogue on both targets.
     """
@@ -308,6 +343,10 @@ def default_cases(full: bool = False) -> list[Case]:
                             if epi.startswith("gated") and layout in ("dy@w", "dy.T@x"):
                                 continue
                             add(Case(target, dt, layout, epi, config=cfg))
+    for target in TARGETS:  # the grouped kernels have one tile each
+        for dt in (DTYPES if full else ("bfloat16", "float32-tf32") if TARGETS[target][0] >= (9, 0) else ("bfloat16",)):
+            for layout in GROUPED_LAYOUTS:
+                add(Case(target, dt, layout, "none"))
     for target in TARGETS:
         for dt in (DTYPES if TARGETS[target][0] >= (9, 0) else ("bfloat16",)):
             if full:
@@ -342,6 +381,9 @@ def problems(results: list[Result]) -> list[str]:
                 found.append(f"{where}: no wgmma (tensor cores via {r.mma or 'nothing'})")
             if not r.pipelined:
                 found.append(f"{where}: K loop not pipelined (no TMA / cp.async)")
+        if r.path == "grouped" and c.target == "sm_90a" and c.dtype != "float32-ieee" and \
+                (r.mma != "wgmma" or not r.pipelined):
+            found.append(f"{where}: grouped kernel without wgmma ({r.mma or 'nothing'}) or a pipelined K loop")
         if c.target == "sm_80" and c.dtype != "float32-ieee" and r.mma != "mma":
             found.append(f"{where}: no mma.sync on sm_80")
     return found

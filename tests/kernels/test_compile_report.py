@@ -21,10 +21,12 @@ def test_every_pickable_tile_compiles_without_spills_on_sm90a_and_sm80(report):
 
 def test_the_report_covers_both_targets_paths_dtypes_and_layouts(report):
     seen = {(r.case.target, r.path) for r in report}
-    assert seen == {("sm_90a", "tma"), ("sm_90a", "pointer"), ("sm_80", "pointer")}
+    assert seen == {("sm_90a", "tma"), ("sm_90a", "pointer"), ("sm_80", "pointer"), ("sm_90a", "grouped"),
+                    ("sm_80", "grouped")}
     assert {r.case.dtype for r in report if r.case.target == "sm_90a"} == {
         "bfloat16", "float16", "float32-tf32", "float32-ieee"}
-    assert {r.case.layout for r in report} == {"x@w.T", "dy@w", "dy.T@x", "out_slice", "batched"}
+    assert {r.case.layout for r in report} == {"x@w.T", "dy@w", "dy.T@x", "out_slice", "batched", "grouped",
+                                               "grouped_wgrad"}
 
 
 def test_hopper_tiles_use_wgmma_tma_and_a_pipelined_loop(report):
@@ -33,6 +35,10 @@ def test_hopper_tiles_use_wgmma_tma_and_a_pipelined_loop(report):
     assert hopper and all(r.mma == "wgmma" and r.tma and r.pipelined for r in hopper), format_table(hopper)
     ampere = [r for r in report if r.case.target == "sm_80"]
     assert ampere and all(r.mma == "mma" and r.pipelined and not r.tma for r in ampere), format_table(ampere)
+    grouped = [r for r in report if r.path == "grouped" and r.case.dtype == "bfloat16"]
+    assert {r.case.target for r in grouped} == {"sm_90a", "sm_80"}, format_table(grouped)
+    assert all(r.mma == ("wgmma" if r.case.target == "sm_90a" else "mma") and r.pipelined for r in grouped), \
+        format_table(grouped)
 
 
 def test_the_check_fails_on_a_spilling_tile_and_on_one_too_big_for_shared_memory():
