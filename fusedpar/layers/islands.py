@@ -30,10 +30,11 @@ from torch import Tensor, nn
 
 from .linear import gather_from_shard, split_to_shard
 
-__all__ = ["SP_NATIVE_STYLES", "sequence_islands", "install_island", "check_layer_inputs", "layer_blocks"]
+__all__ = ["SP_NATIVE_STYLES", "sequence_islands", "install_island", "install_islands", "check_layer_inputs",
+           "layer_blocks"]
 
 SP_NATIVE_STYLES = frozenset({"colwise", "rowwise", "packed_colwise", "packed_rowwise",
-                              "replicated_with_grad_allreduce", "replicate"})
+                              "replicated_with_grad_allreduce", "sequence_parallel", "replicate"})
 
 # decoder-layer forward arguments that are not per-token tensors, or per-token context read only
 # inside blocks that run on the whole sequence (hidden_states itself is split): position
@@ -130,3 +131,20 @@ def install_island(module: nn.Module, *, group: dist.ProcessGroup, comm: str = "
     module.register_forward_pre_hook(gather, with_kwargs=True, prepend=True)
     module.register_forward_hook(split, with_kwargs=True)
     module._fusedpar_island = True
+
+
+def install_islands(model: nn.Module, islands: set[str], region: nn.ModuleList, *, group: dist.ProcessGroup,
+                    comm: str = "torch") -> None:
+    """Install every island, and refuse (before the region's first collective) a residual
+    stream that is not `[(batch,) seq, hidden]`: hyper-connections carry several streams per
+    token, `[batch, seq, streams, hidden]`, whose dim -2 is not the sequence."""
+
+    def check(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        x, _ = _first_tensor(args, kwargs)
+        if x.ndim > 3:
+            raise ValueError(f"parallelize(sequence_parallel=True): {type(mod).__name__} input: expected "
+                             f"hidden_states [(batch,) seq, hidden], got shape {list(x.shape)}")
+
+    region[0].register_forward_pre_hook(check, with_kwargs=True, prepend=True)
+    for path in sorted(islands):
+        install_island(model.get_submodule(path), group=group, comm=comm)

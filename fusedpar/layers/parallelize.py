@@ -10,14 +10,22 @@ head stay replicated unless the plan names them. Every check (plan keys, styles,
 types, divisibility of heads / features) runs before the first conversion, so a bad plan
 raises on every rank alike and no collective is ever left waiting.
 
-Styles:
-    colwise                          ColumnParallelLinear (output split on features)
+Styles (a key may name a module or a parameter):
+    colwise                          ColumnParallelLinear (output split on features); on a
+                                     bare parameter: split dim ndim-2 (sharding.py)
     colwise_rep, colwise_gather_output   ColumnParallelLinear(gather_output=True)
-    rowwise                          RowParallelLinear (input split on features)
+    rowwise                          RowParallelLinear (input split on features); on a bare
+                                     parameter: split its last dim
     rowwise_rep, rowwise_split_input RowParallelLinear(input_is_parallel=False)
+    packed_colwise, packed_rowwise   fused [gate; up] weights split per part (packed.py)
+    embedding_rowwise / _colwise     vocab- / hidden-parallel embedding (embedding.py)
+    moe_tp_experts                   experts split on their intermediate dim, grouped GEMMs (moe.py)
+    moe_identity_expert, all_reduce, mla_kv_a_proj   partial-sum hooks (partial.py)
     replicated_with_grad_allreduce   unchanged module, gradients all-reduced (per-head norms)
     sequence_parallel                unchanged norm on sequence shards, gradients all-reduced
-    replicate                        unchanged
+    replicate, local_params          unchanged
+Unplanned modules with parameters next to column-parallel layers get their gradients
+all-reduced when their first forward finds them reading split data (unplanned.py).
 
 Column-parallel siblings that read their parent's input (q/k/v in attention, gate/up in
 the MLP) run as one fused GEMM (`column_parallel_group`), computed in a pre-hook of the
@@ -28,7 +36,9 @@ its causal mask and rotary embeddings from the full length) and a hook on the la
 gathers it back, so the final norm and the head see the whole sequence. The parent
 pre-hook hands the attention / MLP module the gathered input, so modules that take shapes
 from their input (`view(*input_shape, -1, head_dim)`) work unchanged; norms directly inside
-each decoder layer run on shards with their gradients all-reduced.
+each decoder layer run on shards with their gradients all-reduced. Blocks that cannot take
+shards (MoE, latent attention, gathered-output styles) run on the gathered sequence
+(islands.py).
 """
 from __future__ import annotations
 
@@ -50,11 +60,12 @@ from .linear import (
     split_to_shard,
 )
 from .norm import all_reduce_grads
-from . import embedding, moe, partial
+from . import embedding
+from .islands import check_layer_inputs, install_islands, layer_blocks, sequence_islands
 from .packed import PackedColumnParallelLinear, PackedRowParallelLinear
-from .sharding import ParamShard, gather_shard, shard_parameter, sharded_parameters
-from .islands import check_layer_inputs, install_island, layer_blocks, sequence_islands
-from .unplanned import watch_unplanned
+from .sharding import ParamShard, gather_shard, sharded_parameters
+from .styles import check_row_inputs, inside_experts, plan_styles
+from .unplanned import unplanned_modules, watch_unplanned
 
 __all__ = ["parallelize", "full_state_dict", "STYLES", "resolve_plan"]
 
@@ -267,12 +278,15 @@ def parallelize(
 
     # 1. Check everything (no comm), so a bad plan raises on every rank before any collective.
     linears = {p: m for p, m in matches.items() if p not in params and m[0] in (*_COLWISE, *_ROWWISE, *_PACKED)
-               and not _inside_experts(p, matches)}
+               and not inside_experts(p, matches)}
     builds = {p: _plan_linear(model, p, s, k, world) for p, (s, k) in linears.items()}
-    _check_row_inputs(builds, matches)
-    others = _plan_other_styles(model, matches, params, world, kernel=kernel, comm=comm)
+    check_row_inputs(builds, matches)
+    others = plan_styles(model, matches, params, world, kernel=kernel, comm=comm)  # styles.py
     region_name, region = _decoder_layers(model, matches) if sequence_parallel else ("", None)
-    islands = _check_sequence_region(model, matches, set(params), region_name, region) if sequence_parallel else set()
+    islands: set[str] = set()  # blocks run on the whole sequence inside the region (islands.py)
+    if sequence_parallel:
+        check_layer_inputs(region[0], region_name)
+        islands = sequence_islands(matches, set(params), region_name, region)
 
     def in_region(path: str) -> bool:  # sequence-parallel: in the decoder layers, outside islands
         return (bool(region_name) and path.startswith(region_name + ".")
@@ -280,7 +294,7 @@ def parallelize(
 
     unplanned: dict[str, nn.Module] = {}
     try:  # decoder-layer models: unplanned modules with parameters in blocks with split layers
-        unplanned = _unplanned_modules(matches, *_decoder_layers(model, matches))
+        unplanned = unplanned_modules(matches, *_decoder_layers(model, matches))
         if sequence_parallel:
             unplanned = {p: m for p, m in unplanned.items() if not in_region(p)}
     except _NoDecoderLayers:
@@ -306,11 +320,11 @@ def parallelize(
         parent_path, _, leaf = path.rpartition(".")
         setattr(model.get_submodule(parent_path), leaf, new)
 
-    # 3. The other styles: sharded parameters, experts, embeddings, hooks (each from its module).
+    # 2b. The other styles: sharded parameters, experts, embeddings, hooks (styles.py).
     for apply in others:
         apply(group)
 
-    # 4. Replicated parameters whose gradients are per-rank partial sums.
+    # 3. Replicated parameters whose gradients are per-rank partial sums.
     for path, (style, _) in matches.items():
         if style == "replicated_with_grad_allreduce" or (style == "sequence_parallel" and sequence_parallel):
             all_reduce_grads(model.get_submodule(path), group=group, comm=comm)
@@ -319,134 +333,41 @@ def parallelize(
     if loss_parallel:
         embedding.install_loss_parallel(model, group=group, comm=comm, tied=tied)
 
-    # 5. Attention modules: local head counts; fused column groups under each parent.
+    # 4. Attention modules: local head counts; fused column groups under each parent.
     _set_local_heads(model, builds, world)
     by_parent: dict[str, list[str]] = {}
     for path, b in builds.items():
-        if b["kind"] in ("col", "rep") and not b.get("gather_output"):
+        if b["kind"] in ("col", "rep") and not b.get("gather_output") and _reads_hidden(model, path):
             by_parent.setdefault(_parent(path), []).append(path)
     for parent_path, paths in by_parent.items():
         _install_group(model.get_submodule(parent_path), [model.get_submodule(p) for p in paths], parent_path)
 
-    # 6. Sequence parallelism: split the residual stream inside the decoder layers.
+    # 5. Sequence parallelism: split the residual stream inside the decoder layers.
     if sequence_parallel:
         assert region is not None
         _install_sequence_region(region, region_name, group=group, comm=comm, world=world)
         planned = set(matches)
         for i, layer in enumerate(region):
-            for path, child in layer_blocks(layer, f"{region_name}.{i}"):
+            for path, child in layer_blocks(layer, f"{region_name}.{i}"):  # lists opened: LongCat's two norms
                 owns_params = any(True for _ in child.parameters(recurse=False))
                 holds_plan = any(p == path or p.startswith(path + ".") for p in planned)
-                if path in islands:
-                    install_island(child, group=group, comm=comm)
-                elif owns_params and not holds_plan:
+                if owns_params and not holds_plan and path not in islands:
                     all_reduce_grads(child, group=group, comm=comm)
+        install_islands(model, islands, region, group=group, comm=comm)
     model._fusedpar_parallel = {"group": group, "sequence_parallel": sequence_parallel, "plan": dict(matches)}
     return model
 
 
-def _check_row_inputs(builds: dict[str, dict[str, Any]], matches: dict[str, tuple[str, str]]) -> None:
-    """A row-parallel layer that takes split features needs a column-parallel layer (or a
-    column-split parameter) in its block to split them; otherwise it would get whole features."""
-    splitting = [p for p, (style, _) in matches.items() if style in ("colwise", "packed_colwise")]
-    for path, b in builds.items():
-        if b["kind"] == "row" and b["input_is_parallel"]:
-            block = _parent(path)
-            if not any(p != path and p.startswith(block + ".") for p in splitting):
-                style, key = matches[path]
-                raise ValueError(f"parallelize: {path} (plan key {key!r}, style {style!r}): expected a column-parallel "
-                                 f"layer under {block or 'the model'} to split its input features, got none (an "
-                                 f"unplanned layer would hand it whole features; plan it 'colwise', or this one "
-                                 f"'rowwise_split_input')")
-
-
-def _inside_experts(path: str, matches: dict[str, tuple[str, str]]) -> bool:
-    return matches.get(_parent(path), ("",))[0] == "moe_tp_experts"
-
-
-def _plan_other_styles(model: nn.Module, matches: dict[str, tuple[str, str]], params: dict[str, Any], world: int,
-                       *, kernel: str, comm: str) -> list[Any]:
-    """Check the styles that are not linears (no comm); return one `apply(group)` per entry."""
-    applies: list[Any] = []
-    for path, (style, key) in matches.items():
-        where = f"parallelize: {path} (plan key {key!r}, style {style!r})"
-        module = model if path in params else model.get_submodule(path)
-        if path in params:
-            if _inside_experts(path, matches) or style in ("replicate", "local_params"):
-                continue  # experts' weights: sharded by their block below
-            if style not in _PARAM_DIMS:
-                raise ValueError(f"{where}: expected a module for this style, got a parameter "
-                                 f"(parameters take {sorted(_PARAM_DIMS)})")
-            owner_path, _, leaf = path.rpartition(".")
-            owner = model.get_submodule(owner_path)
-            shard = _param_shard(style, leaf, params[path].ndim)
-            if shard is None:
-                continue
-            shard.check(params[path].shape, world, where=where)
-            applies.append(lambda g, o=owner, n=leaf, sh=shard, w=where: shard_parameter(o, n, sh, group=g, where=w))
-        elif style == "moe_tp_experts":
-            own = {p.rpartition(".")[2]: m[0] for p, m in matches.items() if p in params and _parent(p) == path}
-            shards = moe.plan_experts(module, own, world, where=where)
-            applies.append(lambda g, m=module, sh=shards: moe.shard_experts(m, sh, group=g, comm=comm, kernel=kernel,
-                                                                            name=path))
-        elif style in embedding.EMBEDDING_STYLES:
-            embedding.check_embedding(module, style, world, where=where)
-            applies.append(lambda g, m=module, st=style, n=path: embedding.shard_embedding(m, st, group=g, comm=comm,
-                                                                                           name=n))
-        elif style == "moe_identity_expert":
-            applies.append(lambda g, m=module: partial.install_divide_input(m, world=world))
-        elif style == "all_reduce":
-            applies.append(lambda g, m=module: partial.install_reduce_output(m, group=g, comm=comm))
-        elif style == "mla_kv_a_proj":
-            config = getattr(model, "config", None)
-            config = config.get_text_config() if hasattr(config, "get_text_config") else config
-            rope_dim = getattr(config, "qk_rope_head_dim", None)
-            if not isinstance(rope_dim, int) or not isinstance(module, nn.Linear) or rope_dim >= module.out_features:
-                raise ValueError(f"{where}: expected an nn.Linear whose output ends with config.qk_rope_head_dim "
-                                 f"rope features, got {type(module).__name__} and qk_rope_head_dim={rope_dim!r}")
-            applies.append(lambda g, m=module, r=rope_dim: partial.install_mla_kv_a_proj(m, rope_dim=r, group=g,
-                                                                                         comm=comm))
-    return applies
-
-
-# style on a bare parameter → (dim for >= 2-D, dim for 1-D, packed parts); Hugging Face: colwise
-# splits dim ndim-2 (dim 0 of a vector), rowwise the last dim (a bias stays replicated)
-_PARAM_DIMS = {"colwise": (-2, 0, 1), "rowwise": (-1, -1, 1), "packed_colwise": (-2, -1, 2),
-               "packed_rowwise": (-1, -1, 2)}
-
-
-def _param_shard(style: str, leaf: str, ndim: int) -> ParamShard | None:
-    if style == "rowwise" and leaf == "bias":
-        return None
-    matrix_dim, vector_dim, parts = _PARAM_DIMS[style]
-    return ParamShard(matrix_dim % ndim if ndim >= 2 else vector_dim, parts)
-
-
-def _check_sequence_region(model: nn.Module, matches: dict[str, tuple[str, str]], params: set[str], name: str,
-                           region: nn.ModuleList) -> set[str]:
-    """What runs where under sequence parallelism (no comm): the blocks that run as islands
-    on the whole sequence (islands.py); raises for what cannot run correctly."""
-    check_layer_inputs(region[0], name)
-    return sequence_islands(matches, params, name, region)
-
-
-def _unplanned_modules(matches: dict[str, tuple[str, str]], name: str, region: nn.ModuleList) -> dict[str, nn.Module]:
-    """Unplanned modules with parameters inside decoder-layer blocks that hold a layer whose
-    output is split (column-parallel): whether each reads split data is found on its first
-    forward (unplanned.py)."""
-    planned = set(matches)
-    splitting = {p for p, (style, _) in matches.items() if style in ("colwise", "packed_colwise")}
-    found: dict[str, nn.Module] = {}
-    for i, layer in enumerate(region):
-        for base, child in layer_blocks(layer, f"{name}.{i}"):
-            if not any(p == base or p.startswith(base + ".") for p in splitting):
-                continue
-            for sub_name, sub in child.named_modules():
-                path = f"{base}.{sub_name}" if sub_name else base
-                covered = any(path == p or path.startswith(p + ".") for p in planned)
-                if not covered and any(True for _ in sub.parameters(recurse=False)):
-                    found[path] = sub
-    return found
+def _reads_hidden(model: nn.Module, path: str) -> bool:
+    """Whether a column-parallel child can read its parent's input (the residual stream), so
+    it may join the parent's fused group: DeepSeek's q_b_proj / kv_b_proj read latents, and a
+    vocab-split LM head's parent, the whole model, reads token ids."""
+    if "." not in path:
+        return False
+    config = getattr(model, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = getattr(config, "hidden_size", None)
+    return not isinstance(hidden, int) or model.get_submodule(path).in_features == hidden
 
 
 def _set_local_heads(model: nn.Module, builds: dict[str, dict[str, Any]], world: int) -> None:
@@ -484,30 +405,17 @@ def _first_input(args: tuple, kwargs: dict) -> tuple[Tensor, Any]:
 
 
 def _install_group(parent: nn.Module, layers: list[nn.Module], parent_path: str) -> None:
-    """Run `layers` (column-parallel children reading the parent's input) as one fused GEMM.
-
-    Children that read something else (DeepSeek's q_b_proj reads a latent, not the
-    attention's input) are left out: first those whose width does not fit the input, then,
-    after the first forward, those that did not take the precomputed output."""
-    members = list(layers)
-    learned = [False]
+    """Run `layers` (column-parallel children reading the parent's input) as one fused GEMM."""
 
     def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         x, put = _first_input(args, kwargs)
-        fit = [layer for layer in members if layer.in_features == x.shape[-1]]
-        if not fit:
-            return args, kwargs
-        outs, x_full = column_parallel_group(fit, x)
-        for layer, y in zip(fit, outs):
+        outs, x_full = column_parallel_group(layers, x)
+        for layer, y in zip(layers, outs):
             layer._fusedpar_precomputed = (x_full, y)
         return put(x_full)
 
     def post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        unused = [l for l in layers if l.__dict__.pop("_fusedpar_precomputed", None) is not None]
-        if not learned[0] and not layers[0].spec.sequence_parallel:
-            members[:] = [l for l in members if l not in unused]
-            learned[0] = True
-            return output
+        unused = [type(l).__name__ for l in layers if l.__dict__.pop("_fusedpar_precomputed", None) is not None]
         if unused and layers[0].spec.sequence_parallel:
             raise RuntimeError(
                 f"parallelize: {parent_path}: expected each column-parallel child to be called on the "
@@ -524,10 +432,7 @@ def _install_group(parent: nn.Module, layers: list[nn.Module], parent_path: str)
 def _install_sequence_region(region: nn.ModuleList, name: str, *, group: Any, comm: str, world: int) -> None:
     def split(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         x, put = _first_input(args, kwargs)
-        if x.ndim not in (2, 3):  # [(batch,) seq, hidden]; hyper-connections carry [batch, seq, streams, hidden]
-            raise ValueError(f"parallelize(sequence_parallel=True): {name}.0 input: expected hidden_states "
-                             f"[(batch,) seq, hidden], got shape {list(x.shape)}")
-        if x.shape[-2] % world:
+        if x.ndim < 2 or x.shape[-2] % world:
             raise ValueError(
                 f"parallelize(sequence_parallel=True): {name}.0 input: expected the sequence length "
                 f"(dim -2 of {list(x.shape)}) to be a multiple of the world size {world}, got "

@@ -29,7 +29,27 @@ from torch import Tensor, nn
 from ..comm import get_communicator
 from .sharding import sharded_parameters
 
-__all__ = ["watch_unplanned", "reads_split"]
+__all__ = ["watch_unplanned", "reads_split", "unplanned_modules"]
+
+
+def unplanned_modules(matches: dict[str, tuple[str, str]], name: str, region: nn.ModuleList) -> dict[str, nn.Module]:
+    """`{path: module}` of the unplanned modules with parameters of their own inside the
+    decoder-layer blocks (of `region`, at `name`) that hold a column-parallel layer."""
+    from .islands import layer_blocks
+
+    planned = set(matches)
+    splitting = {p for p, (style, _) in matches.items() if style in ("colwise", "packed_colwise")}
+    found: dict[str, nn.Module] = {}
+    for i, layer in enumerate(region):
+        for base, child in layer_blocks(layer, f"{name}.{i}"):
+            if not any(p == base or p.startswith(base + ".") for p in splitting):
+                continue
+            for sub_name, sub in child.named_modules():
+                path = f"{base}.{sub_name}" if sub_name else base
+                covered = any(path == p or path.startswith(p + ".") for p in planned)
+                if not covered and any(True for _ in sub.parameters(recurse=False)):
+                    found[path] = sub
+    return found
 
 
 def _node_classes() -> tuple[tuple[type, ...], tuple[type, ...]]:
