@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fusedpar-installed
 
-.PHONY: setup demo test test-gpu bench clean
+.PHONY: setup demo test test-models test-gpu bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ demo: $(STAMP)
 # triton is imported, so it is set here (and in tests/conftest.py) rather than in code.
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -p no:cacheprovider --timeout=600 tests
+
+# The sweep over every Hugging Face causal-LM family with a TP plan (also part of `make test`):
+# prints passed / refused (with why) / failed, SP off and on.
+test-models: $(STAMP)
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -p no:cacheprovider --timeout=600 -s tests/models
 
 bench: $(STAMP)
 	$(PY) -m fusedpar bench

@@ -153,7 +153,13 @@ class _GroupedLinearFn(torch.autograd.Function):
         x, w, ends = ctx.saved_tensors
         dy = dy.contiguous()
         dx = grouped_matmul(dy, w.transpose(1, 2), ends, kernel=ctx.kernel) if ctx.needs_input_grad[0] else None
-        dw = grouped_matmul_wgrad(x, dy, ends, kernel=ctx.kernel) if ctx.needs_input_grad[1] else None
+        dw = None
+        if ctx.needs_input_grad[1]:
+            if w.transpose(1, 2).is_contiguous():  # w is an [E, N, K] (nn.Linear layout) weight's view:
+                # compute its gradient in that layout, so accumulating it is not a transposing copy
+                dw = grouped_matmul_wgrad(dy, x, ends, kernel=ctx.kernel).transpose(1, 2)
+            else:
+                dw = grouped_matmul_wgrad(x, dy, ends, kernel=ctx.kernel)
         return dx, dw, None, None
 
 
