@@ -63,7 +63,7 @@ from .norm import all_reduce_grads
 from . import embedding
 from .islands import check_layer_inputs, install_islands, layer_blocks, sequence_islands
 from .packed import PackedColumnParallelLinear, PackedRowParallelLinear
-from .sharding import ParamShard, gather_shard, sharded_parameters
+from .sharding import ParamShard, gather_shard, param_shards
 from .styles import check_row_inputs, inside_experts, plan_styles
 from .unplanned import unplanned_modules, watch_unplanned
 
@@ -462,7 +462,7 @@ def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
         if isinstance(module, _PARALLEL_LINEARS):
             for k, v in module.full_state_dict().items():
                 sd[prefix + k] = v
-        for leaf in sharded_parameters(module):
+        for leaf in param_shards(module):
             if prefix + leaf in sd:
                 sd[prefix + leaf] = gather_shard(module, leaf)
     return sd

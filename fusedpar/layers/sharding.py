@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..comm import Communicator, check_group, get_communicator
 
-__all__ = ["ParamShard", "shard_parameter", "sharded_parameters", "local_shard", "gather_shard"]
+__all__ = ["ParamShard", "shard_parameter", "param_shards", "local_shard", "gather_shard"]
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ def shard_parameter(module: nn.Module, name: str, shard: ParamShard, *, group: d
     shards[name] = (shard, group)
 
 
-def sharded_parameters(module: nn.Module) -> dict[str, tuple[ParamShard, dist.ProcessGroup]]:
+def param_shards(module: nn.Module) -> dict[str, tuple[ParamShard, dist.ProcessGroup]]:
     """`{parameter name: (layout, group)}` recorded on `module` by `shard_parameter`."""
     return dict(module.__dict__.get("_fusedpar_shards", {}))
 
@@ -88,7 +88,7 @@ def gather_shard(module: nn.Module, name: str, comm: str = "torch") -> Tensor:
 def _layout(module: nn.Module, leaf: str) -> tuple[ParamShard, dist.ProcessGroup] | None:
     from .linear import ColumnParallelLinear, RowParallelLinear
 
-    recorded = sharded_parameters(module).get(leaf)
+    recorded = param_shards(module).get(leaf)
     if recorded is not None:
         return recorded
     layout = getattr(module, "shard_layout", None)

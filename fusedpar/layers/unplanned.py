@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..comm import get_communicator
-from .sharding import sharded_parameters
+from .sharding import param_shards
 
 __all__ = ["watch_unplanned", "reads_split", "unplanned_modules"]
 
@@ -94,7 +94,7 @@ def watch_unplanned(model: nn.Module, modules: dict[str, nn.Module], *, group: d
                     comm: str = "torch") -> None:
     """Install, on each of `modules` (path → module, parameters of their own), a gradient
     all-reduce that acts once the module's first forward with gradients found its input split."""
-    sharded = {id(getattr(m, n)) for m in model.modules() for n in sharded_parameters(m)}
+    sharded = {id(getattr(m, n)) for m in model.modules() for n in param_shards(m)}
     communicator = get_communicator(group, comm)
 
     for path, module in modules.items():

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from fusedpar.layers import local_shard, parallelize
-from fusedpar.layers.sharding import sharded_parameters
+from fusedpar.layers.sharding import param_shards
 from tests.layers.common import rel_err
 from tests.models.families import VOCAB, build
 
@@ -121,7 +121,7 @@ def run_family(group: Any, family: str, sp: bool, *, plan: Any = "auto", kernel:
         raise AssertionError("; ".join(errors[:4]) + (f" (+{len(errors) - 4} more)" if len(errors) > 4 else ""))
     styles = sorted({style for style, _ in model._fusedpar_parallel["plan"].values()})
     experts = sorted({m._fusedpar_experts for m in model.modules() if hasattr(m, "_fusedpar_experts")})
-    shards = sorted({f"{n}{list(s.dim for s, _ in [v])}" for m in model.modules() for n, v in sharded_parameters(m).items()})
+    shards = sorted({f"{n}{list(s.dim for s, _ in [v])}" for m in model.modules() for n, v in param_shards(m).items()})
     return {"styles": styles, "experts": experts, "shards": shards}
 
 
