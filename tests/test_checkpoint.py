@@ -12,18 +12,10 @@ import torch
 import torch.distributed as dist
 
 import fusedpar
-from fusedpar.layers import ColumnParallelLinear, RowParallelLinear, parallelize
-from tests.layers.common import check
+from fusedpar.layers import parallelize
+from tests.layers.common import check, check_grads
 from tests.layers.test_models import MODEL_TOL, build
 
-
-def _local(model, name: str, full: torch.Tensor, world: int, rank: int) -> torch.Tensor:
-    module = model.get_submodule(name.rsplit(".", 1)[0])
-    if isinstance(module, ColumnParallelLinear):
-        return full.chunk(world, 0)[rank]
-    if isinstance(module, RowParallelLinear) and name.endswith("weight"):
-        return full.chunk(world, 1)[rank]
-    return full
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +52,7 @@ def _run_load(group, path: str, sp: bool, stepwise: bool):
     # the gradient hooks (SP norms, replicated kv heads) follow the parameters the loader made
     out_ref.loss.backward()
     out.loss.backward()
-    ref_params = dict(ref.named_parameters())
-    for pname, p in model.named_parameters():
-        tol = MODEL_TOL * 10 if pname.endswith("k_proj.bias") else MODEL_TOL
-        check(f"grad {pname}", p.grad, _local(model, pname, ref_params[pname].grad, world, rank), torch.float32,
-              name, tol)
+    check_grads(model, ref, world, rank, name, MODEL_TOL)
     return True
 
 

@@ -10,8 +10,8 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 import fusedpar
-from fusedpar.layers import ColumnParallelLinear, RowParallelLinear, parallelize
-from tests.layers.common import check
+from fusedpar.layers import parallelize
+from tests.layers.common import check, check_grads
 from tests.layers.test_models import MODEL_TOL, build
 
 
@@ -24,14 +24,6 @@ def _expect(exc, fn, *needles):
         return
     raise AssertionError(f"expected {exc.__name__} mentioning {needles}")
 
-
-def _local(model, name: str, full: torch.Tensor, world: int, rank: int) -> torch.Tensor:
-    module = model.get_submodule(name.rsplit(".", 1)[0])
-    if isinstance(module, ColumnParallelLinear):
-        return full.chunk(world, 0)[rank]
-    if isinstance(module, RowParallelLinear) and name.endswith("weight"):
-        return full.chunk(world, 1)[rank]
-    return full
 
 
 def _run_one_d_mesh(group):
@@ -86,12 +78,7 @@ def _run_two_d(group, dp_kind: str, sp: bool):
         dist.all_reduce(mean, group=mesh["dp"].get_group())
         assert abs(mean.item() / 2 - loss_ref.item()) <= MODEL_TOL * abs(loss_ref.item()), (
             f"{name} step {step}: loss {mean.item() / 2} vs single-process {loss_ref.item()}")
-        ref_params = dict(ref.named_parameters())
-        for pname, p in inner.named_parameters():
-            grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
-            tol = MODEL_TOL * 10 if pname.endswith("k_proj.bias") else MODEL_TOL
-            check(f"grad {pname}", grad, _local(inner, pname, ref_params[pname].grad, 2, tp_rank),
-                  torch.float32, f"{name} step {step}", tol)
+        check_grads(inner, ref, 2, tp_rank, f"{name} step {step}", MODEL_TOL)
         want = torch.nn.utils.get_total_norm([q.grad for q in ref.parameters()], 2.0)
         got = fusedpar.grad_norm(inner, group=mesh["tp"])
         assert abs(got.item() - want.item()) <= 1e-5 * want.item(), f"{name}: grad norm {got.item()} vs {want.item()}"

@@ -8,18 +8,10 @@ import copy
 import torch
 import torch.distributed as dist
 
-from fusedpar.layers import ColumnParallelLinear, RowParallelLinear, parallelize
-from tests.layers.common import check
+from fusedpar.layers import parallelize
+from tests.layers.common import check, check_grads
 from tests.layers.test_models import MODEL_TOL, build
 
-
-def _local(model, name: str, full: torch.Tensor, world: int, rank: int) -> torch.Tensor:
-    module = model.get_submodule(name.rsplit(".", 1)[0])
-    if isinstance(module, ColumnParallelLinear):
-        return full.chunk(world, 0)[rank]
-    if isinstance(module, RowParallelLinear) and name.endswith("weight"):
-        return full.chunk(world, 1)[rank]
-    return full
 
 
 def _run_lengths(group, lengths):
@@ -36,11 +28,7 @@ def _run_lengths(group, lengths):
         check("logits", out.logits, out_ref.logits, torch.float32, name, MODEL_TOL)
         out_ref.loss.backward()
         out.loss.backward()
-        ref_params = dict(ref.named_parameters())
-        for pname, p in model.named_parameters():
-            tol = MODEL_TOL * 10 if pname.endswith("k_proj.bias") else MODEL_TOL
-            check(f"grad {pname}", p.grad, _local(model, pname, ref_params[pname].grad, world, rank),
-                  torch.float32, name, tol)
+        check_grads(model, ref, world, rank, name, MODEL_TOL)
         ref.zero_grad(); model.zero_grad()  # noqa: E702
     return True
 
