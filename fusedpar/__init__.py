@@ -9,10 +9,13 @@ Schedules:   all_gather_matmul, matmul_reduce_scatter, matmul_all_reduce (+ *_re
 Kernels:     matmul, gated_matmul, grouped_matmul (+ _wgrad), resolve_kernel
 Comm:        get_communicator, init_distributed, new_group, CollectiveError
 Cost model:  predict, choose_chunks, calibrate, device_spec_for, set_device_spec
+Training:    grad_norm, clip_grad_norm_ (the global norm under TP)
+Checkpoints: from_pretrained, load_checkpoint (each rank reads its slices), save_pretrained
 """
 from __future__ import annotations
 
 from fusedpar.checks import InconsistentCallError
+from fusedpar.checkpoint import from_pretrained, load_checkpoint, save_pretrained
 from fusedpar.comm import (
     CollectiveError,
     Communicator,
@@ -32,6 +35,7 @@ from fusedpar.costmodel import (
     predict,
     set_device_spec,
 )
+from fusedpar.gradnorm import clip_grad_norm_, grad_norm
 from fusedpar.kernels import ACTIVATIONS, gated_matmul, grouped_matmul, grouped_matmul_wgrad, matmul, resolve_kernel
 from fusedpar.layers import (
     ColumnParallelLinear,
@@ -98,6 +102,11 @@ __all__ = [
     "all_gather_matmul_with_wgrad",
     "calibrate",
     "choose_chunks",
+    "clip_grad_norm_",
+    "from_pretrained",
+    "grad_norm",
+    "load_checkpoint",
+    "save_pretrained",
     "device_spec_for",
     "gated_matmul",
     "get_communicator",

@@ -47,21 +47,41 @@ class CollectiveError(RuntimeError):
     """A collective failed: a peer rank crashed, stalled past the timeout, or desynchronized."""
 
 
+def _mesh_group(mesh: Any, arg: str) -> dist.ProcessGroup:
+    """The process group of a 1-D DeviceMesh (or of one named dim of a bigger mesh,
+    `mesh["tp"]`, which is itself 1-D); a mesh of more dims is ambiguous and refused."""
+    if mesh.ndim != 1:
+        names = getattr(mesh, "mesh_dim_names", None)
+        dims = ", ".join(f"{n!r}" for n in names) if names else "unnamed"
+        pick = f'e.g. mesh["{names[-1]}"]' if names else "a 1-D mesh, or mesh.get_group(dim)"
+        raise ValueError(
+            f"{arg}: expected a ProcessGroup or a 1-D DeviceMesh (the tensor-parallel dim, {pick}), "
+            f"got a {mesh.ndim}-D DeviceMesh of shape {tuple(mesh.shape)} with dims ({dims})"
+        )
+    return mesh.get_group()
+
+
 def check_group(group: Any, *, arg: str = "group") -> dist.ProcessGroup:
-    """Validate a process group argument before any collective is issued; return it."""
+    """Validate a process group argument before any collective is issued; return it.
+
+    A 1-D `DeviceMesh`, or one named dim of an N-D mesh (`mesh["tp"]`), stands for its
+    process group."""
     if group is None:
         raise TypeError(
-            f"{arg}: expected a torch.distributed ProcessGroup (fusedpar never falls back to "
-            f"the world group), got None"
+            f"{arg}: expected a torch.distributed ProcessGroup or a 1-D DeviceMesh (fusedpar never "
+            f"falls back to the world group), got None"
         )
     if isinstance(group, Communicator):
         return group.group
+    if _is_device_mesh(group):
+        group = _mesh_group(group, arg)
     if group is dist.GroupMember.NON_GROUP_MEMBER:  # what new_group returns on ranks outside it
         raise ValueError(
             f"{arg}: this process is not a member of the group (new_group returned NON_GROUP_MEMBER here)"
         )
     if not isinstance(group, dist.ProcessGroup):
-        raise TypeError(f"{arg}: expected a torch.distributed ProcessGroup, got {type(group).__name__}")
+        raise TypeError(f"{arg}: expected a torch.distributed ProcessGroup or a 1-D DeviceMesh, "
+                        f"got {type(group).__name__}")
     if not dist.is_initialized():
         raise ValueError(f"{arg}: torch.distributed is not initialized (or was destroyed)")
     try:
@@ -71,6 +91,14 @@ def check_group(group: Any, *, arg: str = "group") -> dist.ProcessGroup:
     if rank < 0:
         raise ValueError(f"{arg}: this process (global rank {dist.get_rank()}) is not a member of the group")
     return group
+
+
+def _is_device_mesh(obj: Any) -> bool:
+    try:
+        from torch.distributed.device_mesh import DeviceMesh
+    except ImportError:  # pragma: no cover - torch builds without distributed
+        return False
+    return isinstance(obj, DeviceMesh)
 
 
 class CollectiveHandle:

@@ -156,8 +156,8 @@ def test_gpu_run_all_plumbing_on_cpu(tmp_path):
     env = {"OUT": str(tmp_path / "dry"), "PYTHON": sys.executable}
     _run(cmd=[*script, "--dry-run"], env_extra=env)
     summary = (tmp_path / "dry/summary.md").read_text()
-    for step in ("env", "gpu-kernel-tests", "gpu-tests", "gemm", "overlap-emulated", "calibrate", "predict",
-                 "profile"):
+    for step in ("env", "gpu-kernel-tests", "gpu-tests", "gemm", "overlap-emulated", "timeline", "calibrate",
+                 "predict", "profile"):
         assert re.search(rf"^\| {step} \| dry-run \|", summary, re.M), step
     env["OUT"] = str(tmp_path / "quick")
     _run(cmd=[*script, "--quick", "--only", "env,calibrate,predict,overlap-emulated"],

@@ -258,3 +258,37 @@ def test_cuda_schedules_match_the_clone_semantics():
         x = torch.randn(4 * 64, 128, device="cuda")
         y = overlap.matmul_reduce_scatter(x, w, group=comm, chunks=chunks, kernel="torch")
         torch.testing.assert_close(y, 4 * (x @ w)[128:192], rtol=1e-3, atol=1e-2)
+
+
+# ------------------------------------------------------------------------- timeline picture
+
+def test_timeline_rows_are_streams_named_by_role(tmp_path):
+    from timeline import draw, label_rows, rows_from_trace
+
+    k = lambda name, ts, dur, stream: {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur,  # noqa: E731
+                                       "args": {"stream": stream}}
+    trace = {"traceEvents": [
+        k("_matmul_tma_kernel", 100, 50, 7), k("_matmul_tma_kernel", 160, 50, 7),
+        {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy DtoD (Device -> Device)", "ts": 110, "dur": 80,
+         "args": {"stream": 21}},
+        k("vectorized_elementwise_kernel", 215, 5, 7),
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 300, "tid": 1},  # host: not a row
+    ]}
+    rows = rows_from_trace(trace)
+    assert set(rows) == {"stream 7", "stream 21"}
+    assert rows["stream 7"][0] == (0.0, 50.0, "_matmul_tma_kernel")  # times from the first GPU event
+    names = label_rows(rows)
+    assert names == {"stream 7": "stream 7 (compute)", "stream 21": "stream 21 (comm)"}
+    draw(rows, tmp_path / "t.png", "test")
+    assert (tmp_path / "t.png").stat().st_size > 1000
+
+
+def test_timeline_cpu_smoke_writes_its_files(tmp_path):
+    out = tmp_path / "tl"
+    run = subprocess.run([sys.executable, str(ROOT / "bench/gpu/timeline.py"), "--out", str(out), "--cpu-smoke",
+                          "--kernel", "torch"], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert run.returncode == 0, run.stderr[-2000:]
+    summary = json.loads((out / "timeline.json").read_text())
+    assert "CPU smoke run" in summary["title"] and summary["rows"]
+    assert (out / "timeline.png").stat().st_size > 1000 and (out / "trace.json").exists()

@@ -291,7 +291,7 @@ def _run_bad_inputs(group):
         (lambda: overlap.all_gather_matmul(x, torch.randn(7, 4), group=group), ValueError, r"w: expected shape \[K, N\] with K = x_shard.shape\[-1\] = 8"),
         (lambda: overlap.all_gather_matmul(x, w.double(), group=group), TypeError, r"w: expected dtype torch.float32"),
         (lambda: overlap.matmul_all_reduce(x, w, group=None), TypeError, r"group: expected a torch.distributed ProcessGroup"),
-        (lambda: overlap.matmul_all_reduce(x, w, group="world"), TypeError, r"group: expected a torch.distributed ProcessGroup, got str"),
+        (lambda: overlap.matmul_all_reduce(x, w, group="world"), TypeError, r"group: expected a torch.distributed ProcessGroup or a 1-D DeviceMesh, got str"),
         (lambda: overlap.matmul_all_reduce(x, w, group=group, bias=torch.randn(5)), ValueError, r"bias: expected shape \[4\]"),
         (lambda: overlap.matmul_all_reduce(x, w, group=group, chunks=0), ValueError, r"chunks: expected None or an int >= 1, got 0"),
         (lambda: overlap.matmul_all_reduce(x, w, group=group, activation="tanh"), ValueError, r"activation: expected one of"),

@@ -8,7 +8,7 @@
 # per-step logs, bench JSON/CSV/PNG, calibration, traces and summary.md.
 # Each step runs under `timeout` and a failure is recorded, not fatal, so one stuck
 # step cannot eat the others' time. Steps: env gpu-kernel-tests gpu-tests gemm overlap-emulated
-# calibrate predict profile (then the summary always runs). The gloo suites
+# timeline calibrate predict profile (then the summary always runs). The gloo suites
 # (bench/test_overlap.py, bench/test_layers.py) measure CPU ranks: run them on the CPU machine.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -117,7 +117,7 @@ bench_step() {  # bench_step NAME LIMIT PATTERN...
 
 export OUT PY
 export -f env_info
-# Ordered by what only a GPU can tell; limits add up to ~550 s of the 570 s budget.
+# Ordered by what only a GPU can tell; limits add up to ~520 s of the 545 s budget.
 step env 20 bash -c env_info
 # Compiled, not interpreted, Triton (tests/conftest.py turns the interpreter on otherwise).
 # The kernel matrix compiles ~300 specializations: 8 pytest-xdist workers compile in parallel.
@@ -127,7 +127,7 @@ step gpu-kernel-tests 100 env FUSEDPAR_COMPILED_TRITON=1 "$PY" -m pytest "${XDIS
 step gpu-tests 50 env FUSEDPAR_COMPILED_TRITON=1 "$PY" -m pytest -m gpu tests -q -p no:cacheprovider \
     --ignore=tests/kernels/test_gpu_kernels.py --timeout=45 --junitxml="$OUT/gpu-tests.xml"
 if [ "$HAS_CUDA" = 1 ]; then
-    step gemm 200 "$PY" bench/gpu/gemm_sweep.py --budget-s 165 --out "$OUT/gemm"
+    step gemm 180 "$PY" bench/gpu/gemm_sweep.py --budget-s 150 --out "$OUT/gemm"
 else
     step gemm 5 echo "no CUDA: bench/gpu/gemm_sweep.py needs a GPU"
 fi
@@ -140,6 +140,12 @@ if [ "$HAS_CUDA" = 1 ]; then
 else
     step overlap-emulated "$emu_limit" "$PY" bench/gpu/overlap_emulated.py --cpu-smoke \
         --out "$OUT/overlap-emulated"
+fi
+# One overlapped SP MLP block, fwd+bwd, over the emulated link: a PNG with a row per stream.
+if [ "$HAS_CUDA" = 1 ]; then
+    step timeline 40 "$PY" bench/gpu/timeline.py --out "$OUT/timeline"
+else
+    step timeline 40 "$PY" bench/gpu/timeline.py --cpu-smoke --kernel torch --out "$OUT/timeline"
 fi
 step calibrate 30 "$PY" -m fusedpar bench --calibrate "${QUICK[@]}" --out "$OUT/calibrate"
 step predict 10 "$PY" -m fusedpar bench --predict

@@ -1,6 +1,6 @@
 """Write OUT/summary.md for a bench/gpu/run_all.sh run: device, versions, each step's
-outcome, the benchmark tables, the emulated-link overlap tables, the calibration table and
-links to every result file.
+outcome, the GEMM-vs-cuBLAS tables, the timeline picture, the benchmark tables, the
+emulated-link overlap tables, the calibration table and links to every result file.
 
     python3 bench/gpu/summarize.py OUT
 """
@@ -82,7 +82,14 @@ def main(out: Path) -> int:
     lines += ["", "## Steps", "", "| step | status | seconds | log |", "|---|---|---:|---|"]
     for s in steps:
         lines.append(f"| {s['step']} | {s['status']} | {s['seconds']} | [{s['log']}]({s['log']}) |")
-    lines += ["", "## Benchmarks", ""] + (bench_tables(out) or ["(none)", ""])
+    gemm = _read(out / "gemm/gemm-summary.md").strip()
+    lines += ["", "## GEMMs vs cuBLAS", ""]
+    lines += [gemm.replace("\n## ", "\n### ").replace("# GEMM vs cuBLAS", "GEMM vs cuBLAS", 1), ""] if gemm \
+        else ["(none)", ""]
+    timeline = out / "timeline/timeline.png"
+    if timeline.exists():
+        lines += ["## Timeline of one overlapped layer", "", f"![timeline]({timeline.relative_to(out)})", ""]
+    lines += ["## Benchmarks", ""] + (bench_tables(out) or ["(none)", ""])
     lines += ["## Overlap on an emulated link (one GPU)", ""] + (emulated_tables(out) or ["(none)", ""])
     lines += ["## GEMM calibration", ""] + (calibration_tables(out) or ["(none)", ""])
     predict = _read(out / "logs/predict.log").strip()

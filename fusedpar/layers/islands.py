@@ -104,12 +104,17 @@ def _first_tensor(args: tuple, kwargs: dict) -> tuple[Tensor, Any]:
     raise TypeError("sequence-parallel island: expected the block's first argument (or hidden_states=) to be a Tensor")
 
 
-def install_island(module: nn.Module, *, group: dist.ProcessGroup, comm: str = "torch") -> None:
-    """Run `module` on the gathered sequence inside a sequence-parallel region (see the module doc)."""
+def install_island(module: nn.Module, *, group: dist.ProcessGroup, comm: str = "torch", state: Any = None) -> None:
+    """Run `module` on the gathered sequence inside a sequence-parallel region (see the module
+    doc). `state` is the region's `SequenceRegion`: while it runs unsplit (a length that does
+    not divide by the world size), the block's input is whole already and nothing is done."""
 
-    shapes: list[tuple[int, ...]] = []
+    shapes: list[tuple[int, ...] | None] = []
 
-    def gather(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def gather(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if state is not None and not state.split:
+            shapes.append(None)
+            return None
         x, put = _first_tensor(args, kwargs)
         x_full = gather_from_shard(x, group=group, dim=-2, comm=comm)
         shapes.append(tuple(x_full.shape[:-1]))
@@ -124,6 +129,8 @@ def install_island(module: nn.Module, *, group: dist.ProcessGroup, comm: str = "
 
     def split(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         tokens = shapes.pop()
+        if tokens is None:
+            return output
         if isinstance(output, Tensor):
             return split_one(output, tokens)
         return (split_one(output[0], tokens), *output[1:])
@@ -134,7 +141,7 @@ def install_island(module: nn.Module, *, group: dist.ProcessGroup, comm: str = "
 
 
 def install_islands(model: nn.Module, islands: set[str], region: nn.ModuleList, *, group: dist.ProcessGroup,
-                    comm: str = "torch") -> None:
+                    comm: str = "torch", state: Any = None) -> None:
     """Install every island, and refuse (before the region's first collective) a residual
     stream that is not `[(batch,) seq, hidden]`: hyper-connections carry several streams per
     token, `[batch, seq, streams, hidden]`, whose dim -2 is not the sequence."""
@@ -147,4 +154,4 @@ def install_islands(model: nn.Module, islands: set[str], region: nn.ModuleList, 
 
     region[0].register_forward_pre_hook(check, with_kwargs=True, prepend=True)
     for path in sorted(islands):
-        install_island(model.get_submodule(path), group=group, comm=comm)
+        install_island(model.get_submodule(path), group=group, comm=comm, state=state)

@@ -18,6 +18,7 @@ backward, like Megatron's fused QKV weight but over separately stored parameters
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Sequence
@@ -40,6 +41,8 @@ __all__ = [
     "split_to_shard",
     "gather_from_shard",
     "LinearSpec",
+    "SequenceRegion",
+    "effective_spec",
 ]
 
 _COMMS = ("torch", "cupy")
@@ -68,6 +71,29 @@ class LinearSpec:
 
     def knobs(self) -> dict[str, Any]:
         return {"group": self.group, "chunks": self.chunks, "kernel": self.kernel, "comm": self.comm}
+
+
+class SequenceRegion:
+    """The state of one sequence-parallel region (parallelize's decoder layers) for the
+    forward running through it: `split` is False when the sequence length does not divide
+    by the world size (a decode step of one token, an odd prefill), and the region then runs
+    unsplit: its layers take their non-sequence-parallel path (replicated activations,
+    all-reduce) and its norms' gradients need no all-reduce (every rank saw every token)."""
+
+    def __init__(self, world: int) -> None:
+        self.world = world
+        self.split = True
+        self.pending: set[bool] = set()  # modes of grad-recording forwards not yet backpropagated
+
+
+def effective_spec(layer: nn.Module) -> LinearSpec:
+    """The layer's spec for this forward: without sequence parallelism while its region
+    runs unsplit."""
+    spec: LinearSpec = layer.spec
+    region: SequenceRegion | None = getattr(layer, "_fusedpar_region", None)
+    if spec.sequence_parallel and region is not None and not region.split:
+        return dataclasses.replace(spec, sequence_parallel=False)
+    return spec
 
 
 def _make_spec(
@@ -366,6 +392,10 @@ class ColumnParallelLinear(_ParallelLinearBase):
     under the dgrad GEMMs).
     """
 
+    # parameter -> the dim split evenly across the group in rank order (what grad_norm, the
+    # checkpoint loader and saver read); parameters not named are replicated
+    tp_shard_dims = {"weight": 0, "bias": 0}
+
     def __init__(
         self,
         in_features: int,
@@ -426,9 +456,10 @@ class ColumnParallelLinear(_ParallelLinearBase):
         precomputed = _take_precomputed(self, x)
         if precomputed is not None:
             return precomputed
-        y = _ColumnParallelFn.apply(*_autocast_operands(x, self.weight.t(), self.bias), self.spec, None)
+        spec = effective_spec(self)
+        y = _ColumnParallelFn.apply(*_autocast_operands(x, self.weight.t(), self.bias), spec, None)
         if self.gather_output:
-            y = _GatherFn.apply(y, self.spec, -1)
+            y = _GatherFn.apply(y, spec, -1)
         return y
 
     def full_state_dict(self) -> dict[str, Tensor]:
@@ -454,6 +485,8 @@ class ReplicatedColumnLinear(_ParallelLinearBase):
     Each rank's weight gradient is non-zero only on its block; it is all-reduced over the
     group in backward (a hook on the parameters), which sums every user's share.
     """
+
+    tp_shard_dims: dict[str, int] = {}  # the full weight on every rank
 
     def __init__(
         self,
@@ -520,7 +553,7 @@ class ReplicatedColumnLinear(_ParallelLinearBase):
         if precomputed is not None:
             return precomputed
         w, b = self.column_operands()
-        return _ColumnParallelFn.apply(*_autocast_operands(x, w.t(), b), self.spec, None)
+        return _ColumnParallelFn.apply(*_autocast_operands(x, w.t(), b), effective_spec(self), None)
 
     def full_state_dict(self) -> dict[str, Tensor]:
         out = {"weight": self.weight.detach().clone()}
@@ -542,6 +575,8 @@ class RowParallelLinear(_ParallelLinearBase):
     split here. The output is all-reduced (`y_full`) or, with `sequence_parallel=True`,
     reduce-scattered on `sequence_dim` (`y_shard`).
     """
+
+    tp_shard_dims = {"weight": 1}  # the bias is replicated, added once after the reduction
 
     def __init__(
         self,
@@ -595,13 +630,14 @@ class RowParallelLinear(_ParallelLinearBase):
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
+        spec = effective_spec(self)
         if not self.input_is_parallel:
-            _check_divisible(x, -1, _rank_world(self.spec)[1], what="RowParallelLinear (input_is_parallel=False)")
-            x = _SplitFn.apply(x, self.spec, -1)
-        if self.spec.sequence_parallel:
-            _check_divisible(x, self.spec.sequence_dim, _rank_world(self.spec)[1],
+            _check_divisible(x, -1, _rank_world(spec)[1], what="RowParallelLinear (input_is_parallel=False)")
+            x = _SplitFn.apply(x, spec, -1)
+        if spec.sequence_parallel:
+            _check_divisible(x, spec.sequence_dim, _rank_world(spec)[1],
                              what="RowParallelLinear (sequence_parallel=True)")
-        return _RowParallelFn.apply(*_autocast_operands(x, self.weight.t(), self.bias), self.spec)
+        return _RowParallelFn.apply(*_autocast_operands(x, self.weight.t(), self.bias), spec)
 
     def full_state_dict(self) -> dict[str, Tensor]:
         """The unsharded `{"weight", "bias"}` (a collective: every rank of the group must call it)."""
@@ -634,14 +670,14 @@ def column_parallel_group(
     """
     if not layers:
         raise ValueError("column_parallel_group: expected at least one layer, got none")
-    spec = layers[0].spec
+    spec = effective_spec(layers[0])
     for i, layer in enumerate(layers):
         if not isinstance(layer, (ColumnParallelLinear, ReplicatedColumnLinear)) or layer.gather_output:
             raise TypeError(f"column_parallel_group: layers[{i}]: expected a column-parallel linear without "
                             f"gather_output, got {type(layer).__name__}")
-        if layer.spec != spec:
+        if effective_spec(layer) != spec:
             raise ValueError(f"column_parallel_group: layers[{i}]: expected the same spec as layers[0] "
-                             f"({spec}), got {layer.spec}")
+                             f"({spec}), got {effective_spec(layer)}")
     operands = [layer.column_operands() for layer in layers]
     sizes = [w.shape[0] for w, _ in operands]
     w = operands[0][0] if len(operands) == 1 else torch.cat([w for w, _ in operands], 0)

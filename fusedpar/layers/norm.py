@@ -13,6 +13,7 @@ backward all-reduces them over the group so every rank steps with the full gradi
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -51,7 +52,8 @@ def grad_all_reduce(w: Tensor, *, group: dist.ProcessGroup, comm: str = "torch")
     return _GradAllReduceFn.apply(w, group, comm)
 
 
-def all_reduce_grads(module: nn.Module, *, group: dist.ProcessGroup, comm: str = "torch") -> list[RemovableHandle]:
+def all_reduce_grads(module: nn.Module, *, group: dist.ProcessGroup, comm: str = "torch",
+                     region: Any = None) -> list[RemovableHandle]:
     """Make `module`'s parameters (recursively) all-reduce their gradients over `group`.
 
     For replicated parameters whose gradient each rank only partly computes: norms on
@@ -59,16 +61,34 @@ def all_reduce_grads(module: nn.Module, *, group: dist.ProcessGroup, comm: str =
     "replicated_with_grad_allreduce"), replicated kv heads. The hook runs once per backward,
     on the gradient summed over all uses, before it is accumulated into `.grad`. The
     handles are also kept on `module._fusedpar_grad_hooks` (remove them to undo).
+    With `region` (a `SequenceRegion`), the all-reduce is skipped when the region's last
+    forward ran unsplit: every rank then computed the whole gradient.
     """
     group = check_group(group)
     communicator = get_communicator(group, comm)
 
     def hook(grad: Tensor) -> Tensor:
+        if region is not None and not region.split:
+            return grad
         grad = grad.contiguous().clone()
         communicator.all_reduce(grad).wait()
         return grad
 
-    handles = [p.register_hook(hook) for p in module.parameters() if p.requires_grad]
+    hooked: dict[int, weakref.ref] = {}  # id -> the tensor (weakly): tensors compare elementwise
+
+    def hook_parameters(*_: Any) -> None:
+        # FSDP2 (and anything else that swaps a module's parameters for new tensors) makes
+        # the forward use other Parameter objects than the ones seen here at first: hook
+        # whatever the module holds when it runs, once per tensor.
+        for p in module.parameters():
+            seen = hooked.get(id(p))
+            if p.requires_grad and (seen is None or seen() is not p):
+                hooked[id(p)] = weakref.ref(p)
+                handles.append(p.register_hook(hook))
+
+    handles: list[RemovableHandle] = []
+    hook_parameters()
+    handles.append(module.register_forward_pre_hook(hook_parameters))
     module._fusedpar_grad_hooks = getattr(module, "_fusedpar_grad_hooks", []) + handles
     return handles
 

@@ -61,6 +61,7 @@ class PackedColumnParallelLinear(ColumnParallelLinear):
         layer = super().from_linear(_packed_copy(linear, 0, parts, group=group, name=name), group=group, name=name,
                                     **kwargs)
         layer.parts = parts
+        layer.tp_shard_parts = {"weight": parts, "bias": parts}  # read with tp_shard_dims by the checkpoint code
         return layer
 
     def shard_layout(self, leaf: str) -> ParamShard | None:
@@ -93,6 +94,7 @@ class PackedRowParallelLinear(RowParallelLinear):
         layer = super().from_linear(_packed_copy(linear, 1, parts, group=group, name=name), group=group, name=name,
                                     **kwargs)
         layer.parts = parts
+        layer.tp_shard_parts = {"weight": parts}
         return layer
 
     def shard_layout(self, leaf: str) -> ParamShard | None:

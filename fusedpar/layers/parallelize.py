@@ -47,6 +47,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
@@ -55,7 +56,9 @@ from .linear import (
     ColumnParallelLinear,
     ReplicatedColumnLinear,
     RowParallelLinear,
+    SequenceRegion,
     column_parallel_group,
+    effective_spec,
     gather_from_shard,
     split_to_shard,
 )
@@ -249,7 +252,7 @@ def parallelize(
     model: nn.Module,
     plan: Mapping[str, str] | str,
     *,
-    group: dist.ProcessGroup,
+    group: Any,
     sequence_parallel: bool = False,
     chunks: int | None = None,
     kernel: str = "auto",
@@ -257,16 +260,18 @@ def parallelize(
     save_gathered_input: bool = True,
     loss_parallel: bool = False,
 ) -> nn.Module:
-    """Convert `model` in place for tensor parallelism over `group`; return it.
+    """Convert `model` in place for tensor parallelism over `group` (a ProcessGroup, a 1-D
+    DeviceMesh, or one named dim of a bigger mesh, `mesh["tp"]`); return it.
 
     Pretrained weights are sharded, not re-initialized. Every rank must call it with the
     same model and plan. `chunks` / `kernel` / `comm` / `save_gathered_input` go to every
     parallel linear (`kernel` also to the grouped expert GEMMs). With
-    `sequence_parallel=True` the sequence length must be a multiple of the world size
-    (checked on each forward before any collective). With `loss_parallel=True` (training a
-    Hugging Face causal LM) the LM head stays split on the vocabulary: the model returns
-    logits `[.., vocab/world]` and computes its loss with `vocab_parallel_cross_entropy`;
-    a tied input embedding is split the same way.
+    `sequence_parallel=True`, a forward whose sequence length is a multiple of the world
+    size runs the decoder layers on sequence shards; any other length (a decode step of one
+    token, an odd prefill) runs them unsplit, with the same results. With
+    `loss_parallel=True` (training a Hugging Face causal LM) the LM head stays split on the
+    vocabulary: the model returns logits `[.., vocab/world]` and computes its loss with
+    `vocab_parallel_cross_entropy`; a tied input embedding is split the same way.
     """
     group = check_group(group, arg="parallelize: group")
     world = dist.get_world_size(group)
@@ -301,6 +306,7 @@ def parallelize(
         pass  # other models: a parameter next to parallel layers may see replicated inputs
 
     # 2. Convert the linears.
+    state = SequenceRegion(world) if sequence_parallel else None
     knobs = dict(chunks=chunks, kernel=kernel, comm=comm, sequence_dim=-2)
     for path, b in builds.items():
         linear = model.get_submodule(path)
@@ -317,6 +323,8 @@ def parallelize(
             col_cls = PackedColumnParallelLinear if b.get("parts", 1) > 1 else ColumnParallelLinear
             new = col_cls.from_linear(linear, group=group, name=path, gather_output=b["gather_output"],
                                       sequence_parallel=sp, save_gathered_input=save_gathered_input, **knobs)
+        if sp:
+            new._fusedpar_region = state
         parent_path, _, leaf = path.rpartition(".")
         setattr(model.get_submodule(parent_path), leaf, new)
 
@@ -324,10 +332,13 @@ def parallelize(
     for apply in others:
         apply(group)
 
-    # 3. Replicated parameters whose gradients are per-rank partial sums.
+    # 3. Replicated parameters whose gradients are per-rank partial sums: per-head norms
+    #    always; sequence-parallel norms only while their region runs split.
     for path, (style, _) in matches.items():
-        if style == "replicated_with_grad_allreduce" or (style == "sequence_parallel" and sequence_parallel):
+        if style == "replicated_with_grad_allreduce":
             all_reduce_grads(model.get_submodule(path), group=group, comm=comm)
+        elif style == "sequence_parallel" and sequence_parallel:
+            all_reduce_grads(model.get_submodule(path), group=group, comm=comm, region=state)
     if unplanned:
         watch_unplanned(model, unplanned, group=group, comm=comm)
     if loss_parallel:
@@ -344,17 +355,18 @@ def parallelize(
 
     # 5. Sequence parallelism: split the residual stream inside the decoder layers.
     if sequence_parallel:
-        assert region is not None
-        _install_sequence_region(region, region_name, group=group, comm=comm, world=world)
+        assert region is not None and state is not None
+        _install_sequence_region(region, region_name, group=group, comm=comm, state=state)
         planned = set(matches)
         for i, layer in enumerate(region):
             for path, child in layer_blocks(layer, f"{region_name}.{i}"):  # lists opened: LongCat's two norms
                 owns_params = any(True for _ in child.parameters(recurse=False))
                 holds_plan = any(p == path or p.startswith(path + ".") for p in planned)
                 if owns_params and not holds_plan and path not in islands:
-                    all_reduce_grads(child, group=group, comm=comm)
-        install_islands(model, islands, region, group=group, comm=comm)
-    model._fusedpar_parallel = {"group": group, "sequence_parallel": sequence_parallel, "plan": dict(matches)}
+                    all_reduce_grads(child, group=group, comm=comm, region=state)
+        install_islands(model, islands, region, group=group, comm=comm, state=state)
+    model._fusedpar_parallel = {"group": group, "sequence_parallel": sequence_parallel, "plan": dict(matches),
+                                "region": state}
     return model
 
 
@@ -416,7 +428,7 @@ def _install_group(parent: nn.Module, layers: list[nn.Module], parent_path: str)
 
     def post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         unused = [type(l).__name__ for l in layers if l.__dict__.pop("_fusedpar_precomputed", None) is not None]
-        if unused and layers[0].spec.sequence_parallel:
+        if unused and effective_spec(layers[0]).sequence_parallel:
             raise RuntimeError(
                 f"parallelize: {parent_path}: expected each column-parallel child to be called on the "
                 f"module's input (they are computed together, sequence-parallel), but {len(unused)} were not"
@@ -429,18 +441,40 @@ def _install_group(parent: nn.Module, layers: list[nn.Module], parent_path: str)
     parent.register_forward_hook(post_hook, with_kwargs=True)
 
 
-def _install_sequence_region(region: nn.ModuleList, name: str, *, group: Any, comm: str, world: int) -> None:
-    def split(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+def _install_sequence_region(region: nn.ModuleList, name: str, *, group: Any, comm: str,
+                             state: SequenceRegion) -> None:
+    """Split the residual stream on the sequence dim before the first decoder layer and
+    gather it after the last one, when the length divides by the world size; otherwise the
+    region runs unsplit for this forward (`state.split`, read by its layers and norms)."""
+
+    def split(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         x, put = _first_input(args, kwargs)
-        if x.ndim < 2 or x.shape[-2] % world:
-            raise ValueError(
-                f"parallelize(sequence_parallel=True): {name}.0 input: expected the sequence length "
-                f"(dim -2 of {list(x.shape)}) to be a multiple of the world size {world}, got "
-                f"{x.shape[-2] if x.ndim >= 2 else None}"
-            )
+        if x.ndim < 2:
+            raise ValueError(f"parallelize(sequence_parallel=True): {name}.0 input: expected [.., seq, hidden], "
+                             f"got shape {list(x.shape)}")
+        mode = x.shape[-2] % state.world == 0
+        if torch.is_grad_enabled():
+            # A norm's gradient all-reduce is decided per backward: one backward over forwards
+            # of both kinds would sum some tokens' gradients world times. Raised before any comm.
+            if state.pending and mode not in state.pending:
+                raise ValueError(
+                    f"parallelize(sequence_parallel=True): {name}.0 input: sequence length {x.shape[-2]} "
+                    f"{'divides' if mode else 'does not divide'} by the world size {state.world}, unlike a forward "
+                    f"whose backward has not run yet; expected backward (or torch.no_grad()) between forwards "
+                    f"of split and unsplit lengths"
+                )
+            state.pending.add(mode)
+        state.split = mode
+        if not mode:
+            return None
         return put(split_to_shard(x, group=group, dim=-2, comm=comm))
 
     def gather(module: nn.Module, args: tuple, output: Any) -> Any:
+        y = output if isinstance(output, Tensor) else output[0]
+        if y.requires_grad:  # backward through the region starts here: its forwards are consumed
+            y.register_hook(lambda g: state.pending.clear())
+        if not state.split:
+            return output
         if isinstance(output, Tensor):
             return gather_from_shard(output, group=group, dim=-2, comm=comm)
         return (gather_from_shard(output[0], group=group, dim=-2, comm=comm), *output[1:])

@@ -72,6 +72,11 @@ def shard_parameter(module: nn.Module, name: str, shard: ParamShard, *, group: d
     module._parameters[name] = nn.Parameter(local, requires_grad=param.requires_grad)
     shards = module.__dict__.setdefault("_fusedpar_shards", {})
     shards[name] = (shard, group)
+    # declared like the parallel linears' class attributes, which grad_norm and the checkpoint
+    # loader and saver read: {name: split dim} (and {name: packed parts} where there are several)
+    module.tp_shard_dims = {**getattr(module, "tp_shard_dims", {}), name: shard.dim % local.ndim}
+    if shard.parts > 1:
+        module.tp_shard_parts = {**getattr(module, "tp_shard_parts", {}), name: shard.parts}
 
 
 def param_shards(module: nn.Module) -> dict[str, tuple[ParamShard, dist.ProcessGroup]]:

@@ -37,3 +37,21 @@ def check(name: str, got: torch.Tensor | None, ref: torch.Tensor | None, dtype: 
 def randn(seed: int, *shape: int, dtype: torch.dtype) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+
+
+def local_slice(model, name: str, full: torch.Tensor, world: int, rank: int) -> torch.Tensor:
+    """What this rank of a parallelized `model` stores of the full tensor of parameter `name`
+    (`world` and `rank` must be the model's group's)."""
+    from fusedpar.layers import local_shard
+
+    return local_shard(model, name, full)
+
+
+def check_grads(model, ref, world: int, rank: int, case: str, tol: float) -> None:
+    """Every parameter's gradient of the parallel `model` against the slice of the
+    single-process `ref`'s (the key bias's gradient is ~0 in exact arithmetic: 10x looser)."""
+    ref_params = dict(ref.named_parameters())
+    for pname, p in model.named_parameters():
+        grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad  # FSDP2: a DTensor
+        check(f"grad {pname}", grad, local_slice(model, pname, ref_params[pname].grad, world, rank),
+              torch.float32, case, tol * 10 if pname.endswith("k_proj.bias") else tol)

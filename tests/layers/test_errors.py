@@ -109,10 +109,14 @@ def _run_error_cases(group):
     _expect(ValueError, lambda: parallelize(build_family("gemma3n_text"), "auto", group=group, sequence_parallel=True),
             "model.layers.0", "per-token input is hidden_states", "per_layer_input")
 
-    # sequence length not divisible under sequence parallelism: raised in forward, before the split
+    # sequence parallelism runs any length (unsplit when it does not divide), but not one
+    # backward over forwards of both kinds: raised in forward, before the split
     model = parallelize(llama(), "auto", group=group, sequence_parallel=True)
+    model(torch.zeros(1, 8, dtype=torch.long))  # split; its backward never runs
     _expect(ValueError, lambda: model(torch.zeros(1, 6, dtype=torch.long)),
-            "model.layers.0", "sequence length", "world size 4", "got 6")
+            "model.layers.0", "sequence length 6", "does not divide", "world size 4", "expected backward")
+    with torch.no_grad():
+        model(torch.zeros(1, 6, dtype=torch.long))  # no graph: nothing to mix
 
     # an unplanned module with parameters whose input carries no autograd history (everything
     # upstream frozen): whether it reads split heads cannot be told, so the first forward raises,

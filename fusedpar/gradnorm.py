@@ -1,0 +1,164 @@
+"""The global gradient norm of a tensor-parallel model, and clipping by it.
+
+`torch.nn.utils.clip_grad_norm_(model.parameters(), ...)` on one rank of a TP model sees
+only that rank's shards of the sharded weights and counts nothing of the other ranks', so
+its norm is wrong (too small) and every clipped step differs from single-GPU training.
+Here each parameter counts once over the TP group:
+
+    sharded over the group     (column-/row-parallel weights)   every rank's shard: summed
+    replicated over the group  (embeddings, norms, row biases)  the same on every rank: once
+
+    ||g||_p = ( all_reduce_sum_tp( Σ_sharded ||g_i||_p^p + Σ_replicated ||g_i||_p^p / world ) )^(1/p)
+    ||g||_inf = all_reduce_max_tp( max_i ||g_i||_inf )
+
+A module says which of its parameters are sharded over its group with a class attribute
+`tp_shard_dims` ({name: the dim split across ranks}); everything else is replicated.
+Gradients that are DTensors (FSDP2's `fully_shard` over a data-parallel mesh dim) contribute
+their local shard and are also summed over the mesh dims they are sharded on; DDP's
+gradients are plain tensors, equal on every data-parallel rank after its all-reduce, so
+nothing more is needed there.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .comm import check_group, get_communicator
+
+__all__ = ["grad_norm", "clip_grad_norm_", "sharded_parameters"]
+
+
+def sharded_parameters(model: nn.Module) -> set[int]:
+    """ids of the parameters of `model` that are sharded over their tensor-parallel group."""
+    ids: set[int] = set()
+    for module in model.modules():
+        for name in getattr(module, "tp_shard_dims", {}):
+            p = getattr(module, name, None)
+            if isinstance(p, Tensor):
+                ids.add(id(p))
+    return ids
+
+
+def _dtensor_local(g: Tensor) -> tuple[Tensor, tuple[Any, ...]]:
+    """(local tensor, process groups its norm must also be summed over) for a gradient."""
+    try:
+        from torch.distributed.tensor import DTensor, Replicate
+    except ImportError:  # pragma: no cover
+        return g, ()
+    if not isinstance(g, DTensor):
+        return g, ()
+    if any(p.is_partial() for p in g.placements):  # a pending reduction: settle it first
+        g = g.redistribute(g.device_mesh, [Replicate() if p.is_partial() else p for p in g.placements])
+    groups = tuple(g.device_mesh.get_group(dim) for dim, p in enumerate(g.placements) if p.is_shard())
+    return g.to_local(), groups
+
+
+def _check_norm_type(norm_type: float, where: str) -> float:
+    try:
+        p = float(norm_type)
+    except (TypeError, ValueError):
+        raise TypeError(f"{where}: norm_type: expected a positive number or inf, got {norm_type!r}") from None
+    if not (p > 0):
+        raise ValueError(f"{where}: norm_type: expected a positive number or inf, got {norm_type!r}")
+    return p
+
+
+def _norms(grads: list[Tensor], p: float, foreach: bool | None) -> Tensor:
+    """||g||_p of each gradient, as one fp32 vector."""
+    if not grads:
+        return torch.zeros(0)
+    by_device: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for g in grads:
+        by_device.setdefault((g.device, g.dtype), []).append(g)
+    out = []
+    for (device, _), gs in by_device.items():
+        use_foreach = foreach if foreach is not None else device.type in ("cpu", "cuda")
+        if use_foreach:
+            out += [n.float() for n in torch._foreach_norm(gs, p)]
+        else:
+            out += [torch.linalg.vector_norm(g, p).float() for g in gs]
+    device = out[0].device
+    return torch.stack([n.to(device) for n in out])
+
+
+def grad_norm(model: nn.Module, *, group: Any, norm_type: float = 2.0, foreach: bool | None = None) -> Tensor:
+    """The p-norm of all of `model`'s gradients, each parameter counted once over the
+    tensor-parallel `group` (a ProcessGroup or a 1-D DeviceMesh): equal on every rank, and
+    equal to the norm one process computes for the unparallelized model.
+
+    A collective over `group` (and over the data-parallel dims FSDP2 shards gradients on):
+    every rank must call it. Parameters without a gradient (frozen) are skipped. Returns an
+    fp32 scalar tensor on the gradients' device.
+    """
+    where = "grad_norm"
+    group = check_group(group, arg=f"{where}: group")
+    p = _check_norm_type(norm_type, where)
+    world = dist.get_world_size(group)
+    sharded = sharded_parameters(model)
+    # bucket by (sharded over TP?, the extra groups a DTensor shard is summed over)
+    buckets: dict[tuple[bool, tuple[Any, ...]], list[Tensor]] = {}
+    for param in model.parameters():
+        if param.grad is None:
+            continue
+        local, extra = _dtensor_local(param.grad)
+        buckets.setdefault((id(param) in sharded, extra), []).append(local)
+    device = next((g.device for gs in buckets.values() for g in gs), torch.device("cpu"))
+    communicator = get_communicator(group)
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    # every rank must issue the same collectives in the same order: sort the buckets by a key
+    # that does not depend on which process groups this rank's objects are
+    order = sorted(buckets, key=lambda k: (k[0], len(k[1])))
+    if len({(k[0], len(k[1])) for k in order}) != len(order):
+        raise ValueError(f"{where}: gradients sharded over different data-parallel meshes; expected one")
+    for sharded_here, extra in order:
+        norms = _norms(buckets[(sharded_here, extra)], p, foreach).to(device)
+        if math.isinf(p):
+            part = norms.max() if norms.numel() else total.new_zeros(())
+        else:
+            part = norms.pow(p).sum()
+            if not sharded_here:
+                part = part / world  # the same on every rank of the group: counted once
+        part = part.reshape(1).contiguous()
+        for g in extra:
+            dist.all_reduce(part, op=dist.ReduceOp.MAX if math.isinf(p) else dist.ReduceOp.SUM, group=g)
+        total = torch.maximum(total, part[0]) if math.isinf(p) else total + part[0]
+    total = total.reshape(1).contiguous()
+    if math.isinf(p):
+        dist.all_reduce(total, op=dist.ReduceOp.MAX, group=group)
+    else:
+        communicator.all_reduce(total).wait()
+        total = total.pow(1.0 / p)
+    return total[0]
+
+
+@torch.no_grad()
+def clip_grad_norm_(model: nn.Module, max_norm: float, *, group: Any, norm_type: float = 2.0,
+                    foreach: bool | None = None, error_if_nonfinite: bool = False) -> Tensor:
+    """Scale `model`'s gradients in place so their global norm (:func:`grad_norm`) is at most
+    `max_norm`; returns the norm before clipping. The tensor-parallel replacement for
+    `torch.nn.utils.clip_grad_norm_`, which would see only this rank's shards.
+
+    Every rank computes the same norm and the same scale, so replicated parameters stay
+    equal across ranks. Composes with DDP / FSDP2 on another mesh dim.
+    """
+    total = grad_norm(model, group=group, norm_type=norm_type, foreach=foreach)
+    if error_if_nonfinite and not torch.isfinite(total):
+        raise RuntimeError(f"clip_grad_norm_: the total norm of order {norm_type} is {total.item()} (non-finite); "
+                           f"pass error_if_nonfinite=False to clip anyway")
+    coef = torch.clamp(float(max_norm) / (total + 1e-6), max=1.0)
+    grads: Iterable[Tensor] = (_dtensor_local(p.grad)[0] for p in model.parameters() if p.grad is not None)
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for g in grads:
+        by_device.setdefault(g.device, []).append(g)
+    for device, gs in by_device.items():
+        if foreach is not False and device.type in ("cpu", "cuda"):
+            torch._foreach_mul_(gs, coef.to(device))
+        else:
+            for g in gs:
+                g.mul_(coef.to(device))
+    return total
