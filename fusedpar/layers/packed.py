@@ -64,9 +64,6 @@ class PackedColumnParallelLinear(ColumnParallelLinear):
         layer.tp_shard_parts = {"weight": parts, "bias": parts}  # read with tp_shard_dims by the checkpoint code
         return layer
 
-    def shard_layout(self, leaf: str) -> ParamShard | None:
-        return ParamShard(0, self.parts) if leaf in ("weight", "bias") else None
-
     def full_state_dict(self) -> dict[str, Tensor]:
         """The unsharded `{"weight", "bias"}` in the packed order (a collective)."""
         comm = self.spec.communicator()
@@ -96,9 +93,6 @@ class PackedRowParallelLinear(RowParallelLinear):
         layer.parts = parts
         layer.tp_shard_parts = {"weight": parts}
         return layer
-
-    def shard_layout(self, leaf: str) -> ParamShard | None:
-        return ParamShard(1, self.parts) if leaf == "weight" else None
 
     def full_state_dict(self) -> dict[str, Tensor]:
         """The unsharded `{"weight", "bias"}` in the packed order (a collective)."""

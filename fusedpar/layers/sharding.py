@@ -91,20 +91,15 @@ def gather_shard(module: nn.Module, name: str, comm: str = "torch") -> Tensor:
 
 
 def _layout(module: nn.Module, leaf: str) -> tuple[ParamShard, dist.ProcessGroup] | None:
-    from .linear import ColumnParallelLinear, RowParallelLinear
-
+    """How `module.<leaf>` is sharded: recorded by `shard_parameter`, or declared by the
+    module's class (`tp_shard_dims`, `tp_shard_parts`: the parallel linears); None: replicated."""
     recorded = param_shards(module).get(leaf)
     if recorded is not None:
         return recorded
-    layout = getattr(module, "shard_layout", None)
-    if callable(layout):
-        found = layout(leaf)
-        return (found, module.spec.group) if found is not None else None
-    if isinstance(module, ColumnParallelLinear) and leaf in ("weight", "bias"):
-        return ParamShard(0), module.spec.group
-    if isinstance(module, RowParallelLinear) and leaf == "weight":
-        return ParamShard(1), module.spec.group
-    return None
+    dim = getattr(module, "tp_shard_dims", {}).get(leaf)
+    if dim is None:
+        return None
+    return ParamShard(dim, getattr(module, "tp_shard_parts", {}).get(leaf, 1)), module.spec.group
 
 
 def local_shard(model: nn.Module, name: str, full: Tensor | None) -> Tensor | None:
