@@ -117,11 +117,20 @@ def candidate_configs(op: str, dtype: torch.dtype, tma: bool, *, tensor_cores: b
         ]
     if wide:  # fp32: halve BLOCK_K so the pipeline fits in shared memory
         configs = [dataclasses.replace(c, block_k=max(16, c.block_k // 2)) for c in configs]
+    if dtype.itemsize == 1:  # fp8: the same bytes per K step hold twice the K (wgmma's fp8 K is 32)
+        configs = [dataclasses.replace(c, block_k=_fp8_block_k(c.block_k)) for c in configs]
         # and 128x128 tiles spill in fp32 on 4 warps (TMA) or at all (pointer)
         configs = [c for c in configs if c.block_m * c.block_n < 128 * 128 or (tma and c.num_warps == 8)]
     if reads_out and not tma:  # the loaded output tile on top of a 128x128 accumulator spills on sm_80
         configs = [c for c in configs if c.block_m * c.block_n < 128 * 128]
     return [dataclasses.replace(c, tma=tma) for c in configs]
+
+
+def _fp8_block_k(bk: int) -> int:
+    """BLOCK_K of an fp8 tile made from a 16-bit one: doubled up to 128 (a 128-byte row of
+    the tile, the widest TMA swizzle), so the shared memory per stage stays at most the
+    16-bit tile's."""
+    return max(bk, min(128, 2 * bk))
 
 
 def pick_config(op: str, M: int, N: int, K: int, dtype: torch.dtype, *, tma: bool, num_sms: int,
@@ -141,6 +150,7 @@ def pick_config(op: str, M: int, N: int, K: int, dtype: torch.dtype, *, tma: boo
 
     def get(bm, bn, bk, warps, stages, split=1, group=8):
         bk = max(16, bk // 2) if wide else bk
+        bk = _fp8_block_k(bk) if dtype.itemsize == 1 else bk
         cfg = GemmConfig(bm, bn, bk, group, warps, stages, split, tma)
         return cands.get(cfg.short(), cfg)
 

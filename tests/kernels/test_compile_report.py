@@ -20,10 +20,10 @@ def test_every_pickable_tile_compiles_without_spills_on_sm90a_and_sm80(report):
 
 
 def test_the_report_covers_both_targets_paths_dtypes_and_layouts(report):
-    seen = {(r.case.target, r.path) for r in report}
+    seen = {(r.case.target, r.path) for r in report if not r.skipped}
     assert seen == {("sm_90a", "tma"), ("sm_90a", "pointer"), ("sm_80", "pointer")}
     assert {r.case.dtype for r in report if r.case.target == "sm_90a"} == {
-        "bfloat16", "float16", "float32-tf32", "float32-ieee"}
+        "bfloat16", "float16", "float32-tf32", "float32-ieee", "float8_e4m3fn", "float8_e5m2-e4m3fn"}
     assert {r.case.layout for r in report} == {"x@w.T", "dy@w", "dy.T@x", "out_slice", "batched"}
 
 
@@ -31,8 +31,19 @@ def test_hopper_tiles_use_wgmma_tma_and_a_pipelined_loop(report):
     hopper = [r for r in report if r.case.target == "sm_90a" and r.path == "tma"
               and r.case.dtype in ("bfloat16", "float16")]
     assert hopper and all(r.mma == "wgmma" and r.tma and r.pipelined for r in hopper), format_table(hopper)
-    ampere = [r for r in report if r.case.target == "sm_80"]
+    ampere = [r for r in report if r.case.target == "sm_80" and not r.skipped]
     assert ampere and all(r.mma == "mma" and r.pipelined and not r.tma for r in ampere), format_table(ampere)
+
+
+def test_fp8_tiles_use_fp8_wgmma_with_tma_on_hopper_and_are_refused_on_ampere(report):
+    fp8 = [r for r in report if r.case.dtype.startswith("float8") and r.case.target == "sm_90a"]
+    tma = [r for r in fp8 if r.path == "tma"]
+    # the forward (x @ w.T) and the dgrad (e5m2 x e4m3 against the weight's K-major copy)
+    assert {r.case.dtype for r in tma if r.case.layout == "x@w.T"} == {"float8_e4m3fn", "float8_e5m2-e4m3fn"}
+    assert tma and all(r.mma == "wgmma" and r.tma and r.pipelined and not r.stack for r in tma), format_table(tma)
+    assert all(r.ok and not r.stack for r in fp8), format_table(fp8)
+    ampere = [r for r in report if r.case.dtype.startswith("float8") and r.case.target == "sm_80"]
+    assert ampere and all(r.skipped and "no fp8 tensor cores" in r.skipped for r in ampere), format_table(ampere)
 
 
 def test_the_check_fails_on_a_spilling_tile_and_on_one_too_big_for_shared_memory():
