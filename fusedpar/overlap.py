@@ -23,7 +23,7 @@ device kind only, so every rank issues the same collectives in the same order.
 
 fp8 (`x` and `w` in float8_e4m3fn / float8_e5m2, with `x_scale` / `w_scale` as for
 `kernels.matmul`): the GEMMs run in fp8 and write `out_dtype` (bf16 by default).
-`all_gather_matmul` gathers the fp8 rows and their per-row scales, half the bytes of bf16;
+`all_gather_matmul` gathers the fp8 rows with their per-row scales, half the bytes of bf16;
 `matmul_reduce_scatter` and `matmul_all_reduce` reduce in `out_dtype`, never in fp8, because
 the partial sums of different ranks have different ranges: summing them in fp8 would need a
 common scale (one more collective, for the amax, before any data can move) and would round
@@ -187,18 +187,31 @@ def _as_bytes(t: Tensor) -> Tensor:
     return t.view(torch.uint8) if is_fp8(t.dtype) else t
 
 
-class _Handles:
-    """Collectives issued together and waited as one (a piece of fp8 rows and its scales)."""
+def _fp8_row_layout(k: int) -> tuple[int, int]:
+    """(scale offset, row bytes) of a packed fp8 row: its K fp8 bytes, its float32 scale at
+    the next 4-byte boundary, padded to 16 bytes so that the gathered rows stay aligned for
+    TMA. One message per piece carries rows and scales together (a second send per hop would
+    add a collective's latency to every step of the ring)."""
+    offset = -(-k // 4) * 4
+    return offset, -(-(offset + 4) // 16) * 16
 
-    def __init__(self, handles: Sequence[CollectiveHandle]) -> None:
-        self.handles = list(handles)
 
-    def wait(self) -> None:
-        for h in self.handles:
-            h.wait()
+def _pack_fp8_rows(x_rows: Tensor, s_rows: Tensor) -> Tensor:
+    """`x_rows` [m, K] fp8 and `s_rows` [m, 1] float32 as packed rows [m, row bytes] uint8."""
+    m, k = x_rows.shape
+    offset, row_bytes = _fp8_row_layout(k)
+    packed = torch.empty(m, row_bytes, dtype=torch.uint8, device=x_rows.device)
+    packed[:, :k].copy_(x_rows.view(torch.uint8))
+    packed[:, offset:offset + 4].view(torch.float32).copy_(s_rows)
+    packed[:, k:offset].zero_()  # padding: defined bytes on the wire
+    packed[:, offset + 4:].zero_()
+    return packed
 
-    def is_completed(self) -> bool:
-        return all(h.is_completed() for h in self.handles)
+
+def _unpack_fp8_rows(packed: Tensor, k: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Views of packed rows [r, row bytes]: the fp8 rows [r, K] and their scales [r, 1]."""
+    offset, _ = _fp8_row_layout(k)
+    return packed[:, :k].view(dtype), packed[:, offset:offset + 4].view(torch.float32)
 
 
 def _check_scatter_dim(x: Tensor, dim: int, world: int) -> None:
@@ -338,10 +351,11 @@ def all_gather_matmul(
     extra memory over the unfused op is zero (both hold the gathered input and the output).
 
     fp8 (`x_shard` and `w` fp8, `x_scale` one per tensor or `[..., m, ..., 1]` per row,
-    `w_scale` one or `[1, N]`): the ring moves the fp8 rows and one float32 scale per row
-    (a per-tensor scale is repeated per row, since each rank's differs), `K + 4` bytes a row
-    against bf16's `2K`, and each piece runs the fp8 GEMM with its rows' scales; the output
-    is `out_dtype` (bf16 by default). `return_gathered` then returns `(y, x_full, x_scale_full)`.
+    `w_scale` one or `[1, N]`): the ring moves the fp8 rows packed with one float32 scale
+    each (a per-tensor scale is repeated per row, since each rank's differs), `K + 16`
+    bytes a row (scale and 16-byte alignment) against bf16's `2K`, and each piece runs the
+    fp8 GEMM with its rows' scales; the output is `out_dtype` (bf16 by default).
+    `return_gathered` then returns `(y, x_full, x_scale_full)`, views of the packed rows.
     """
     dim = _check_operands(x_shard, w, bias, activation, x_name="x_shard", dim=dim)
     out_dtype = _check_fp8(x_shard, w, x_scale, w_scale, out_dtype, x_name="x_shard", out=out)
@@ -367,28 +381,29 @@ def all_gather_matmul(
     y_rows = out.view(world * m, n) if direct and out.is_contiguous() else \
         torch.empty(world * m, n, dtype=out_dtype, device=x_rows.device)
     # A world of one gathers nothing: its "gathered" input is its own shard (no copy).
-    gathered = x_rows if world == 1 else x_rows.new_empty(world * m, k)
-    s_gathered = s_rows if world == 1 or not fp8 else s_rows.new_empty(world * m, 1)
-    companions = [(s_rows, s_gathered)] if fp8 else []  # the scales ride along with their rows
+    # fp8 rows travel packed with their scales (one message per piece); `gathered` and
+    # `s_gathered` are then views of the packed buffer.
+    send = _pack_fp8_rows(x_rows, s_rows) if fp8 and world > 1 else x_rows
+    wire = send if world == 1 else send.new_empty(world * m, send.shape[1])
+    gathered, s_gathered = _unpack_fp8_rows(wire, k, x_rows.dtype) if fp8 and world > 1 else (wire, s_rows)
 
     with nvtx_range(f"all_gather_matmul c={chunks}"):
         if world == 1:
             matmul(x_rows, w, bias=bias, activation=activation, out=y_rows, kernel=kernel,
                    **_fp8_kw(s_rows, w_scale, fp8))
         elif chunks == 1:
-            _pipeline_single_all_gather(communicator, _as_bytes(x_rows), _as_bytes(gathered), companions)
+            _pipeline_single_all_gather(communicator, send, wire)
             matmul(gathered, w, bias=bias, activation=activation, out=y_rows, kernel=kernel,
                    **_fp8_kw(s_gathered, w_scale, fp8))
         else:
             y3 = y_rows.view(world, m, n)
-            s3 = s_gathered.view(world, m, 1) if fp8 else None
 
             def consume(src: int, rows: slice, block: Tensor) -> None:
-                matmul(block.view(x_rows.dtype), w, bias=bias, activation=activation, out=y3[src, rows],
-                       kernel=kernel, **_fp8_kw(s3[src, rows] if fp8 else None, w_scale, fp8))
+                a, a_s = _unpack_fp8_rows(block, k, x_rows.dtype) if fp8 else (block, None)
+                matmul(a, w, bias=bias, activation=activation, out=y3[src, rows], kernel=kernel,
+                       **_fp8_kw(a_s, w_scale, fp8))
 
-            _ring_all_gather(communicator, _as_bytes(x_rows), _as_bytes(gathered), pieces=-(-chunks // world),
-                             consume=consume, companions=companions)
+            _ring_all_gather(communicator, send, wire, pieces=-(-chunks // world), consume=consume)
 
     full_shape = _gathered_shape(row_shape, world)
     y = _from_rows_out(y_rows, full_shape, dim, out)
@@ -417,12 +432,10 @@ def _from_rows_out(y_rows: Tensor, row_shape: Sequence[int], dim: int, out: Tens
     return _into(out, _from_rows(y_rows, row_shape, dim))
 
 
-def _pipeline_single_all_gather(communicator: Communicator, x_rows: Tensor, gathered: Tensor,
-                                companions: Sequence[tuple[Tensor, Tensor]] = ()) -> None:
-    """One all-gather of `x_rows` into `gathered` (and of each companion `(rows, gathered)`)."""
+def _pipeline_single_all_gather(communicator: Communicator, x_rows: Tensor, gathered: Tensor) -> None:
     pipe = _Pipeline(x_rows.device)
-    sends = [(x_rows.contiguous(), gathered)] + [(c.contiguous(), cg) for c, cg in companions]
-    handle = pipe.issue(lambda: _Handles([communicator.all_gather(g, x) for x, g in sends]))
+    x_send = x_rows.contiguous()
+    handle = pipe.issue(lambda: communicator.all_gather(gathered, x_send))
     handle.wait()
 
 
@@ -433,7 +446,6 @@ def _ring_all_gather(
     *,
     pieces: int,
     consume: Callable[[int, slice, Tensor], None],
-    companions: Sequence[tuple[Tensor, Tensor]] = (),
 ) -> None:
     """Gather `x_rows` of every rank into `gathered` by a ring, calling `consume` per piece.
 
@@ -441,34 +453,28 @@ def _ring_all_gather(
     `block`, in ring order starting from this rank's own shard, so the first call needs no
     communication at all. Step t receives from rank-1 the shard of rank-t and forwards it
     on the next step; pieces land in place in `gathered` (`[world*m, K]`, rank-major).
-    Each companion `(rows [m, c], gathered [world*m, c])` (fp8 scales) travels with the
-    same rows in the same steps and is in place in its gathered buffer before `consume`.
     """
     world, rank = communicator.world_size, communicator.rank
     m, k = x_rows.shape
     x_send = x_rows.contiguous()
     g3 = gathered.view(world, m, k)
-    c_pairs = [(c.contiguous(), cg.view(world, m, c.shape[1])) for c, cg in companions]
     nxt, prv = (rank + 1) % world, (rank - 1) % world
     piece_rows = split_rows(m, pieces)
     pipe = _Pipeline(x_rows.device)
-    recv_done: dict[tuple[int, int], _Handles] = {}
+    recv_done: dict[tuple[int, int], CollectiveHandle] = {}
 
     def src_at(step: int) -> int:
         return (rank - step) % world
 
     def issue(step: int, q: int, after: CollectiveHandle | None) -> None:
         s, e = piece_rows[q]
-        pairs = [(x_send, g3)] + c_pairs
-        moves = [(own[s:e] if step == 1 else g[src_at(step - 1), s:e], g[src_at(step), s:e]) for own, g in pairs]
-        start = lambda: _Handles([communicator.send_recv(send, nxt, recv, prv) for send, recv in moves])  # noqa: E731
-        recv_done[step, q] = pipe.issue(start, after=after)
+        send = x_send[s:e] if step == 1 else g3[src_at(step - 1), s:e]
+        recv = g3[src_at(step), s:e]
+        recv_done[step, q] = pipe.issue(lambda: communicator.send_recv(send, nxt, recv, prv), after=after)
 
     for q in range(len(piece_rows)):
         issue(1, q, None)
     g3[rank].copy_(x_send)  # our own rows of the gathered input, while step 1 is in flight
-    for c_send, cg3 in c_pairs:
-        cg3[rank].copy_(c_send)
     with nvtx_range("consume local"):
         consume(rank, slice(0, m), x_send)
     for step in range(1, world):
