@@ -4,6 +4,7 @@ Pure pip on stock torch and triton; eager; correct on CPU (gloo, interpreted Tri
 and fast on GPU (NCCL, compiled Triton).
 
 Layers:      ColumnParallelLinear, RowParallelLinear, ParallelMLP, ParallelAttention, parallelize
+fp8:         Float8Recipe, enable_fp8 (or parallelize(..., fp8=True)), quantize_rowwise, quantize_tensorwise
 Schedules:   all_gather_matmul, matmul_reduce_scatter, matmul_all_reduce (+ *_reference, backward blocks)
 Kernels:     matmul, gated_matmul, resolve_kernel
 Comm:        get_communicator, init_distributed, new_group, CollectiveError
@@ -32,8 +33,10 @@ from fusedpar.costmodel import (
     set_device_spec,
 )
 from fusedpar.kernels import ACTIVATIONS, gated_matmul, matmul, resolve_kernel
+from fusedpar.kernels.quantize import dequantize, quantize_rowwise, quantize_tensorwise
 from fusedpar.layers import (
     ColumnParallelLinear,
+    Float8Recipe,
     ParallelAttention,
     ParallelMLP,
     ReplicatedColumnLinear,
@@ -42,6 +45,7 @@ from fusedpar.layers import (
     SequenceParallelRMSNorm,
     all_reduce_grads,
     column_parallel_group,
+    enable_fp8,
     full_state_dict,
     parallelize,
 )
@@ -63,6 +67,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ACTIVATIONS",
     "ColumnParallelLinear",
+    "Float8Recipe",
     "ParallelAttention",
     "ParallelMLP",
     "ReplicatedColumnLinear",
@@ -71,6 +76,8 @@ __all__ = [
     "SequenceParallelRMSNorm",
     "all_reduce_grads",
     "column_parallel_group",
+    "dequantize",
+    "enable_fp8",
     "full_state_dict",
     "parallelize",
     "CollectiveError",
@@ -100,6 +107,8 @@ __all__ = [
     "matmul_reduce_scatter_with_wgrad",
     "new_group",
     "predict",
+    "quantize_rowwise",
+    "quantize_tensorwise",
     "resolve_kernel",
     "set_device_spec",
 ]

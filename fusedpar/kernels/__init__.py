@@ -14,6 +14,7 @@ from fusedpar.kernels.configs import GemmConfig, set_autotune
 from fusedpar.kernels.gated import gated_matmul, plan_gated_matmul
 from fusedpar.kernels.matmul import matmul, plan_matmul
 from fusedpar.kernels.plan import GemmPlan
+from fusedpar.kernels.quantize import dequantize, quantize_rowwise, quantize_tensorwise
 
-__all__ = ["ACTIVATIONS", "GemmConfig", "GemmPlan", "gated_matmul", "matmul", "plan_gated_matmul", "plan_matmul",
-           "resolve_kernel", "set_autotune"]
+__all__ = ["ACTIVATIONS", "GemmConfig", "GemmPlan", "dequantize", "gated_matmul", "matmul", "plan_gated_matmul",
+           "plan_matmul", "quantize_rowwise", "quantize_tensorwise", "resolve_kernel", "set_autotune"]

@@ -266,4 +266,5 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.
     stands for, e.g. for a GEMM that runs in high precision on a quantized operand."""
     if q.dtype not in FP8_DTYPES:
         raise TypeError(f"dequantize: q must have an fp8 dtype {FP8_DTYPES}, got {q.dtype}")
-    return (q.float() * scale.float()).to(dtype)
+    work = torch.float64 if dtype == torch.float64 else torch.float32  # one rounding, at most
+    return (q.to(work) * scale.to(work)).to(dtype)

@@ -6,10 +6,12 @@
     SequenceParallelLayerNorm / RMSNorm       norms on sequence shards, gradients all-reduced
     parallelize(model, plan, group=...)       convert a model in place from a plain-data plan
     full_state_dict(model)                    gather the unsharded weights back for saving
+    Float8Recipe, enable_fp8                  fp8 GEMMs in the parallel linears (also parallelize(fp8=...))
 """
 from __future__ import annotations
 
 from .attention import ParallelAttention
+from .fp8 import Float8Recipe, enable_fp8
 from .linear import (
     ColumnParallelLinear,
     LinearSpec,
@@ -41,4 +43,6 @@ __all__ = [
     "full_state_dict",
     "resolve_plan",
     "STYLES",
+    "Float8Recipe",
+    "enable_fp8",
 ]

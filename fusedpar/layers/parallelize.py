@@ -48,6 +48,7 @@ from .linear import (
     gather_from_shard,
     split_to_shard,
 )
+from .fp8 import as_recipe, enable_fp8
 from .norm import all_reduce_grads
 
 __all__ = ["parallelize", "full_state_dict", "STYLES", "resolve_plan"]
@@ -196,15 +197,19 @@ def parallelize(
     kernel: str = "auto",
     comm: str = "torch",
     save_gathered_input: bool = True,
+    fp8: Any = None,
 ) -> nn.Module:
     """Convert `model` in place for tensor parallelism over `group`; return it.
 
     Pretrained weights are sharded, not re-initialized. Every rank must call it with the
     same model and plan. `chunks` / `kernel` / `comm` / `save_gathered_input` go to every
     parallel linear. With `sequence_parallel=True` the sequence length must be a multiple
-    of the world size (checked on each forward before any collective).
+    of the world size (checked on each forward before any collective). `fp8` (True or a
+    `Float8Recipe`) runs the parallel linears' GEMMs in fp8 (layers/fp8.py: what is fp8,
+    what stays high precision, what falls back); layers the plan leaves alone are untouched.
     """
     group = check_group(group, arg="parallelize: group")
+    recipe = as_recipe(fp8, where="parallelize: fp8")
     world = dist.get_world_size(group)
     matches = _match(model, resolve_plan(model, plan))
 
@@ -268,6 +273,8 @@ def parallelize(
                 holds_plan = any(p == path or p.startswith(path + ".") for p in planned)
                 if owns_params and not holds_plan:
                     all_reduce_grads(child, group=group, comm=comm)
+    if recipe is not None and builds:
+        enable_fp8(model, recipe)
     model._fusedpar_parallel = {"group": group, "sequence_parallel": sequence_parallel, "plan": dict(matches)}
     return model
 
