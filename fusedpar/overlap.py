@@ -519,7 +519,8 @@ def all_gather_matmul_reference(
     if fp8:
         s_gathered = torch.empty(world * x_rows.shape[0], 1, dtype=torch.float32, device=x_rows.device)
         communicator.all_gather(s_gathered, _scale_rows(x_scale, x_shard, dim)).wait()
-        y_rows = torch_scaled_product(gathered, w, s_gathered, w_scale if w_scale is not None else s_gathered.new_ones(()))
+        ws = w_scale if w_scale is not None else s_gathered.new_ones(())
+        y_rows = torch_scaled_product(gathered, w, s_gathered, ws)
     else:
         y_rows = gathered @ w
     _epilogue(y_rows, bias, activation)

@@ -61,6 +61,7 @@ class Case:
     epilogue: str
     shape: tuple[int, int, int] = SHAPE
     config: object = None  # GemmConfig | None (object: keeps this module import-light)
+    fast_accum: bool = False  # fp8: leave the K sum in the tensor cores' accumulator
 
 
 @dataclasses.dataclass
@@ -74,6 +75,7 @@ class Result:
     registers: int = 0
     stack: int = 0
     local: int = 0
+    fp32_adds: int = 0  # add.f32 in the PTX: fp8's promotion of each K step's partial sum shows here
     mma: str = ""
     pipelined: bool = False
     tma: bool = False
@@ -156,12 +158,13 @@ def build_launch(case: Case):
             gate3 = torch.empty(out3.shape, dtype=out.dtype) if pre else out3
             up3 = torch.empty(out3.shape, dtype=out.dtype) if pre else out3
             return gated._gated_launch(a3, bs[0], bs[1], out3, gate3, up3, "silu", pre, None, case.config,
-                                       scales=(a_scale, b_scale, b_scale) if fp8 else None)
+                                       scales=(a_scale, b_scale, b_scale) if fp8 else None,
+                                       fast_accum=case.fast_accum)
         has_bias = case.epilogue.startswith("bias")
         bias = torch.empty(out.shape[-1], dtype=out.dtype) if has_bias else None
         act = case.epilogue.split("_", 1)[1] if has_bias else None
         return mm._matmul_launch(a3, bs[0], bias, out3, act, case.epilogue == "accumulate_fp32", None, case.config,
-                                 scales=(a_scale, b_scale) if fp8 else None)
+                                 scales=(a_scale, b_scale) if fp8 else None, fast_accum=case.fast_accum)
     finally:
         plan._PLAN_TARGET = None
 
@@ -233,6 +236,7 @@ def compile_case(case: Case) -> Result:
         result.shared = int(getattr(compiled.metadata, "shared", 0))
         result.mma = "wgmma" if "wgmma.mma_async" in ptx else ("mma" if "mma.sync" in ptx else "")
         result.tma = "cp.async.bulk.tensor" in ptx
+        result.fp32_adds = ptx.count("add.f32")
         result.pipelined = result.tma or "cp.async.commit_group" in ptx or "cp.async.ca" in ptx \
             or "cp.async.cg" in ptx
         result.ok = True
@@ -291,7 +295,8 @@ def default_cases(full: bool = False) -> list[Case]:
     in bf16 with the heaviest epilogue (bias+SiLU; gated with its pre-activations), and the
     fp8 tiles (BLOCK_K doubled) in e4m3 on sm_90a; then the rules' pick for a large problem
     in every dtype and layout (:data:`RULE_CASES`) on sm_90a, and in bf16 and e4m3 on sm_80
-    (where fp8 is refused: the case is reported as not applicable). The tile sets the register and shared-memory budget; the
+    (where fp8 is refused: the case is reported as not applicable). The tile sets the
+    register and shared-memory budget; the
     dtype, layout and epilogue change the code around it, which the rule cases cover.
     ``full``: every candidate in every dtype, layout and epilogue on both targets.
     """

@@ -119,6 +119,13 @@ def candidate_configs(op: str, dtype: torch.dtype, tma: bool, *, tensor_cores: b
         configs = [dataclasses.replace(c, block_k=max(16, c.block_k // 2)) for c in configs]
     if dtype.itemsize == 1:  # fp8: the same bytes per K step hold twice the K (wgmma's fp8 K is 32)
         configs = [dataclasses.replace(c, block_k=_fp8_block_k(c.block_k)) for c in configs]
+        # fp8 also holds each K step's partial sum beside the accumulator (its promotion to
+        # fp32, matmul._max_imprecise): a thread's share of a 128x256 tile (128 + 128
+        # registers) spills, while 256x128 gives each warpgroup its own rows and fits; the
+        # gated kernel's 64x128 tile (two of each) needs 8 warps
+        configs = [c for c in configs if (c.block_m, c.block_n) != (128, 256)]
+        configs = [dataclasses.replace(c, num_warps=8) if op == "gated" and (c.block_m, c.block_n) == (64, 128)
+                   else c for c in configs]
         # and 128x128 tiles spill in fp32 on 4 warps (TMA) or at all (pointer)
         configs = [c for c in configs if c.block_m * c.block_n < 128 * 128 or (tma and c.num_warps == 8)]
     if reads_out and not tma:  # the loaded output tile on top of a 128x128 accumulator spills on sm_80
@@ -170,7 +177,9 @@ def pick_config(op: str, M: int, N: int, K: int, dtype: torch.dtype, *, tma: boo
 
     if tma:
         if M > 128:
-            if tiles(128, 256) >= num_sms:
+            if tiles(128, 256) >= num_sms:  # fp8: the same tile area as 256x128 (candidate_configs)
+                if dtype.itemsize == 1:
+                    return get(256, 128, 64, 8, 3, split=2)
                 return get(128, 256, 64, 8, 3, split=2)
             if tiles(128, 128) >= num_sms:
                 return get(128, 128, 64, 8, 4, split=2)

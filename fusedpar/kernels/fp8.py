@@ -113,7 +113,8 @@ def scale_cols(b_scale: torch.Tensor) -> tuple[torch.Tensor, int]:
     return b_scale, b_scale.stride(1)
 
 
-def torch_scaled_product(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor) -> torch.Tensor:
+def torch_scaled_product(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor,
+                         b_scale: torch.Tensor) -> torch.Tensor:
     """``(a_q @ b_q) * a_scale * b_scale`` in fp32, as the kernels compute it: the fp8 values
     upcast exactly, multiplied and summed in fp32, the scales applied to the sum. The torch
     backend's fp8 path (CPU, or ``kernel="torch"``): an emulation for correctness, with no

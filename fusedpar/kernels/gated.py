@@ -12,12 +12,14 @@ import triton.language as tl
 
 from fusedpar.kernels import interpreter
 from fusedpar.kernels.common import (
-    _activate, _apply_scales, _as_batched, _check_activation, _check_config, _check_num_sms, _check_operands, _check_out,
+    _activate, _apply_scales, _as_batched, _check_activation, _check_config, _check_num_sms, _check_operands,
+    _check_out,
     _halves, _input_precision, _select_backend, _tile_coords, _tma_load_a, _tma_load_b, _tma_store_c)
 from fusedpar.kernels.configs import GemmConfig, m_class
 from fusedpar.kernels.fp8 import check_scales, is_fp8, refuse_scales, resolve_out_dtype, scale_cols, scale_rows, \
     torch_scaled_product
 from fusedpar.kernels.plan import GemmPlan, _choose, _descriptor, _grid_size, _Launch, _offset_dtype, _run
+from fusedpar.kernels.matmul import _max_imprecise
 from fusedpar.kernels.torch_gemm import _TORCH_ACTIVATIONS, _torch_product
 
 __all__ = ["gated_matmul", "plan_gated_matmul"]
@@ -37,7 +39,7 @@ def _gated_matmul_kernel(
     stride_ob, stride_om, stride_on,
     stride_pb, stride_pm, stride_pn,
     stride_asb, stride_asm, stride_bgsn, stride_busn,
-    ACTIVATION: tl.constexpr, RETURN_PREACT: tl.constexpr, SCALED: tl.constexpr,
+    ACTIVATION: tl.constexpr, RETURN_PREACT: tl.constexpr, SCALED: tl.constexpr, MAX_IMPRECISE_ACC: tl.constexpr,
     UPCAST_TO_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, OFFSET_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -67,8 +69,9 @@ def _gated_matmul_kernel(
                 a = a.to(tl.float32)
                 bg = bg.to(tl.float32)
                 bu = bu.to(tl.float32)
-            acc_gate = tl.dot(a, bg, acc_gate, input_precision=INPUT_PRECISION)
-            acc_up = tl.dot(a, bu, acc_up, input_precision=INPUT_PRECISION)
+            acc_gate = tl.dot(a, bg, acc_gate, input_precision=INPUT_PRECISION,
+                              max_num_imprecise_acc=MAX_IMPRECISE_ACC)
+            acc_up = tl.dot(a, bu, acc_up, input_precision=INPUT_PRECISION, max_num_imprecise_acc=MAX_IMPRECISE_ACC)
             a_offs += BLOCK_K * stride_ak
             bg_offs += BLOCK_K * stride_bgk
             bu_offs += BLOCK_K * stride_buk
@@ -117,7 +120,7 @@ def _gated_matmul_tma_kernel(
     a_desc, bg_desc, bu_desc, out_desc, gate_desc, up_desc, as_ptr, bgs_ptr, bus_ptr,
     BATCH, M, N, K,
     stride_asb, stride_asm, stride_bgsn, stride_busn,
-    ACTIVATION: tl.constexpr, RETURN_PREACT: tl.constexpr, SCALED: tl.constexpr,
+    ACTIVATION: tl.constexpr, RETURN_PREACT: tl.constexpr, SCALED: tl.constexpr, MAX_IMPRECISE_ACC: tl.constexpr,
     UPCAST_TO_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     A_T: tl.constexpr, B_T: tl.constexpr, BATCHED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -143,8 +146,9 @@ def _gated_matmul_tma_kernel(
                 a = a.to(tl.float32)
                 bg = bg.to(tl.float32)
                 bu = bu.to(tl.float32)
-            acc_gate = tl.dot(a, bg, acc_gate, input_precision=INPUT_PRECISION)
-            acc_up = tl.dot(a, bu, acc_up, input_precision=INPUT_PRECISION)
+            acc_gate = tl.dot(a, bg, acc_gate, input_precision=INPUT_PRECISION,
+                              max_num_imprecise_acc=MAX_IMPRECISE_ACC)
+            acc_up = tl.dot(a, bu, acc_up, input_precision=INPUT_PRECISION, max_num_imprecise_acc=MAX_IMPRECISE_ACC)
 
         if EPILOGUE_SPLIT == 1:
             _tma_gated_slice(acc_gate, acc_up, out_desc, gate_desc, up_desc, off_b, off_m, off_n, M, N,
@@ -167,7 +171,7 @@ def _gated_matmul_tma_kernel(
 # ----------------------------------------------------------------------------------------
 
 def _gated_launch(a3, b_gate, b_up, out3, gate3, up3, activation, return_preact, num_sms, config,
-                  scales=None) -> _Launch:
+                  scales=None, fast_accum=False) -> _Launch:
     """As :func:`.matmul._matmul_launch`; ``scales`` (fp8) is ``(a_scale, b_gate_scale, b_up_scale)``."""
     batch, M, K = a3.shape
     N = b_gate.shape[1]
@@ -187,7 +191,8 @@ def _gated_launch(a3, b_gate, b_up, out3, gate3, up3, activation, return_preact,
                                              num_sms, config)
     grid = _grid_size(path, batch, M, N, config, num_sms, a3.device)
     plan = GemmPlan(path, config, reason, grid)
-    flags = dict(ACTIVATION=activation, RETURN_PREACT=return_preact, SCALED=scales is not None, UPCAST_TO_FP32=upcast,
+    flags = dict(ACTIVATION=activation, RETURN_PREACT=return_preact, SCALED=scales is not None,
+                 MAX_IMPRECISE_ACC=_max_imprecise(scales, config, fast_accum), UPCAST_TO_FP32=upcast,
                  INPUT_PRECISION=precision, **config.meta, num_warps=config.num_warps,
                  num_stages=config.num_stages)
     if path == "pointer":
@@ -223,6 +228,7 @@ def gated_matmul(
     b_gate_scale: torch.Tensor | None = None,
     b_up_scale: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
+    fast_accum: bool = False,
     activation: str | None = "silu",
     out: torch.Tensor | None = None,
     return_preact: bool = False,
@@ -242,7 +248,7 @@ def gated_matmul(
 
     fp8 operands as in :func:`matmul`: ``gate = (a @ b_gate) * a_scale * b_gate_scale`` and
     ``up = (a @ b_up) * a_scale * b_up_scale`` in fp32 before the activation; ``out_dtype``
-    bf16 by default.
+    bf16 by default; ``fast_accum`` as in :func:`matmul`.
     """
     op = "gated_matmul"
     K, N = _check_operands(op, a, {"b_gate": b_gate, "b_up": b_up})
@@ -292,13 +298,13 @@ def gated_matmul(
 
     def rebuild(cfg: GemmConfig | None) -> _Launch:
         return _gated_launch(a3, b_gate, b_up, out3, gate3, up3, activation, return_preact, num_sms, cfg,
-                             scales=scales)
+                             scales=scales, fast_accum=fast_accum)
 
     launch = rebuild(config)
     tune_key = None
     if config is None:
         tune_key = ("gated", launch.plan.path, m_class(batch * M), N, K, activation, return_preact,
-                    out3.dtype, b_gate.dtype, a.dtype)
+                    out3.dtype, b_gate.dtype, fast_accum, a.dtype)
     _run(op, launch, a.dtype, tune_key, rebuild, [])
     if out3.data_ptr() != out.data_ptr():  # out's batch dims did not merge: out3 is a copy
         out.copy_(out3.view(out.shape))

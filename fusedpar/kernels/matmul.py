@@ -24,7 +24,8 @@ import triton.language as tl
 
 from fusedpar.kernels import interpreter
 from fusedpar.kernels.common import (
-    _activate, _apply_scales, _as_batched, _check_activation, _check_config, _check_num_sms, _check_operands, _check_out,
+    _activate, _apply_scales, _as_batched, _check_activation, _check_config, _check_num_sms, _check_operands,
+    _check_out,
     _check_tensor, _halves, _input_precision, _select_backend, _tile_coords, _tma_load_a, _tma_load_b,
     _tma_load_c, _tma_store_c)
 from fusedpar.kernels.configs import GemmConfig, m_class
@@ -51,6 +52,7 @@ def _matmul_kernel(
     stride_ob, stride_om, stride_on,
     stride_asb, stride_asm, stride_bsn,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, ACCUMULATE: tl.constexpr, SCALED: tl.constexpr,
+    MAX_IMPRECISE_ACC: tl.constexpr,
     UPCAST_TO_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, OFFSET_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -81,7 +83,7 @@ def _matmul_kernel(
             if UPCAST_TO_FP32:  # interpreter only: its bf16 arithmetic is wrong (interpreter.py)
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, max_num_imprecise_acc=MAX_IMPRECISE_ACC)
             a_offs += BLOCK_K * stride_ak
             b_offs += BLOCK_K * stride_bk
 
@@ -132,7 +134,7 @@ def _matmul_tma_kernel(
     BATCH, M, N, K,
     stride_bias, stride_asb, stride_asm, stride_bsn,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, ACCUMULATE: tl.constexpr, SCALED: tl.constexpr,
-    UPCAST_TO_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    MAX_IMPRECISE_ACC: tl.constexpr, UPCAST_TO_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     A_T: tl.constexpr, B_T: tl.constexpr, BATCHED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EPILOGUE_SPLIT: tl.constexpr,
@@ -156,7 +158,7 @@ def _matmul_tma_kernel(
             if UPCAST_TO_FP32:  # interpreter only: its bf16 arithmetic is wrong (interpreter.py)
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, max_num_imprecise_acc=MAX_IMPRECISE_ACC)
 
         # -- epilogue in column slices: a 128x256 fp32 tile is 128 registers a thread, and
         #    bias/activation/casts on all of it at once is what spilled ----------------------
@@ -196,8 +198,17 @@ def _matmul_tma_kernel(
 # Launch and launcher
 # ----------------------------------------------------------------------------------------
 
+def _max_imprecise(scales, config: GemmConfig, fast_accum: bool) -> int | None:
+    """tl.dot's max_num_imprecise_acc: Hopper's fp8 tensor cores accumulate in less than
+    fp32 (about 14 bits), so by default each BLOCK_K step's partial product is added into
+    the fp32 accumulator (promotion every 128 products, DeepSeek-V3's interval); with
+    ``fast_accum`` the whole K sum stays in the tensor cores (Triton's default on sm_90).
+    None (Triton's default) for other dtypes, where it does not apply."""
+    return config.block_k if scales is not None and not fast_accum else None
+
+
 def _matmul_launch(a3, b, bias, out3, activation, accumulate, num_sms, config, op="matmul",
-                   scales=None) -> _Launch:
+                   scales=None, fast_accum=False) -> _Launch:
     """The launch for ``a3`` [B, M, K] @ ``b`` [K, N] into ``out3`` [B, M, N]; ``scales``
     (fp8) is ``(a_scale, b_scale)`` as :func:`.fp8.check_scales` returns them."""
     batch, M, K = a3.shape
@@ -215,7 +226,8 @@ def _matmul_launch(a3, b, bias, out3, activation, accumulate, num_sms, config, o
     grid = _grid_size(path, batch, M, N, config, num_sms, a3.device)
     plan = GemmPlan(path, config, reason, grid)
     flags = dict(HAS_BIAS=bias is not None, ACTIVATION=activation, ACCUMULATE=accumulate,
-                 SCALED=scales is not None, UPCAST_TO_FP32=upcast, INPUT_PRECISION=precision, **config.meta,
+                 SCALED=scales is not None, MAX_IMPRECISE_ACC=_max_imprecise(scales, config, fast_accum),
+                 UPCAST_TO_FP32=upcast, INPUT_PRECISION=precision, **config.meta,
                  num_warps=config.num_warps, num_stages=config.num_stages)
     bias_arg = bias if bias is not None else out3
     stride_bias = bias.stride(0) if bias is not None else 0
@@ -244,6 +256,7 @@ def matmul(
     a_scale: torch.Tensor | None = None,
     b_scale: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
+    fast_accum: bool = False,
     bias: torch.Tensor | None = None,
     activation: str | None = None,
     out: torch.Tensor | None = None,
@@ -273,7 +286,9 @@ def matmul(
     shape ``a.shape[:-1] + (1,)`` (per row); ``b_scale`` one element or ``(1, N)`` (per
     column); None means 1. ``out_dtype`` is bf16 (default), fp16 or fp32; ``bias`` any of
     those. On Hopper, K-major operands (``x @ w.T`` with both K-contiguous) take the TMA
-    kernel; sm_80 has no fp8 tensor cores and raises. The torch backend emulates the same
+    kernel; sm_80 has no fp8 tensor cores and raises. Hopper accumulates fp8 products in
+    less than fp32: each BLOCK_K partial sum is promoted into the fp32 accumulator, unless
+    ``fast_accum`` (faster, less accurate for long K). The torch backend emulates the same
     arithmetic in fp32 (:func:`.fp8.torch_scaled_product`): right, not fast.
     """
     op = "matmul"
@@ -333,13 +348,13 @@ def matmul(
 
     def rebuild(cfg: GemmConfig | None) -> _Launch:
         return _matmul_launch(a3, b, bias, out3, activation, accumulate, num_sms, cfg,
-                              scales=scales if fp8 else None)
+                              scales=scales if fp8 else None, fast_accum=fast_accum)
 
     launch = rebuild(config)
     tune_key = None
     if config is None:
         tune_key = ("matmul", launch.plan.path, m_class(a3.shape[0] * a3.shape[1]), N, K,
-                    bias is not None, activation, accumulate, out3.dtype, b.dtype, a.dtype)
+                    bias is not None, activation, accumulate, out3.dtype, b.dtype, fast_accum, a.dtype)
     _run(op, launch, a.dtype, tune_key, rebuild, [out3] if accumulate else [])
     if out3.data_ptr() != out.data_ptr():  # out's batch dims did not merge: out3 is a copy
         out.copy_(out3.view(out.shape))

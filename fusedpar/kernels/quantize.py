@@ -186,7 +186,8 @@ def quantize_rowwise(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn, 
                 or (col_scale.numel() != 1 and tuple(col_scale.shape) != (C,)) or col_scale.device != x.device:
             got = (f"{tuple(col_scale.shape)} {col_scale.dtype} on {col_scale.device}"
                    if isinstance(col_scale, torch.Tensor) else type(col_scale).__name__)
-            raise ValueError(f"{op}: col_scale must be float32 on {x.device} with shape ({C},) or one element, got {got}")
+            raise ValueError(f"{op}: col_scale must be float32 on {x.device} with shape ({C},) or one element, "
+                             f"got {got}")
     if backend == "torch" or x.numel() == 0:
         return quantize_rowwise_reference(x, dtype, col_scale=col_scale)
     q = torch.empty(x.shape, dtype=dtype, device=x.device)
@@ -253,7 +254,8 @@ def quantize_rowwise_reference(x: torch.Tensor, dtype: torch.dtype = torch.float
     return q.contiguous(), scale
 
 
-def quantize_tensorwise_reference(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_tensorwise_reference(x: torch.Tensor,
+                                  dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`quantize_tensorwise` in torch ops."""
     xf = x.float()
     amax = xf.abs().amax() if x.numel() else torch.zeros((), device=x.device)

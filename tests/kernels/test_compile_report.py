@@ -55,3 +55,14 @@ def test_the_check_fails_on_a_spilling_tile_and_on_one_too_big_for_shared_memory
     found = problems(results)
     assert any("spills" in p and "ptr:128x256x64/w4" in p for p in found), found
     assert any("shared memory" in p and "tma:256x256x128" in p for p in found), found
+
+
+def test_fp8_partial_sums_are_promoted_to_fp32_unless_fast_accum():
+    """Hopper's fp8 tensor cores accumulate in less than fp32: by default each BLOCK_K step's
+    partial sum is added into an fp32 accumulator (one add.f32 per accumulator element and
+    thread, 64 for a 128x128 tile on 8 warps); fast_accum leaves the K sum in the tensor cores."""
+    cfg = GemmConfig(128, 128, 128, num_warps=8, num_stages=3, tma=True)
+    precise, fast = run_cases([Case("sm_90a", "float8_e4m3fn", "x@w.T", "none", config=cfg),
+                               Case("sm_90a", "float8_e4m3fn", "x@w.T", "none", config=cfg, fast_accum=True)], jobs=2)
+    assert precise.ok and fast.ok and precise.mma == fast.mma == "wgmma", format_table([precise, fast])
+    assert precise.fp32_adds >= 64 and fast.fp32_adds < precise.fp32_adds, (precise.fp32_adds, fast.fp32_adds)
