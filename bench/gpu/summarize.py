@@ -64,6 +64,17 @@ def emulated_tables(out: Path) -> list[str]:
     return lines
 
 
+def markdown_reports(out: Path) -> list[str]:
+    """The markdown summaries the GEMM sweep and the fp8 overlap run write themselves."""
+    lines = []
+    for name in ("gemm-summary.md", "fp8-overlap.md"):
+        for path in sorted(out.rglob(name)):
+            text = ("\n" + path.read_text()).replace("\n### ", "\n#### ").replace("\n## ", "\n### ")
+            lines += [text.replace("\n# ", "\n### ").strip(), "",
+                      f"(from [{path.relative_to(out)}]({path.relative_to(out)}))", ""]
+    return lines
+
+
 def main(out: Path) -> int:
     """Write ``out/summary.md``; return 0."""
     versions = json.loads(_read(out / "env/versions.json") or "{}")
@@ -83,6 +94,7 @@ def main(out: Path) -> int:
     for s in steps:
         lines.append(f"| {s['step']} | {s['status']} | {s['seconds']} | [{s['log']}]({s['log']}) |")
     lines += ["", "## Benchmarks", ""] + (bench_tables(out) or ["(none)", ""])
+    lines += ["## GEMMs (bf16, fp8) and fp8 all-gather + GEMM", ""] + (markdown_reports(out) or ["(none)", ""])
     lines += ["## Overlap on an emulated link (one GPU)", ""] + (emulated_tables(out) or ["(none)", ""])
     lines += ["## GEMM calibration", ""] + (calibration_tables(out) or ["(none)", ""])
     predict = _read(out / "logs/predict.log").strip()
