@@ -198,7 +198,7 @@ class _CountingCommunicator(TorchCommunicator):
 
 
 def _run_gathered_bytes(group):
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    world = dist.get_world_size(group)
     m, k, n = 40, 256, 32
     x = _randn(1, m, k)
     w = _randn(2, n, k)

@@ -172,7 +172,7 @@ def test_fp8_layers_against_bf16_layers_within_fp8_error(dist2):
 
 
 def _run_frozen_and_master_weights(group):
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    world = dist.get_world_size(group)
     torch.manual_seed(1)
     lin = nn.Linear(32, 16 * world)
     col = enable_fp8(ColumnParallelLinear.from_linear(lin, group=group))
@@ -220,7 +220,7 @@ class _Records(logging.Handler):
 
 
 def _run_fallback(group):
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    world = dist.get_world_size(group)
     torch.manual_seed(2)
     lin = nn.Linear(40, 16 * world)  # K = 40: not a multiple of 16
     ref = ColumnParallelLinear.from_linear(copy.deepcopy(lin), group=group)

@@ -16,7 +16,6 @@ token, and the gap grows slowly as the runs' weights drift apart.
 """
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
