@@ -124,6 +124,9 @@ def candidate_configs(op: str, dtype: torch.dtype, tma: bool, *, tensor_cores: b
         # registers) spills, while 256x128 gives each warpgroup its own rows and fits; the
         # gated kernel's 64x128 tile (two of each) needs 8 warps
         configs = [c for c in configs if (c.block_m, c.block_n) != (128, 256)]
+        # and the 16x128 pointer tile spills 16 B when a is M-major (Triton transposes fp8
+        # tiles through registers; triton 3.9): 16x64 serves decode-sized M instead
+        configs = [c for c in configs if tma or (c.block_m, c.block_n) != (16, 128)]
         configs = [dataclasses.replace(c, num_warps=8) if op == "gated" and (c.block_m, c.block_n) == (64, 128)
                    else c for c in configs]
         # and 128x128 tiles spill in fp32 on 4 warps (TMA) or at all (pointer)
