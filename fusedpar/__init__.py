@@ -5,6 +5,7 @@ and fast on GPU (NCCL, compiled Triton).
 
 Layers:      ColumnParallelLinear, RowParallelLinear, ParallelMLP, ParallelAttention, parallelize
              (every Hugging Face TP style: packed, embeddings, MoE experts, MLA), vocab_parallel_cross_entropy
+fp8:         Float8Recipe, enable_fp8 (or parallelize(..., fp8=True)), quantize_rowwise, quantize_tensorwise
 Schedules:   all_gather_matmul, matmul_reduce_scatter, matmul_all_reduce (+ *_reference, backward blocks)
 Kernels:     matmul, gated_matmul, grouped_matmul (+ _wgrad), resolve_kernel
 Comm:        get_communicator, init_distributed, new_group, CollectiveError
@@ -37,8 +38,10 @@ from fusedpar.costmodel import (
 )
 from fusedpar.gradnorm import clip_grad_norm_, grad_norm
 from fusedpar.kernels import ACTIVATIONS, gated_matmul, grouped_matmul, grouped_matmul_wgrad, matmul, resolve_kernel
+from fusedpar.kernels.quantize import dequantize, quantize_rowwise, quantize_tensorwise
 from fusedpar.layers import (
     ColumnParallelLinear,
+    Float8Recipe,
     PackedColumnParallelLinear,
     PackedRowParallelLinear,
     ParallelAttention,
@@ -50,6 +53,7 @@ from fusedpar.layers import (
     SequenceParallelRMSNorm,
     all_reduce_grads,
     column_parallel_group,
+    enable_fp8,
     full_state_dict,
     local_shard,
     parallelize,
@@ -73,6 +77,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ACTIVATIONS",
     "ColumnParallelLinear",
+    "Float8Recipe",
     "PackedColumnParallelLinear",
     "PackedRowParallelLinear",
     "ParallelAttention",
@@ -84,6 +89,8 @@ __all__ = [
     "SequenceParallelRMSNorm",
     "all_reduce_grads",
     "column_parallel_group",
+    "dequantize",
+    "enable_fp8",
     "full_state_dict",
     "local_shard",
     "parallelize",
@@ -122,6 +129,8 @@ __all__ = [
     "matmul_reduce_scatter_with_wgrad",
     "new_group",
     "predict",
+    "quantize_rowwise",
+    "quantize_tensorwise",
     "resolve_kernel",
     "set_device_spec",
 ]

@@ -77,31 +77,40 @@ class DeviceSpec:
             ) from None
 
 
+def _fp8(tflops: float) -> dict[str, float]:
+    """One figure for both fp8 formats (and their mix): the tensor cores run e4m3 and e5m2
+    at the same rate."""
+    return {"float8_e4m3fn": tflops, "float8_e5m2": tflops}
+
+
 # Round figures. GPU rows: vendor peaks scaled to what cuBLAS / nccl-tests typically
 # reach; cpu-gloo: measured on the 2-core dev machine (torch.matmul, 256..1024 squares)
 # and fitted to the gloo timings in shared/FACTS.md (4 MiB fp32, 2 ranks: all_reduce
-# 7.0 ms, all_gather 5.5 ms, reduce_scatter 3.8 ms -> ~0.6 GB/s bus bandwidth).
+# 7.0 ms, all_gather 5.5 ms, reduce_scatter 3.8 ms -> ~0.6 GB/s bus bandwidth). fp8 rows:
+# twice bf16 on Hopper (the vendor's dense fp8 peak is twice its bf16 one; unmeasured
+# until bench/gpu/gemm_sweep.py --parts fp8 runs), none on the A100 (no fp8 tensor cores:
+# fusedpar refuses fp8 there), the CPU's is its fp32 rate (fp8 is emulated through fp32).
 DEVICES: dict[str, DeviceSpec] = {
     spec.name: spec
     for spec in (
         DeviceSpec(
             name="h100-sxm",
             gemm_tflops={"bfloat16": 790.0, "float16": 790.0, "tfloat32": 400.0,
-                         "float32": 51.0, "float64": 55.0},
+                         "float32": 51.0, "float64": 55.0, **_fp8(1580.0)},
             link_gbps=370.0, link_latency_us=10.0, launch_us=4.0,
             mem_gbps=3000.0, tile_m=128, min_piece_rows=64,
         ),
         DeviceSpec(
             name="h200",  # H100 SXM compute with faster, bigger HBM3e
             gemm_tflops={"bfloat16": 790.0, "float16": 790.0, "tfloat32": 400.0,
-                         "float32": 51.0, "float64": 55.0},
+                         "float32": 51.0, "float64": 55.0, **_fp8(1580.0)},
             link_gbps=370.0, link_latency_us=10.0, launch_us=4.0,
             mem_gbps=4300.0, tile_m=128, min_piece_rows=64,
         ),
         DeviceSpec(
             name="h100-pcie",
             gemm_tflops={"bfloat16": 600.0, "float16": 600.0, "tfloat32": 300.0,
-                         "float32": 40.0, "float64": 40.0},
+                         "float32": 40.0, "float64": 40.0, **_fp8(1200.0)},
             link_gbps=50.0, link_latency_us=20.0, launch_us=4.0,
             mem_gbps=1700.0, tile_m=128, min_piece_rows=64,
         ),
@@ -115,14 +124,14 @@ DEVICES: dict[str, DeviceSpec] = {
         DeviceSpec(
             name="gpu-generic",  # unknown GPU over PCIe: deliberately modest
             gemm_tflops={"bfloat16": 100.0, "float16": 100.0, "tfloat32": 50.0,
-                         "float32": 15.0, "float64": 5.0},
+                         "float32": 15.0, "float64": 5.0, **_fp8(200.0)},
             link_gbps=20.0, link_latency_us=20.0, launch_us=5.0,
             mem_gbps=500.0, tile_m=128, min_piece_rows=64,
         ),
         DeviceSpec(
             name="cpu-gloo",
             gemm_tflops={"bfloat16": 0.25, "float16": 0.002, "float32": 0.08,
-                         "float64": 0.04},
+                         "float64": 0.04, **_fp8(0.08)},
             link_gbps=0.6, link_latency_us=100.0, launch_us=20.0,
             mem_gbps=10.0, tile_m=1, min_piece_rows=8, comm_overlaps_compute=False,
         ),

@@ -21,6 +21,16 @@ collective and one GEMM, the right choice for decode-sized inputs). `chunks=None
 cost model (fusedpar.costmodel), which decides from global shapes, world size, dtype and
 device kind only, so every rank issues the same collectives in the same order.
 
+fp8 (`x` and `w` in float8_e4m3fn / float8_e5m2, with `x_scale` / `w_scale` as for
+`kernels.matmul`): the GEMMs run in fp8 and write `out_dtype` (bf16 by default).
+`all_gather_matmul` gathers the fp8 rows with their per-row scales, half the bytes of bf16;
+`matmul_reduce_scatter` and `matmul_all_reduce` reduce in `out_dtype`, never in fp8, because
+the partial sums of different ranks have different ranges: summing them in fp8 would need a
+common scale (one more collective, for the amax, before any data can move) and would round
+every partial and every hop of the ring to 3 mantissa bits, where bf16/fp32 partials lose
+nothing the fp8 GEMM had not already. The backward blocks take `dgrad_fp8=(wt_q, w_scale)`
+to run the dgrad in fp8 (dy quantized to e5m2 per row) while the wgrad stays in dy's dtype.
+
 Validation happens before the first collective is issued, so a bad argument raises on the
 rank that has it instead of leaving its peers waiting. With `FUSEDPAR_DEBUG=1` (or
 `debug=True`) ranks also compare a fingerprint of the call first (fusedpar.checks).
@@ -37,6 +47,8 @@ from torch import Tensor
 from . import checks, costmodel
 from .comm import CollectiveHandle, Communicator, get_communicator
 from .kernels import ACTIVATIONS, matmul
+from .kernels.fp8 import FP8_OUT_DTYPES, is_fp8, torch_scaled_product
+from .kernels.quantize import quantize_rowwise
 from .streams import StreamSet, nvtx_range
 
 __all__ = [
@@ -96,15 +108,19 @@ def _check_operands(
         raise ValueError(
             f"w: expected shape [K, N] with K = {x_name}.shape[-1] = {x.shape[-1]}, got {list(w.shape)}"
         )
-    if x.dtype != w.dtype:
-        raise TypeError(f"w: expected dtype {x.dtype} (the dtype of {x_name}), got {w.dtype}")
+    fp8 = is_fp8(x.dtype)
+    if x.dtype != w.dtype and not (fp8 and is_fp8(w.dtype)):
+        also = " or another fp8 dtype" if fp8 else ""
+        raise TypeError(f"w: expected dtype {x.dtype} (the dtype of {x_name}){also}, got {w.dtype}")
     if x.device != w.device:
         raise ValueError(f"w: expected device {x.device} (the device of {x_name}), got {w.device}")
     if bias is not None:
         if bias.shape != (w.shape[1],):
             raise ValueError(f"bias: expected shape [{w.shape[1]}] (N of w), got {list(bias.shape)}")
-        if bias.dtype != x.dtype or bias.device != x.device:
-            raise TypeError(f"bias: expected {x.dtype} on {x.device}, got {bias.dtype} on {bias.device}")
+        ok = bias.dtype in FP8_OUT_DTYPES if fp8 else bias.dtype == x.dtype
+        if not ok or bias.device != x.device:
+            want = f"one of {FP8_OUT_DTYPES}" if fp8 else str(x.dtype)
+            raise TypeError(f"bias: expected {want} on {x.device}, got {bias.dtype} on {bias.device}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
     if dim is None:
@@ -114,15 +130,88 @@ def _check_operands(
     return dim % x.ndim
 
 
-def _check_out(out: Tensor | None, shape: Sequence[int], like: Tensor, *, name: str = "out") -> None:
+def _check_out(out: Tensor | None, shape: Sequence[int], like: Tensor, *, name: str = "out",
+               dtype: torch.dtype | None = None) -> None:
     if out is None:
         return
     if list(out.shape) != list(shape):
         raise ValueError(f"{name}: expected shape {list(shape)}, got {list(out.shape)}")
-    if out.dtype != like.dtype:
-        raise TypeError(f"{name}: expected dtype {like.dtype}, got {out.dtype}")
+    if out.dtype != (dtype or like.dtype):
+        raise TypeError(f"{name}: expected dtype {dtype or like.dtype}, got {out.dtype}")
     if out.device != like.device:
         raise ValueError(f"{name}: expected device {like.device}, got {out.device}")
+
+
+def _check_fp8(x: Tensor, w: Tensor, x_scale: Tensor | None, w_scale: Tensor | None, out_dtype: torch.dtype | None,
+               *, x_name: str, out: Tensor | None = None) -> torch.dtype:
+    """Check the fp8 arguments of a schedule; return the output dtype: x's own without fp8;
+    with fp8 `out_dtype`, else `out`'s, else bf16."""
+    if not is_fp8(x.dtype):
+        for name, v in (("x_scale", x_scale), ("w_scale", w_scale)):
+            if v is not None:
+                raise TypeError(f"{name}: applies to fp8 operands only, but {x_name} has dtype {x.dtype}")
+        if out_dtype is not None and out_dtype != x.dtype:
+            raise TypeError(f"out_dtype: expected None or {x.dtype} (the dtype of {x_name}), got {out_dtype}")
+        return x.dtype
+    for name, v, shape in (("x_scale", x_scale, [*x.shape[:-1], 1]), ("w_scale", w_scale, [1, w.shape[1]])):
+        if v is None:
+            continue
+        if not isinstance(v, Tensor) or v.dtype != torch.float32 or v.device != x.device:
+            got = f"{v.dtype} on {v.device}" if isinstance(v, Tensor) else type(v).__name__
+            raise TypeError(f"{name}: expected a float32 tensor on {x.device}, got {got}")
+        if v.numel() != 1 and list(v.shape) != shape:
+            raise ValueError(f"{name}: expected one element (per tensor) or shape {shape}, got {list(v.shape)}")
+    if out_dtype is not None and out_dtype not in FP8_OUT_DTYPES:
+        raise TypeError(f"out_dtype: expected one of {FP8_OUT_DTYPES} for fp8 operands, got {out_dtype}")
+    if out_dtype is None and isinstance(out, Tensor) and out.dtype in FP8_OUT_DTYPES:
+        return out.dtype
+    return out_dtype or torch.bfloat16
+
+
+def _scale_rows(x_scale: Tensor | None, x: Tensor, dim: int) -> Tensor:
+    """An fp8 operand's scales as one float32 per row of `_to_rows(x, dim)`, `[rows, 1]`
+    contiguous (a per-tensor scale repeated: gathered rows of different ranks need their own)."""
+    if x_scale is None:
+        x_scale = torch.ones((), dtype=torch.float32, device=x.device)
+    rows, _ = _to_rows(x_scale.reshape(()).expand(*x.shape[:-1], 1) if x_scale.numel() == 1 else x_scale, dim)
+    return rows.contiguous()
+
+
+def _fp8_kw(a_scale: Tensor | None, w_scale: Tensor | None, fp8: bool) -> dict[str, Tensor | None]:
+    """The scale arguments of `kernels.matmul` for one piece (none without fp8)."""
+    return {"a_scale": a_scale, "b_scale": w_scale} if fp8 else {}
+
+
+def _as_bytes(t: Tensor) -> Tensor:
+    """fp8 moves as bytes: gloo has no fp8 dtype, and a gather or send never does arithmetic."""
+    return t.view(torch.uint8) if is_fp8(t.dtype) else t
+
+
+def _fp8_row_layout(k: int) -> tuple[int, int]:
+    """(scale offset, row bytes) of a packed fp8 row: its K fp8 bytes, its float32 scale at
+    the next 4-byte boundary, padded to 16 bytes so that the gathered rows stay aligned for
+    TMA. One message per piece carries rows and scales together (a second send per hop would
+    add a collective's latency to every step of the ring)."""
+    offset = -(-k // 4) * 4
+    return offset, -(-(offset + 4) // 16) * 16
+
+
+def _pack_fp8_rows(x_rows: Tensor, s_rows: Tensor) -> Tensor:
+    """`x_rows` [m, K] fp8 and `s_rows` [m, 1] float32 as packed rows [m, row bytes] uint8."""
+    m, k = x_rows.shape
+    offset, row_bytes = _fp8_row_layout(k)
+    packed = torch.empty(m, row_bytes, dtype=torch.uint8, device=x_rows.device)
+    packed[:, :k].copy_(x_rows.view(torch.uint8))
+    packed[:, offset:offset + 4].view(torch.float32).copy_(s_rows)
+    packed[:, k:offset].zero_()  # padding: defined bytes on the wire
+    packed[:, offset + 4:].zero_()
+    return packed
+
+
+def _unpack_fp8_rows(packed: Tensor, k: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Views of packed rows [r, row bytes]: the fp8 rows [r, K] and their scales [r, 1]."""
+    offset, _ = _fp8_row_layout(k)
+    return packed[:, :k].view(dtype), packed[:, offset:offset + 4].view(torch.float32)
 
 
 def _check_scatter_dim(x: Tensor, dim: int, world: int) -> None:
@@ -165,13 +254,14 @@ def _epilogue(y: Tensor, bias: Tensor | None, activation: str | None) -> None:
 
 
 def _resolve_chunks(
-    chunks: int | None, op: str, *, m: int, n: int, k: int, world: int, x: Tensor
+    chunks: int | None, op: str, *, m: int, n: int, k: int, world: int, x: Tensor, dtype: torch.dtype | None = None
 ) -> int:
-    """The chunk count to run: the caller's, or the cost model's choice from global shapes."""
+    """The chunk count to run: the caller's, or the cost model's choice from global shapes
+    (in `dtype`, default x's: an fp8 reduction passes its output dtype, whose bytes move)."""
     if chunks is not None:
         return chunks
     return costmodel.choose_chunks(
-        op, m=m, n=n, k=k, world_size=world, dtype=x.dtype, device=costmodel.device_spec_for(x.device)
+        op, m=m, n=n, k=k, world_size=world, dtype=dtype or x.dtype, device=costmodel.device_spec_for(x.device)
     )
 
 
@@ -238,7 +328,10 @@ def all_gather_matmul(
     kernel: str = "auto",
     comm: str = "torch",
     debug: bool | None = None,
-) -> Tensor | tuple[Tensor, Tensor]:
+    x_scale: Tensor | None = None,
+    w_scale: Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> Tensor | tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
     """Computes `act(all_gather(x_shard, dim) @ w + bias)`, overlapping the gather with the GEMMs.
 
     x_shard `[..., m, ..., K]` split on `dim`; w `[K, N]` local (e.g. a column shard of a
@@ -256,15 +349,25 @@ def all_gather_matmul(
 
     Each piece lands directly in its place in the gathered buffer `[world*m, K]`, so the
     extra memory over the unfused op is zero (both hold the gathered input and the output).
+
+    fp8 (`x_shard` and `w` fp8, `x_scale` one per tensor or `[..., m, ..., 1]` per row,
+    `w_scale` one or `[1, N]`): the ring moves the fp8 rows packed with one float32 scale
+    each (a per-tensor scale is repeated per row, since each rank's differs), `K + 16`
+    bytes a row (scale and 16-byte alignment) against bf16's `2K`, and each piece runs the
+    fp8 GEMM with its rows' scales; the output is `out_dtype` (bf16 by default).
+    `return_gathered` then returns `(y, x_full, x_scale_full)`, views of the packed rows.
     """
     dim = _check_operands(x_shard, w, bias, activation, x_name="x_shard", dim=dim)
+    out_dtype = _check_fp8(x_shard, w, x_scale, w_scale, out_dtype, x_name="x_shard", out=out)
+    fp8 = is_fp8(x_shard.dtype)
     _check_chunks(chunks)
     communicator = get_communicator(group, comm)
     world = communicator.world_size
     out_shape = list(x_shard.shape[:-1]) + [w.shape[1]]
     out_shape[dim] *= world
-    _check_out(out, out_shape, x_shard)
+    _check_out(out, out_shape, x_shard, dtype=out_dtype)
     x_rows, row_shape = _to_rows(x_shard, dim)
+    s_rows = _scale_rows(x_scale, x_shard, dim) if fp8 else None
     m, k, n = x_rows.shape[0], x_rows.shape[1], w.shape[1]
     chunks = _resolve_chunks(chunks, "all_gather_matmul", m=m * world, n=n, k=k, world=world, x=x_shard)
     checks.maybe_check_consistent(
@@ -275,27 +378,40 @@ def all_gather_matmul(
 
     # Outputs in row layout; for dim == 0 these are views of `out` itself (written in place).
     direct = dim == 0 and out is not None
-    y_rows = out.view(world * m, n) if direct and out.is_contiguous() else x_rows.new_empty(world * m, n)
+    y_rows = out.view(world * m, n) if direct and out.is_contiguous() else \
+        torch.empty(world * m, n, dtype=out_dtype, device=x_rows.device)
     # A world of one gathers nothing: its "gathered" input is its own shard (no copy).
-    gathered = x_rows if world == 1 else x_rows.new_empty(world * m, k)
+    # fp8 rows travel packed with their scales (one message per piece); `gathered` and
+    # `s_gathered` are then views of the packed buffer.
+    send = _pack_fp8_rows(x_rows, s_rows) if fp8 and world > 1 else x_rows
+    wire = send if world == 1 else send.new_empty(world * m, send.shape[1])
+    gathered, s_gathered = _unpack_fp8_rows(wire, k, x_rows.dtype) if fp8 and world > 1 else (wire, s_rows)
 
     with nvtx_range(f"all_gather_matmul c={chunks}"):
         if world == 1:
-            matmul(x_rows, w, bias=bias, activation=activation, out=y_rows, kernel=kernel)
+            matmul(x_rows, w, bias=bias, activation=activation, out=y_rows, kernel=kernel,
+                   **_fp8_kw(s_rows, w_scale, fp8))
         elif chunks == 1:
-            _pipeline_single_all_gather(communicator, x_rows, gathered)
-            matmul(gathered, w, bias=bias, activation=activation, out=y_rows, kernel=kernel)
+            _pipeline_single_all_gather(communicator, send, wire)
+            matmul(gathered, w, bias=bias, activation=activation, out=y_rows, kernel=kernel,
+                   **_fp8_kw(s_gathered, w_scale, fp8))
         else:
             y3 = y_rows.view(world, m, n)
 
             def consume(src: int, rows: slice, block: Tensor) -> None:
-                matmul(block, w, bias=bias, activation=activation, out=y3[src, rows], kernel=kernel)
+                a, a_s = _unpack_fp8_rows(block, k, x_rows.dtype) if fp8 else (block, None)
+                matmul(a, w, bias=bias, activation=activation, out=y3[src, rows], kernel=kernel,
+                       **_fp8_kw(a_s, w_scale, fp8))
 
-            _ring_all_gather(communicator, x_rows, gathered, pieces=-(-chunks // world), consume=consume)
+            _ring_all_gather(communicator, send, wire, pieces=-(-chunks // world), consume=consume)
 
     full_shape = _gathered_shape(row_shape, world)
     y = _from_rows_out(y_rows, full_shape, dim, out)
-    return (y, _from_rows(gathered, full_shape, dim)) if return_gathered else y
+    if not return_gathered:
+        return y
+    if fp8:
+        return y, _from_rows(gathered, full_shape, dim), _from_rows(s_gathered, full_shape, dim)
+    return y, _from_rows(gathered, full_shape, dim)
 
 
 def _gathered_shape(row_shape: Sequence[int], world: int) -> tuple[int, ...]:
@@ -385,19 +501,35 @@ def all_gather_matmul_reference(
     kernel: str = "auto",
     comm: str = "torch",
     debug: bool | None = None,
-) -> Tensor | tuple[Tensor, Tensor]:
-    """Unfused `all_gather_matmul`: a blocking all-gather, then `torch.matmul` (same signature)."""
+    x_scale: Tensor | None = None,
+    w_scale: Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> Tensor | tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
+    """Unfused `all_gather_matmul`: a blocking all-gather, then `torch.matmul` (same signature;
+    fp8: the fp8 rows and their scales gathered, the product computed in fp32 from them)."""
     dim = _check_operands(x_shard, w, bias, activation, x_name="x_shard", dim=dim)
+    out_dtype = _check_fp8(x_shard, w, x_scale, w_scale, out_dtype, x_name="x_shard", out=out)
+    fp8 = is_fp8(x_shard.dtype)
     communicator = get_communicator(group, comm)
     world = communicator.world_size
     x_rows, row_shape = _to_rows(x_shard, dim)
     gathered = x_rows.new_empty(world * x_rows.shape[0], x_rows.shape[1])
-    communicator.all_gather(gathered, x_rows.contiguous()).wait()
-    y_rows = gathered @ w
-    _epilogue(y_rows, bias, activation)
+    communicator.all_gather(_as_bytes(gathered), _as_bytes(x_rows.contiguous())).wait()
     full_shape = _gathered_shape(row_shape, world)
-    y = _from_rows_out(y_rows, full_shape, dim, out)
-    return (y, _from_rows(gathered, full_shape, dim)) if return_gathered else y
+    if fp8:
+        s_gathered = torch.empty(world * x_rows.shape[0], 1, dtype=torch.float32, device=x_rows.device)
+        communicator.all_gather(s_gathered, _scale_rows(x_scale, x_shard, dim)).wait()
+        ws = w_scale if w_scale is not None else s_gathered.new_ones(())
+        y_rows = torch_scaled_product(gathered, w, s_gathered, ws)
+    else:
+        y_rows = gathered @ w
+    _epilogue(y_rows, bias, activation)
+    y = _from_rows_out(y_rows.to(out_dtype), full_shape, dim, out)
+    if not return_gathered:
+        return y
+    if fp8:
+        return y, _from_rows(gathered, full_shape, dim), _from_rows(s_gathered, full_shape, dim)
+    return y, _from_rows(gathered, full_shape, dim)
 
 
 # --------------------------------------------------------------------------------------------
@@ -419,6 +551,9 @@ def matmul_reduce_scatter(
     kernel: str = "auto",
     comm: str = "torch",
     debug: bool | None = None,
+    x_scale: Tensor | None = None,
+    w_scale: Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor | PendingOutput:
     """Computes `act(reduce_scatter(x @ w, dim) + bias)`, overlapping each piece's reduction.
 
@@ -439,19 +574,26 @@ def matmul_reduce_scatter(
 
     With `async_op=True` the last reductions may still be in flight: a `PendingOutput` is
     returned and its `wait()` gives the result (backward overlaps its wgrad this way).
+
+    fp8 (`x`, `w` fp8 with `x_scale` / `w_scale` as in `kernels.matmul`): the GEMMs run in
+    fp8 and the partial sums are written and reduce-scattered in `out_dtype` (bf16 by
+    default), never fp8 (module docstring).
     """
     dim = _check_operands(x, w, bias, activation, x_name="x", dim=dim)
+    out_dtype = _check_fp8(x, w, x_scale, w_scale, out_dtype, x_name="x", out=out)
+    fp8 = is_fp8(x.dtype)
     _check_chunks(chunks)
     communicator = get_communicator(group, comm)
     world = communicator.world_size
     _check_scatter_dim(x, dim, world)
     out_shape = list(x.shape[:-1]) + [w.shape[1]]
     out_shape[dim] //= world
-    _check_out(out, out_shape, x)
+    _check_out(out, out_shape, x, dtype=out_dtype)
     x_rows, row_shape = _to_rows(x, dim)
+    s_rows = _scale_rows(x_scale, x, dim) if fp8 else None
     rows, k, n = x_rows.shape[0], x_rows.shape[1], w.shape[1]
     m = rows // world
-    chunks = _resolve_chunks(chunks, "matmul_reduce_scatter", m=rows, n=n, k=k, world=world, x=x)
+    chunks = _resolve_chunks(chunks, "matmul_reduce_scatter", m=rows, n=n, k=k, world=world, x=x, dtype=out_dtype)
     checks.maybe_check_consistent(
         communicator, "matmul_reduce_scatter", debug,
         x=(list(x.shape), str(x.dtype)), w=list(w.shape), dim=dim, chunks=chunks,
@@ -459,15 +601,17 @@ def matmul_reduce_scatter(
     )
     out_row_shape = (row_shape[0] // world, *row_shape[1:])
     direct = dim == 0 and out is not None and out.is_contiguous()
-    y_rows = out.view(m, n) if direct else x_rows.new_empty(m, n)
+    y_rows = out.view(m, n) if direct else torch.empty(m, n, dtype=out_dtype, device=x.device)
     pipe = _Pipeline(x.device)
     handles: list[tuple[CollectiveHandle, tuple[int, int]]] = []
 
     with nvtx_range(f"matmul_reduce_scatter c={chunks}"):
         if world == 1:
-            matmul(x_rows, w, bias=bias, activation=activation, out=y_rows, kernel=kernel)
+            matmul(x_rows, w, bias=bias, activation=activation, out=y_rows, kernel=kernel,
+                   **_fp8_kw(s_rows, w_scale, fp8))
             return _done(_from_rows_out(y_rows, out_row_shape, dim, out), async_op)
         x3 = x_rows.view(world, m, k)
+        s3 = s_rows.view(world, m, 1) if fp8 else None
         pieces = split_rows(m, chunks)
         buffers: list[Tensor | None] = [None] * min(MAX_IN_FLIGHT, len(pieces))
         for j, (s, e) in enumerate(pieces):
@@ -476,9 +620,9 @@ def matmul_reduce_scatter(
                 handles[j - len(buffers)][0].wait()  # its buffer is about to be overwritten
             buf = buffers[slot]
             if buf is None or buf.shape[1] != e - s:
-                buf = buffers[slot] = x_rows.new_empty(world, e - s, n)
+                buf = buffers[slot] = torch.empty(world, e - s, n, dtype=out_dtype, device=x.device)
             with nvtx_range(f"mm piece {j}"):
-                matmul(x3[:, s:e], w, out=buf, kernel=kernel)
+                matmul(x3[:, s:e], w, out=buf, kernel=kernel, **_fp8_kw(s3[:, s:e] if fp8 else None, w_scale, fp8))
             dst, src = y_rows[s:e], buf.view(world * (e - s), n)
             handles.append((pipe.issue(lambda dst=dst, src=src: communicator.reduce_scatter(dst, src)), (s, e)))
 
@@ -489,6 +633,13 @@ def matmul_reduce_scatter(
         return _from_rows_out(y_rows, out_row_shape, dim, out)
 
     return PendingOutput(finish) if async_op else finish()
+
+
+def _reference_product(x_rows: Tensor, w: Tensor, s_rows: Tensor, w_scale: Tensor | None,
+                       out_dtype: torch.dtype) -> Tensor:
+    """The references' fp8 product: fp32 from the scaled fp8 operands, in `out_dtype`."""
+    ws = w_scale if w_scale is not None else s_rows.new_ones(())
+    return torch_scaled_product(x_rows, w, s_rows, ws).to(out_dtype).contiguous()
 
 
 def _done(y: Tensor, async_op: bool) -> Tensor | PendingOutput:
@@ -509,14 +660,20 @@ def matmul_reduce_scatter_reference(
     kernel: str = "auto",
     comm: str = "torch",
     debug: bool | None = None,
+    x_scale: Tensor | None = None,
+    w_scale: Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor | PendingOutput:
-    """Unfused `matmul_reduce_scatter`: `torch.matmul`, then a blocking reduce-scatter."""
+    """Unfused `matmul_reduce_scatter`: `torch.matmul`, then a blocking reduce-scatter (fp8:
+    the product in fp32 from the scaled fp8 operands, reduced in `out_dtype`)."""
     dim = _check_operands(x, w, bias, activation, x_name="x", dim=dim)
+    out_dtype = _check_fp8(x, w, x_scale, w_scale, out_dtype, x_name="x", out=out)
     communicator = get_communicator(group, comm)
     world = communicator.world_size
     _check_scatter_dim(x, dim, world)
     x_rows, row_shape = _to_rows(x, dim)
-    partial = x_rows @ w
+    partial = _reference_product(x_rows, w, _scale_rows(x_scale, x, dim), w_scale, out_dtype) \
+        if is_fp8(x.dtype) else x_rows @ w
     y_rows = partial.new_empty(partial.shape[0] // world, partial.shape[1])
     communicator.reduce_scatter(y_rows, partial).wait()
     _epilogue(y_rows, bias, activation)
@@ -542,6 +699,9 @@ def matmul_all_reduce(
     kernel: str = "auto",
     comm: str = "torch",
     debug: bool | None = None,
+    x_scale: Tensor | None = None,
+    w_scale: Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor | PendingOutput:
     """Computes `act(all_reduce(x @ w) + bias)`, overlapping each row piece's all-reduce.
 
@@ -553,31 +713,39 @@ def matmul_all_reduce(
 
         compute: [mm 0][mm 1][mm 2][mm 3]
         comm:          [ar 0][ar 1][ar 2][ar 3]
+
+    fp8 as in `matmul_reduce_scatter`: fp8 GEMMs, partial sums all-reduced in `out_dtype`.
     """
     _check_operands(x, w, bias, activation, x_name="x", dim=None)
+    out_dtype = _check_fp8(x, w, x_scale, w_scale, out_dtype, x_name="x", out=out)
+    fp8 = is_fp8(x.dtype)
     _check_chunks(chunks)
     communicator = get_communicator(group, comm)
     world = communicator.world_size
     out_shape = list(x.shape[:-1]) + [w.shape[1]]
-    _check_out(out, out_shape, x)
+    _check_out(out, out_shape, x, dtype=out_dtype)
     x_rows = x.reshape(-1, x.shape[-1])
+    s_rows = _scale_rows(x_scale, x, 0) if fp8 else None
     rows, k, n = x_rows.shape[0], x_rows.shape[1], w.shape[1]
-    chunks = _resolve_chunks(chunks, "matmul_all_reduce", m=rows, n=n, k=k, world=world, x=x)
+    chunks = _resolve_chunks(chunks, "matmul_all_reduce", m=rows, n=n, k=k, world=world, x=x, dtype=out_dtype)
     checks.maybe_check_consistent(
         communicator, "matmul_all_reduce", debug,
         x=(list(x.shape), str(x.dtype)), w=list(w.shape), chunks=chunks,
         bias=bias is not None, activation=activation,
     )
-    y_rows = out.view(rows, n) if out is not None and out.is_contiguous() else x_rows.new_empty(rows, n)
+    y_rows = out.view(rows, n) if out is not None and out.is_contiguous() else \
+        torch.empty(rows, n, dtype=out_dtype, device=x.device)
     pipe = _Pipeline(x.device)
     handles: list[tuple[CollectiveHandle, tuple[int, int]]] = []
     with nvtx_range(f"matmul_all_reduce c={chunks}"):
         if world == 1:
-            matmul(x_rows, w, bias=bias, activation=activation, out=y_rows, kernel=kernel)
+            matmul(x_rows, w, bias=bias, activation=activation, out=y_rows, kernel=kernel,
+                   **_fp8_kw(s_rows, w_scale, fp8))
             return _done(_from_rows_out(y_rows, out_shape[:-1], 0, out), async_op)
         for j, (s, e) in enumerate(split_rows(rows, chunks)):
             with nvtx_range(f"mm piece {j}"):
-                matmul(x_rows[s:e], w, out=y_rows[s:e], kernel=kernel)
+                matmul(x_rows[s:e], w, out=y_rows[s:e], kernel=kernel,
+                       **_fp8_kw(s_rows[s:e] if fp8 else None, w_scale, fp8))
             piece = y_rows[s:e]
             handles.append((pipe.issue(lambda piece=piece: communicator.all_reduce(piece)), (s, e)))
 
@@ -603,11 +771,18 @@ def matmul_all_reduce_reference(
     kernel: str = "auto",
     comm: str = "torch",
     debug: bool | None = None,
+    x_scale: Tensor | None = None,
+    w_scale: Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor | PendingOutput:
-    """Unfused `matmul_all_reduce`: `torch.matmul`, then a blocking all-reduce."""
+    """Unfused `matmul_all_reduce`: `torch.matmul`, then a blocking all-reduce (fp8 as in
+    `matmul_reduce_scatter_reference`)."""
     _check_operands(x, w, bias, activation, x_name="x", dim=None)
+    out_dtype = _check_fp8(x, w, x_scale, w_scale, out_dtype, x_name="x", out=out)
     communicator = get_communicator(group, comm)
-    y = (x.reshape(-1, x.shape[-1]) @ w).contiguous()
+    x_rows = x.reshape(-1, x.shape[-1])
+    y = _reference_product(x_rows, w, _scale_rows(x_scale, x, 0), w_scale, out_dtype) if is_fp8(x.dtype) \
+        else (x_rows @ w).contiguous()
     communicator.all_reduce(y).wait()
     _epilogue(y, bias, activation)
     return _done(_from_rows_out(y, list(x.shape[:-1]), 0, out), async_op)
@@ -618,17 +793,40 @@ def matmul_all_reduce_reference(
 # --------------------------------------------------------------------------------------------
 
 
+def _fp8_dgrad(dy_rows: Tensor, dgrad_fp8: tuple[Tensor, Tensor | None], kernel: str) -> tuple[Tensor, Tensor, Tensor]:
+    """`(dy_q, dy_scale, wt_q)` so that `dy_q @ wt_q * dy_scale ≈ dy @ w.T`: the weight's
+    per-N scales (along the dgrad's reduction, where an epilogue cannot apply them) are
+    folded into dy's columns before it is quantized to e5m2 per row."""
+    wt_q, w_s = dgrad_fp8
+    col = w_s.reshape(-1) if w_s is not None else None
+    dy_q, dy_s = quantize_rowwise(dy_rows, torch.float8_e5m2, col_scale=col, kernel=kernel)
+    return dy_q, dy_s, wt_q
+
+
 def _new_wgrad(w: Tensor) -> Tensor:
     """A `[K, N]` gradient for `w` laid out so that `.T` (the nn.Linear weight layout) is contiguous."""
     return w.new_empty(w.shape[1], w.shape[0]).t()
 
 
-def _check_backward(dy: Tensor, w: Tensor, x: Tensor, *, dy_name: str) -> None:
+def _check_backward(dy: Tensor, w: Tensor, x: Tensor, *, dy_name: str,
+                    dgrad_fp8: tuple[Tensor, Tensor | None] | None = None) -> None:
     if dy.shape[-1] != w.shape[1]:
         raise ValueError(f"{dy_name}: expected last dim N = w.shape[1] = {w.shape[1]}, got {list(dy.shape)}")
     if x.shape[-1] != w.shape[0]:
         raise ValueError(f"x: expected last dim K = w.shape[0] = {w.shape[0]}, got {list(x.shape)}")
-    for name, t in (("x", x), ("w", w)):
+    if dgrad_fp8 is not None:
+        if not isinstance(dgrad_fp8, (tuple, list)) or len(dgrad_fp8) != 2 or not isinstance(dgrad_fp8[0], Tensor):
+            raise TypeError(f"dgrad_fp8: expected (wt_q, w_scale), got {type(dgrad_fp8).__name__}")
+        wt_q, w_s = dgrad_fp8
+        if not is_fp8(wt_q.dtype) or list(wt_q.shape) != [w.shape[1], w.shape[0]]:
+            raise TypeError(f"dgrad_fp8: expected wt_q of an fp8 dtype and shape {[w.shape[1], w.shape[0]]} (w.T), "
+                            f"got {wt_q.dtype} {list(wt_q.shape)}")
+        if w_s is not None and (not isinstance(w_s, Tensor) or w_s.dtype != torch.float32
+                                or w_s.numel() not in (1, w.shape[1])):
+            got = f"{w_s.dtype} {list(w_s.shape)}" if isinstance(w_s, Tensor) else type(w_s).__name__
+            raise TypeError(f"dgrad_fp8: expected w_scale float32 with 1 or N = {w.shape[1]} elements, got {got}")
+    # with an fp8 dgrad, w only gives the wgrad its shape and dtype (an fp32 master weight's)
+    for name, t in (("x", x),) if dgrad_fp8 is not None else (("x", x), ("w", w)):
         if t.dtype != dy.dtype:
             raise TypeError(f"{name}: expected dtype {dy.dtype} (the dtype of {dy_name}), got {t.dtype}")
         if t.device != dy.device:
@@ -648,6 +846,7 @@ def matmul_reduce_scatter_with_wgrad(
     kernel: str = "auto",
     comm: str = "torch",
     debug: bool | None = None,
+    dgrad_fp8: tuple[Tensor, Tensor | None] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Backward of `y = all_gather(x_shard, dim) @ w` (column-parallel, sequence-parallel).
 
@@ -663,8 +862,14 @@ def matmul_reduce_scatter_with_wgrad(
     dy `[..., M, ..., N]` full, w `[K, N]`; returns dx_shard `[..., M/world, ..., K]` and
     dw `[K, N]` (`dw.T` contiguous, the nn.Linear weight layout), or None with
     `need_wgrad=False` (a frozen weight: no wgrad GEMM, no re-gather).
+
+    `dgrad_fp8=(wt_q, w_scale)`: the dgrad in fp8, `wt_q` being w.T `[N, K]` in e4m3 (K-major,
+    i.e. a `.t()` of a contiguous `[K, N]`, for the TMA kernel) with `w_scale` its per-N (or
+    per-tensor) scale; dy is quantized to e5m2 per row with w_scale folded in, and dx comes
+    out in dy's dtype. The wgrad still uses dy as given, and dw has w's dtype (w may then be
+    an fp32 master weight: it only gives dw its shape and dtype).
     """
-    _check_backward(dy, w, x, dy_name="dy")
+    _check_backward(dy, w, x, dy_name="dy", dgrad_fp8=dgrad_fp8)
     communicator = get_communicator(group, comm)
     dim = dim % dy.ndim
     x_gather: CollectiveHandle | None = None
@@ -677,9 +882,14 @@ def matmul_reduce_scatter_with_wgrad(
         x_rows = x_rows.contiguous()
         x_full_rows = x_rows.new_empty(communicator.world_size * x_rows.shape[0], x_rows.shape[1])
         x_gather = _Pipeline(x.device).issue(lambda: communicator.all_gather(x_full_rows, x_rows))
-    pending = matmul_reduce_scatter(
-        dy, w.t(), group=communicator, dim=dim, chunks=chunks, async_op=True, kernel=kernel, debug=debug
-    )
+    if dgrad_fp8 is not None:
+        dy_q, dy_s, wt_q = _fp8_dgrad(dy, dgrad_fp8, kernel)
+        pending = matmul_reduce_scatter(dy_q, wt_q, x_scale=dy_s, out_dtype=dy.dtype, group=communicator, dim=dim,
+                                        chunks=chunks, async_op=True, kernel=kernel, debug=debug)
+    else:
+        pending = matmul_reduce_scatter(
+            dy, w.t(), group=communicator, dim=dim, chunks=chunks, async_op=True, kernel=kernel, debug=debug
+        )
     dw = None
     if x_full_rows is not None:
         if x_gather is not None:
@@ -703,6 +913,7 @@ def matmul_all_reduce_with_wgrad(
     kernel: str = "auto",
     comm: str = "torch",
     debug: bool | None = None,
+    dgrad_fp8: tuple[Tensor, Tensor | None] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Backward of `y = x @ w` with x replicated and w a column shard (column-parallel).
 
@@ -713,12 +924,17 @@ def matmul_all_reduce_with_wgrad(
         compute: [dgrad 0][dgrad 1][dgrad 2][wgrad ........]
 
     dy `[..., N]`, w `[K, N]`, x `[..., K]`; returns dx `[..., K]` (full) and dw `[K, N]`
-    (None with `need_wgrad=False`).
+    (None with `need_wgrad=False`). `dgrad_fp8` as in `matmul_reduce_scatter_with_wgrad`.
     """
-    _check_backward(dy, w, x, dy_name="dy")
-    pending = matmul_all_reduce(
-        dy, w.t(), group=group, chunks=chunks, async_op=True, kernel=kernel, comm=comm, debug=debug
-    )
+    _check_backward(dy, w, x, dy_name="dy", dgrad_fp8=dgrad_fp8)
+    if dgrad_fp8 is not None:
+        dy_q, dy_s, wt_q = _fp8_dgrad(dy, dgrad_fp8, kernel)
+        pending = matmul_all_reduce(dy_q, wt_q, x_scale=dy_s, out_dtype=dy.dtype, group=group, chunks=chunks,
+                                    async_op=True, kernel=kernel, comm=comm, debug=debug)
+    else:
+        pending = matmul_all_reduce(
+            dy, w.t(), group=group, chunks=chunks, async_op=True, kernel=kernel, comm=comm, debug=debug
+        )
     dw = None
     if need_wgrad:
         dw = _new_wgrad(w)
@@ -740,6 +956,7 @@ def all_gather_matmul_with_wgrad(
     kernel: str = "auto",
     comm: str = "torch",
     debug: bool | None = None,
+    dgrad_fp8: tuple[Tensor, Tensor | None] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Backward of `y_shard = reduce_scatter(x @ w, dim)` (row-parallel, sequence-parallel).
 
@@ -753,8 +970,12 @@ def all_gather_matmul_with_wgrad(
 
     dy_shard `[..., M/world, ..., N]`, w `[K, N]`, x `[..., M, ..., K]`; returns dx
     `[..., M, ..., K]` and dw `[K, N]` (None with `need_wgrad=False`: no wgrad GEMMs).
+
+    `dgrad_fp8` as in `matmul_reduce_scatter_with_wgrad`: each gathered piece of dy is
+    quantized to e5m2 as it arrives for the fp8 dgrad, while the ring still moves dy in its
+    own dtype, because the wgrad needs it unquantized.
     """
-    _check_backward(dy_shard, w, x, dy_name="dy_shard")
+    _check_backward(dy_shard, w, x, dy_name="dy_shard", dgrad_fp8=dgrad_fp8)
     communicator = get_communicator(group, comm)
     world = communicator.world_size
     dim = dim % dy_shard.ndim
@@ -784,8 +1005,15 @@ def all_gather_matmul_with_wgrad(
     dx3, x3 = dx_rows.view(world, m, k), x_rows.view(world, m, k)
     first = [True]
 
+    def dgrad(dy_part: Tensor, out: Tensor) -> None:
+        if dgrad_fp8 is None:
+            matmul(dy_part, wt, out=out, kernel=kernel)
+        else:  # the rows' own e5m2 scales: quantizing per piece equals quantizing the whole
+            dy_q, dy_s, wt_q = _fp8_dgrad(dy_part, dgrad_fp8, kernel)
+            matmul(dy_q, wt_q, a_scale=dy_s, out=out, kernel=kernel)
+
     def consume(src: int, rows: slice, block: Tensor) -> None:
-        matmul(block, wt, out=dx3[src, rows], kernel=kernel)
+        dgrad(block, dx3[src, rows])
         if need_wgrad:
             matmul(x3[src, rows].t(), block, out=dw_acc, accumulate=not first[0], kernel=kernel)
         first[0] = False
@@ -796,7 +1024,7 @@ def all_gather_matmul_with_wgrad(
         elif chunks == 1:
             dy_full = dy_rows.new_empty(world * m, n)
             _pipeline_single_all_gather(communicator, dy_rows, dy_full)
-            matmul(dy_full, wt, out=dx_rows, kernel=kernel)
+            dgrad(dy_full, dx_rows)
             if need_wgrad:
                 matmul(x_rows.t(), dy_full, out=dw, kernel=kernel)
         else:

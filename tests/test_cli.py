@@ -156,11 +156,12 @@ def test_gpu_run_all_plumbing_on_cpu(tmp_path):
     env = {"OUT": str(tmp_path / "dry"), "PYTHON": sys.executable}
     _run(cmd=[*script, "--dry-run"], env_extra=env)
     summary = (tmp_path / "dry/summary.md").read_text()
-    for step in ("env", "gpu-kernel-tests", "gpu-tests", "gemm", "overlap-emulated", "timeline", "calibrate",
+    for step in ("env", "gpu-kernel-tests", "gpu-tests", "gemm", "fp8-overlap", "overlap-emulated", "timeline",
+                 "calibrate",
                  "predict", "profile"):
         assert re.search(rf"^\| {step} \| dry-run \|", summary, re.M), step
     env["OUT"] = str(tmp_path / "quick")
-    _run(cmd=[*script, "--quick", "--only", "env,calibrate,predict,overlap-emulated"],
+    _run(cmd=[*script, "--quick", "--only", "env,calibrate,predict,overlap-emulated,fp8-overlap"],
          env_extra=env, timeout=120)
     summary = (tmp_path / "quick/summary.md").read_text()
     assert re.search(r"^\| calibrate \| ok \|", summary, re.M)
@@ -168,5 +169,7 @@ def test_gpu_run_all_plumbing_on_cpu(tmp_path):
     assert "llama-70b" in summary
     assert re.search(r"^\| overlap-emulated \| ok \|", summary, re.M)
     assert "## Overlap on an emulated link (one GPU)" in summary and "CPU smoke run" in summary
+    assert re.search(r"^\| fp8-overlap \| ok \|", summary, re.M)
+    assert "### fp8 vs bf16 all-gather + GEMM on an emulated link" in summary and "| tiny up tp2 m32 |" in summary
     versions = json.loads((tmp_path / "quick/env/versions.json").read_text())
     assert versions["torch"] and versions["date"]

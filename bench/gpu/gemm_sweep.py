@@ -1,11 +1,16 @@
 """fusedpar's GEMMs against cuBLAS on a GPU, and the tile sweep behind configs.pick_config.
 
-    python3 bench/gpu/gemm_sweep.py --out DIR [--parts problems,epilogues,sweep] [--budget-s 300]
+    python3 bench/gpu/gemm_sweep.py --out DIR [--parts problems,fp8,epilogues,sweep] [--budget-s 300]
 
 problems   the TP-sharded Llama-3 8B/70B projections (column-parallel ones split on N,
            row-parallel ones on K, TP 1/2/8) at M in {16, 128, 2048, 8192}, plus 8192^3, in
            bf16 and fp16: ``matmul(x, w.T)`` (the tile the rules pick) and ``torch.matmul``
            timed side by side, TFLOP/s and the ratio per shape (> 1: fusedpar faster).
+fp8        the same problems (M >= 2048) in fp8 against bf16 at the same shapes: fusedpar's bf16
+           GEMM, its fp8 GEMM (e4m3, row-wise scales, bf16 out; partial sums promoted to fp32
+           per BLOCK_K, and with fast_accum), the fp8 GEMM plus quantizing x (what a layer pays
+           per call: its input is quantized each forward), and torch._scaled_mm row-wise (cuBLAS
+           fp8) where this torch has it. TFLOP/s and the fp8 / bf16 speed-up per shape.
 epilogues  bias+GELU in one kernel vs torch's addmm + gelu; SwiGLU in one kernel vs torch's
            two matmuls, silu and multiply (the unfused sequence a user would write).
 sweep      every candidate tile (TMA and pointer kernels) on a representative subset of the
@@ -42,6 +47,7 @@ import triton  # noqa: E402
 from fusedpar.kernels import compile_report, gated_matmul, matmul  # noqa: E402
 from fusedpar.kernels.configs import candidate_configs  # noqa: E402
 from fusedpar.kernels import plan_gated_matmul, plan_matmul  # noqa: E402
+from fusedpar.kernels.quantize import quantize_rowwise  # noqa: E402
 
 # (model, projection, N, K, split): "col" shards N by TP, "row" shards K
 LLAMA_PROJECTIONS = [
@@ -136,6 +142,64 @@ def run_problems(out: Path, meta: dict, deadline: float) -> None:
                    "ratio": theirs / ours, "rel_err_vs_torch": err, "status": "ok"})
 
 
+def fp8_problems() -> list[tuple[str, int, int, int]]:
+    """The problem set at training / prefill M (>= 2048), where fp8's compute rate matters; a
+    decode-sized GEMM is bound by reading the weight, and the run's budget is better spent
+    on the tile sweep."""
+    return [p for p in problems() if p[1] >= 2048]
+
+
+def _scaled_mm(x_q, w_q, x_s, w_s):
+    """torch._scaled_mm with row-wise scales (cuBLAS fp8), or None when this torch lacks it
+    or refuses the layout: a private API whose signature moved between torch versions."""
+    fn = getattr(torch, "_scaled_mm", None)
+    if fn is None:
+        return None
+    try:
+        fn(x_q, w_q.T, scale_a=x_s, scale_b=w_s.T, out_dtype=torch.bfloat16)
+    except Exception as e:  # noqa: BLE001
+        print(f"  torch._scaled_mm unavailable here: {type(e).__name__}: {str(e)[:100]}", flush=True)
+        return None
+    return lambda: fn(x_q, w_q.T, scale_a=x_s, scale_b=w_s.T, out_dtype=torch.bfloat16)
+
+
+def run_fp8(out: Path, meta: dict, deadline: float) -> None:
+    w = Writer(out, "fp8", meta)
+    scaled_mm_ok = True
+    for name, m, n, k in fp8_problems():
+        if time.monotonic() > deadline:
+            w.add({"name": name, "status": "skipped (budget)"})
+            continue
+        x, (wt,) = make(m, n, k, torch.bfloat16)
+        x_q, x_s = quantize_rowwise(x)
+        w_q, w_s = quantize_rowwise(wt)
+        y = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+        flops = 2.0 * m * n * k
+        row = {"name": name, "m": m, "n": n, "k": k, "path": plan_matmul(x_q, w_q.T).path,
+               "config": plan_matmul(x_q, w_q.T).config.short()}
+        row["bf16_ms"] = bench_ms(lambda: matmul(x, wt.T, out=y))
+        row["fp8_ms"] = bench_ms(lambda: matmul(x_q, w_q.T, a_scale=x_s, b_scale=w_s.T, out=y))
+        ref = (x_q.float() * x_s) @ (w_q.float() * w_s).T
+        row["fp8_rel_err"] = ((y.float() - ref).norm() / ref.norm()).item()
+        row["fp8_fast_ms"] = bench_ms(lambda: matmul(x_q, w_q.T, a_scale=x_s, b_scale=w_s.T, out=y, fast_accum=True))
+        row["fp8_fast_rel_err"] = ((y.float() - ref).norm() / ref.norm()).item()
+
+        def layer_call():
+            q, s = quantize_rowwise(x)
+            matmul(q, w_q.T, a_scale=s, b_scale=w_s.T, out=y)
+        row["quantize_plus_fp8_ms"] = bench_ms(layer_call)
+        scaled = _scaled_mm(x_q, w_q, x_s, w_s) if scaled_mm_ok else None
+        scaled_mm_ok = scaled is not None
+        row["torch_scaled_mm_ms"] = bench_ms(scaled) if scaled is not None else None
+        for key in ("bf16", "fp8", "fp8_fast", "quantize_plus_fp8", "torch_scaled_mm"):
+            ms = row[f"{key}_ms"]
+            row[f"{key}_tflops"] = flops / ms / 1e9 if ms else None
+        row["fp8_speedup"] = row["bf16_ms"] / row["fp8_ms"]
+        row["layer_speedup"] = row["bf16_ms"] / row["quantize_plus_fp8_ms"]
+        row["status"] = "ok"
+        w.add(row)
+
+
 def run_epilogues(out: Path, meta: dict, deadline: float) -> None:
     w = Writer(out, "epilogues", meta)
     shapes = [p for p in problems() if "-q-" in p[0] or "-gate_up-" in p[0]]
@@ -209,6 +273,27 @@ def summary(out: Path, meta: dict) -> str:
             lines.append(f"\n8192^3 {r['dtype']}: fusedpar {r['fusedpar_tflops']:.0f} TFLOP/s, "
                          f"torch {r['torch_tflops']:.0f} TFLOP/s ({r['config']})")
         lines.append("")
+    p = out / "gemm-fp8.json"
+    if p.exists():
+        rows = [r for r in json.loads(p.read_text())["rows"] if r.get("status") == "ok"]
+        lines += ["## fp8 vs bf16 at the same shapes (fusedpar kernels; speed-up > 1: fp8 faster)", "",
+                  "| shapes | fp8 / bf16 median | min | max | with quantizing x | fast_accum / precise | "
+                  "fp8 rel err (precise, fast) |", "|---|---|---|---|---|---|---|"]
+        if rows:
+            sp = [r["fp8_speedup"] for r in rows]
+            lay = [r["layer_speedup"] for r in rows]
+            fast = [r["fp8_ms"] / r["fp8_fast_ms"] for r in rows]
+            lines.append(f"| {len(rows)} | {statistics.median(sp):.3f} | {min(sp):.3f} | {max(sp):.3f} | "
+                         f"{statistics.median(lay):.3f} | {statistics.median(fast):.3f} | "
+                         f"{statistics.median(r['fp8_rel_err'] for r in rows):.2e}, "
+                         f"{statistics.median(r['fp8_fast_rel_err'] for r in rows):.2e} |")
+            for r in rows:
+                if r["name"].startswith("square-8192"):
+                    cublas = r["torch_scaled_mm_tflops"]
+                    lines.append(f"\n8192^3: bf16 {r['bf16_tflops']:.0f}, fp8 {r['fp8_tflops']:.0f} "
+                                 f"(fast_accum {r['fp8_fast_tflops']:.0f}), torch._scaled_mm "
+                                 f"{'-' if cublas is None else format(cublas, '.0f')} TFLOP/s ({r['config']})")
+        lines.append("")
     p = out / "gemm-epilogues.json"
     if p.exists():
         rows = [r for r in json.loads(p.read_text())["rows"] if r.get("status") == "ok"]
@@ -239,7 +324,7 @@ def summary(out: Path, meta: dict) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--parts", default="problems,epilogues,sweep")
+    ap.add_argument("--parts", default="problems,fp8,epilogues,sweep")
     ap.add_argument("--budget-s", type=float, default=300.0, help="start no new row after this")
     ap.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1))
     args = ap.parse_args()
@@ -267,6 +352,12 @@ def main() -> int:
             for _, m, n, k in problems():
                 cases.append(compile_report.Case("sm_90a", {"bf16": "bfloat16", "fp16": "float16"}[dname],
                                                  "x@w.T", "none", shape=(m, n, k)))
+    if "fp8" in parts:
+        for _, m, n, k in fp8_problems():
+            cases.append(compile_report.Case("sm_90a", "bfloat16", "x@w.T", "none", shape=(m, n, k)))
+            for fast in (False, True):
+                cases.append(compile_report.Case("sm_90a", "float8_e4m3fn", "x@w.T", "none", shape=(m, n, k),
+                                                 fast_accum=fast))
     if "epilogues" in parts:
         for dname in DTYPES:
             for name, m, n, k in problems():
@@ -284,7 +375,8 @@ def main() -> int:
     meta["precompile_s"] = precompile(list(dict.fromkeys(cases)), args.jobs)
     deadline = t0 + args.budget_s
     for part in parts:
-        {"problems": run_problems, "epilogues": run_epilogues, "sweep": run_sweep}[part](args.out, meta, deadline)
+        {"problems": run_problems, "fp8": run_fp8, "epilogues": run_epilogues, "sweep": run_sweep}[part](
+            args.out, meta, deadline)
     print(summary(args.out, meta))
     return 0
 

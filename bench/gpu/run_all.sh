@@ -7,8 +7,9 @@
 # installed, PYTHONPATH points at this checkout. Results go to ${OUT:-bench/results/gpu-run}:
 # per-step logs, bench JSON/CSV/PNG, calibration, traces and summary.md.
 # Each step runs under `timeout` and a failure is recorded, not fatal, so one stuck
-# step cannot eat the others' time. Steps: env gpu-kernel-tests gpu-tests gemm overlap-emulated
-# timeline calibrate predict profile (then the summary always runs). The gloo suites
+# step cannot eat the others' time. Steps: env gpu-kernel-tests gpu-tests gemm fp8-overlap
+# overlap-emulated calibrate predict timeline profile (then the summary always runs); a step
+# the budget cannot reach is recorded as skipped: rerun it alone with --only. The gloo suites
 # (bench/test_overlap.py, bench/test_layers.py) measure CPU ranks: run them on the CPU machine.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -117,23 +118,33 @@ bench_step() {  # bench_step NAME LIMIT PATTERN...
 
 export OUT PY
 export -f env_info
-# Ordered by what only a GPU can tell; limits add up to ~520 s of the 545 s budget.
+# Ordered by what only a GPU can tell; limits add up to ~575 s of the 545 s budget, so the
+# profile step is the one a slow run loses (the timeline step's trace covers most of it).
 step env 20 bash -c env_info
 # Compiled, not interpreted, Triton (tests/conftest.py turns the interpreter on otherwise).
 # The kernel matrix compiles ~300 specializations: 8 pytest-xdist workers compile in parallel.
 XDIST=(); "$PY" -c 'import xdist' 2>/dev/null && XDIST=(-n 8)
 step gpu-kernel-tests 100 env FUSEDPAR_COMPILED_TRITON=1 "$PY" -m pytest "${XDIST[@]}" \
     tests/kernels/test_gpu_kernels.py -q -p no:cacheprovider --timeout=90 --junitxml="$OUT/gpu-kernel-tests.xml"
-step gpu-tests 50 env FUSEDPAR_COMPILED_TRITON=1 "$PY" -m pytest -m gpu tests -q -p no:cacheprovider \
+# (includes tests/kernels/test_gpu_fp8.py: compiled fp8 GEMMs and quantization)
+step gpu-tests 60 env FUSEDPAR_COMPILED_TRITON=1 "$PY" -m pytest -m gpu tests -q -p no:cacheprovider \
     --ignore=tests/kernels/test_gpu_kernels.py --timeout=45 --junitxml="$OUT/gpu-tests.xml"
+# Parts in order problems, fp8 (fp8 vs bf16 TFLOP/s at the same shapes), epilogues, sweep:
+# rows past its budget are recorded as skipped, so the tile sweep is what a short run loses.
 if [ "$HAS_CUDA" = 1 ]; then
-    step gemm 180 "$PY" bench/gpu/gemm_sweep.py --budget-s 150 --out "$OUT/gemm"
+    step gemm 165 "$PY" bench/gpu/gemm_sweep.py --budget-s 140 --out "$OUT/gemm"
 else
     step gemm 5 echo "no CUDA: bench/gpu/gemm_sweep.py needs a GPU"
 fi
+# fp8 vs bf16 all-gather + GEMM at the same shapes, over the emulated link (half the bytes).
+if [ "$HAS_CUDA" = 1 ]; then
+    step fp8-overlap 40 "$PY" bench/gpu/fp8_overlap.py --budget-s 28 --out "$OUT/fp8-overlap"
+else
+    step fp8-overlap 30 "$PY" bench/gpu/fp8_overlap.py --cpu-smoke --out "$OUT/fp8-overlap"
+fi
 # One GPU cannot move data between ranks: overlap measured against an emulated link.
 # It starts no new case after 3/4 of its limit and writes its files after every case.
-emu_limit=$((BUDGET_S - SECONDS - RESERVE_S - 70)); [ "$emu_limit" -gt 80 ] && emu_limit=80
+emu_limit=$((BUDGET_S - SECONDS - RESERVE_S - 110)); [ "$emu_limit" -gt 70 ] && emu_limit=70
 if [ "$HAS_CUDA" = 1 ]; then
     step overlap-emulated "$emu_limit" "$PY" bench/gpu/overlap_emulated.py "${QUICK[@]}" \
         --budget-s $((emu_limit * 3 / 4)) --out "$OUT/overlap-emulated"
@@ -141,14 +152,14 @@ else
     step overlap-emulated "$emu_limit" "$PY" bench/gpu/overlap_emulated.py --cpu-smoke \
         --out "$OUT/overlap-emulated"
 fi
+step calibrate 30 "$PY" -m fusedpar bench --calibrate "${QUICK[@]}" --out "$OUT/calibrate"
+step predict 10 "$PY" -m fusedpar bench --predict
 # One overlapped SP MLP block, fwd+bwd, over the emulated link: a PNG with a row per stream.
 if [ "$HAS_CUDA" = 1 ]; then
     step timeline 40 "$PY" bench/gpu/timeline.py --out "$OUT/timeline"
 else
     step timeline 40 "$PY" bench/gpu/timeline.py --cpu-smoke --kernel torch --out "$OUT/timeline"
 fi
-step calibrate 30 "$PY" -m fusedpar bench --calibrate "${QUICK[@]}" --out "$OUT/calibrate"
-step predict 10 "$PY" -m fusedpar bench --predict
 if [ "$HAS_CUDA" = 1 ]; then
     step profile 30 env PYTHON="$PY" bench/nsys/profile_layer.sh "$OUT/profile/fusedpar"
 else

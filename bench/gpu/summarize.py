@@ -64,6 +64,17 @@ def emulated_tables(out: Path) -> list[str]:
     return lines
 
 
+def markdown_reports(out: Path, names: tuple[str, ...]) -> list[str]:
+    """The markdown summaries named ``names`` that a step wrote itself (e.g. the fp8 overlap run)."""
+    lines = []
+    for name in names:
+        for path in sorted(out.rglob(name)):
+            text = ("\n" + path.read_text()).replace("\n### ", "\n#### ").replace("\n## ", "\n### ")
+            lines += [text.replace("\n# ", "\n### ").strip(), "",
+                      f"(from [{path.relative_to(out)}]({path.relative_to(out)}))", ""]
+    return lines
+
+
 def main(out: Path) -> int:
     """Write ``out/summary.md``; return 0."""
     versions = json.loads(_read(out / "env/versions.json") or "{}")
@@ -86,6 +97,7 @@ def main(out: Path) -> int:
     lines += ["", "## GEMMs vs cuBLAS", ""]
     lines += [gemm.replace("\n## ", "\n### ").replace("# GEMM vs cuBLAS", "GEMM vs cuBLAS", 1), ""] if gemm \
         else ["(none)", ""]
+    lines += ["## fp8 all-gather + GEMM", ""] + (markdown_reports(out, ("fp8-overlap.md",)) or ["(none)", ""])
     timeline = out / "timeline/timeline.png"
     if timeline.exists():
         lines += ["## Timeline of one overlapped layer", "", f"![timeline]({timeline.relative_to(out)})", ""]

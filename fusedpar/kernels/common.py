@@ -14,13 +14,14 @@ import triton.language as tl
 
 from fusedpar.kernels import interpreter
 from fusedpar.kernels.configs import GemmConfig
+from fusedpar.kernels.fp8 import FP8_DTYPES, is_fp8, out_dtypes
 
 logger = logging.getLogger("fusedpar")
 
 ACTIVATIONS: tuple[str | None, ...] = (None, "relu", "silu", "gelu", "gelu_tanh")
 KERNELS: tuple[str, ...] = ("auto", "triton", "torch")
 
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, *FP8_DTYPES)
 _TORCH_DTYPES = (*_TRITON_DTYPES, torch.float64)
 
 
@@ -97,6 +98,16 @@ def _activate(x, ACTIVATION: tl.constexpr):
         u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
         x = x * tl.sigmoid(2.0 * u)
     return x
+
+
+@triton.jit
+def _apply_scales(acc, as_ptr, bs_ptr, off_b, offs_m, offs_n, M, N, stride_asb, stride_asm, stride_bsn):
+    """fp8: the fp32 accumulator times a's scale per row and b's per column (strides of 0
+    for a per-tensor scale). Scales along M and N factor out of the K sum, so applying them
+    once here is exact, and the bias and activation that follow see real values."""
+    a_s = tl.load(as_ptr + off_b * stride_asb + offs_m * stride_asm, mask=offs_m < M, other=0.0)
+    b_s = tl.load(bs_ptr + offs_n * stride_bsn, mask=offs_n < N, other=0.0)
+    return acc * a_s[:, None] * b_s[None, :]
 
 
 # A is [M, K] (or [BATCH, M, K]) read through a descriptor over its own memory: A_T says the
@@ -185,8 +196,9 @@ def _check_operands(op: str, a: torch.Tensor, weights: dict[str, torch.Tensor]) 
             raise ValueError(f"{op}: {name} must have N={N} columns like the other weight, "
                              f"got shape {tuple(w.shape)}")
         N = w.shape[1]
-        if w.dtype != a.dtype:
-            raise TypeError(f"{op}: {name} must have the dtype of a ({a.dtype}), got {w.dtype}")
+        if w.dtype != a.dtype and not (is_fp8(a.dtype) and is_fp8(w.dtype)):  # fp8: any pair of formats
+            also = " or another fp8 dtype" if is_fp8(a.dtype) else ""
+            raise TypeError(f"{op}: {name} must have the dtype of a ({a.dtype}){also}, got {w.dtype}")
         if w.device != a.device:
             raise ValueError(f"{op}: {name} must be on a's device ({a.device}), got {w.device}")
     return K, N
@@ -196,8 +208,9 @@ def _check_out(op: str, out: torch.Tensor, a: torch.Tensor, shape: tuple[int, ..
     _check_tensor(op, "out", out)
     if tuple(out.shape) != shape:
         raise ValueError(f"{op}: out must have shape a.shape[:-1] + (N,) = {shape}, got {tuple(out.shape)}")
-    allowed = " or ".join(sorted({str(a.dtype), str(torch.float32)}))  # fp32 out: wgrad into main_grad
-    if out.dtype not in (a.dtype, torch.float32):
+    # fp32 out: wgrad into main_grad; fp8 operands write bf16, fp16 or fp32
+    allowed = " or ".join(sorted(str(d) for d in out_dtypes(a.dtype)))
+    if out.dtype not in out_dtypes(a.dtype):
         raise TypeError(f"{op}: out must have dtype {allowed}, got {out.dtype}")
     if out.device != a.device:
         raise ValueError(f"{op}: out must be on a's device ({a.device}), got {out.device}")
@@ -265,7 +278,8 @@ def _tf32_allowed() -> bool:
 
 
 def _input_precision(dtype: torch.dtype, upcast: bool) -> str | None:
-    """tl.dot precision: tf32 for fp32 inputs iff torch allows it for CUDA matmuls."""
+    """tl.dot precision: tf32 for fp32 inputs iff torch allows it for CUDA matmuls; None
+    (the tensor cores' own) for 16-bit and fp8 inputs."""
     if dtype == torch.float32 and not upcast:
         return "tf32" if _tf32_allowed() else "ieee"
     if upcast:

@@ -38,7 +38,10 @@ TARGETS: dict[str, tuple[tuple[int, int], int, int]] = {
     "sm_90a": ((9, 0), 132, 227 * 1024),
     "sm_80": ((8, 0), 108, 163 * 1024),
 }
-DTYPES = ("bfloat16", "float16", "float32-tf32", "float32-ieee")
+# fp8: "float8_e4m3fn" (forward: e4m3 activations x e4m3 weights), "float8_e5m2-e4m3fn"
+# (dgrad: an e5m2 gradient x an e4m3 weight); row-wise scales, bf16 output
+DTYPES = ("bfloat16", "float16", "float32-tf32", "float32-ieee", "float8_e4m3fn", "float8_e5m2-e4m3fn")
+FP8_DTYPES = ("float8_e4m3fn", "float8_e5m2-e4m3fn")
 # how the library launches a GEMM: the Linear forward, the dgrad, the wgrad, a strided out
 # slice that TMA cannot take, and the overlap schedules' chunk consumer
 LAYOUTS = ("x@w.T", "dy@w", "dy.T@x", "out_slice", "batched")
@@ -60,6 +63,7 @@ class Case:
     epilogue: str
     shape: tuple[int, int, int] = SHAPE
     config: object = None  # GemmConfig | None (object: keeps this module import-light)
+    fast_accum: bool = False  # fp8: leave the K sum in the tensor cores' accumulator
 
 
 @dataclasses.dataclass
@@ -73,6 +77,7 @@ class Result:
     registers: int = 0
     stack: int = 0
     local: int = 0
+    fp32_adds: int = 0  # add.f32 in the PTX: fp8's promotion of each K step's partial sum shows here
     mma: str = ""
     pipelined: bool = False
     tma: bool = False
@@ -96,26 +101,31 @@ class Result:
 def _operands(case: Case):
     import torch
 
-    dtype = getattr(torch, case.dtype.split("-")[0])
+    if case.dtype.startswith("float8"):  # "float8_e5m2-e4m3fn": a's format, then b's
+        a_name, _, b_name = case.dtype.partition("-")
+        dtype, b_dtype = getattr(torch, a_name), getattr(torch, "float8_" + (b_name or a_name.split("_")[1]))
+    else:
+        dtype = b_dtype = getattr(torch, case.dtype.split("-")[0])
     M, N, K = case.shape
     gated = case.epilogue.startswith("gated")
     if case.layout == "x@w.T":  # x [M, K] @ w.T, w [N, K]: the Linear forward
         a = torch.empty(M, K, dtype=dtype)
-        bs = [torch.empty(N, K, dtype=dtype).T for _ in range(1 + gated)]
+        bs = [torch.empty(N, K, dtype=b_dtype).T for _ in range(1 + gated)]
     elif case.layout == "dy@w":  # dgrad: dy [M, K] @ w [K, N] (w row-major)
         a = torch.empty(M, K, dtype=dtype)
-        bs = [torch.empty(K, N, dtype=dtype) for _ in range(1 + gated)]
+        bs = [torch.empty(K, N, dtype=b_dtype) for _ in range(1 + gated)]
     elif case.layout == "dy.T@x":  # wgrad: dy.T [M, K] (unit stride on M) @ x [K, N]
         a = torch.empty(K, M, dtype=dtype).T
-        bs = [torch.empty(K, N, dtype=dtype) for _ in range(1 + gated)]
+        bs = [torch.empty(K, N, dtype=b_dtype) for _ in range(1 + gated)]
     elif case.layout in ("out_slice", "batched"):
         a = torch.empty(M, K, dtype=dtype)
-        bs = [torch.empty(N, K, dtype=dtype).T for _ in range(1 + gated)]
+        bs = [torch.empty(N, K, dtype=b_dtype).T for _ in range(1 + gated)]
         if case.layout == "batched":  # [B, m, K] rows of a received chunk, out rows of each block
             a = torch.empty(4, M // 4 + 8, K, dtype=dtype)[:, 8:]
     else:
         raise ValueError(f"unknown layout {case.layout!r}")
-    out_dtype = torch.float32 if case.epilogue == "accumulate_fp32" else dtype
+    out_dtype = torch.float32 if case.epilogue == "accumulate_fp32" else (
+        torch.bfloat16 if dtype.itemsize == 1 else dtype)
     rows = a.shape[:-1]
     if case.layout == "out_slice":  # an odd column offset: TMA cannot take it
         out = torch.empty(*rows[:-1], rows[-1], N + 8, dtype=out_dtype)[..., 1:N + 1]
@@ -174,15 +184,21 @@ def build_launch(case: Case):
     plan._PLAN_TARGET = (capability, sms)
     try:
         a3, out3 = common._as_batched(a, out)
+        fp8 = a.dtype.itemsize == 1  # row-wise scales, as the layers use them
+        a_scale = torch.empty((*a.shape[:-1], 1)) if fp8 else None
+        b_scale = torch.empty(1, out.shape[-1]) if fp8 else None
         if case.epilogue.startswith("gated"):
             pre = case.epilogue == "gated_preact"
-            gate3 = torch.empty(out3.shape, dtype=a.dtype) if pre else out3
-            up3 = torch.empty(out3.shape, dtype=a.dtype) if pre else out3
-            return gated._gated_launch(a3, bs[0], bs[1], out3, gate3, up3, "silu", pre, None, case.config)
+            gate3 = torch.empty(out3.shape, dtype=out.dtype) if pre else out3
+            up3 = torch.empty(out3.shape, dtype=out.dtype) if pre else out3
+            return gated._gated_launch(a3, bs[0], bs[1], out3, gate3, up3, "silu", pre, None, case.config,
+                                       scales=(a_scale, b_scale, b_scale) if fp8 else None,
+                                       fast_accum=case.fast_accum)
         has_bias = case.epilogue.startswith("bias")
-        bias = torch.empty(out.shape[-1], dtype=a.dtype) if has_bias else None
+        bias = torch.empty(out.shape[-1], dtype=out.dtype) if has_bias else None
         act = case.epilogue.split("_", 1)[1] if has_bias else None
-        return mm._matmul_launch(a3, bs[0], bias, out3, act, case.epilogue == "accumulate_fp32", None, case.config)
+        return mm._matmul_launch(a3, bs[0], bias, out3, act, case.epilogue == "accumulate_fp32", None, case.config,
+                                 scales=(a_scale, b_scale) if fp8 else None, fast_accum=case.fast_accum)
     finally:
         plan._PLAN_TARGET = None
 
@@ -254,13 +270,14 @@ def compile_case(case: Case) -> Result:
         result.shared = int(getattr(compiled.metadata, "shared", 0))
         result.mma = "wgmma" if "wgmma.mma_async" in ptx else ("mma" if "mma.sync" in ptx else "")
         result.tma = "cp.async.bulk.tensor" in ptx
+        result.fp32_adds = ptx.count("add.f32")
         result.pipelined = result.tma or "cp.async.commit_group" in ptx or "cp.async.ca" in ptx \
             or "cp.async.cg" in ptx
         result.ok = True
     except Exception as e:  # noqa: BLE001 - the report records every failure as a row
         if isinstance(e, ValueError) and "which cannot run here" in str(e):
-            # a candidate forced onto a path the planner refuses for this layout (tf32 with
-            # an M-major operand on TMA): never launched, so nothing to check
+            # a candidate forced onto a path the planner refuses for this layout (tf32 or fp8
+            # with an M-major operand on TMA), or fp8 on sm_80: never launched, nothing to check
             result.path, result.skipped = "n/a", str(e).split("cannot run here: ")[-1]
             result.seconds = time.perf_counter() - t0
             return result
@@ -307,12 +324,14 @@ RULE_CASES = (("x@w.T", "bias_silu"), ("x@w.T", "gated_preact"), ("dy@w", "none"
 def default_cases(full: bool = False) -> list[Case]:
     """The cases of a report.
 
-    Default (what the test suite runs, ~40 s on 2 cores): every candidate tile of every
+    Default (what the test suite runs, ~80 s on 2 cores): every candidate tile of every
     kernel on each target whose path it serves (TMA tiles on sm_90a, pointer tiles on both)
-    in bf16 with the heaviest epilogue (bias+SiLU; gated with its pre-activations); the
-    grouped (MoE) kernels in bf16 and tf32 on sm_90a, bf16 on sm_80; then the rules' pick
-    for a large problem in every dtype and layout (:data:`RULE_CASES`) on sm_90a, and in
-    bf16 on sm_80. The tile sets the register and shared-memory budget; the
+    in bf16 with the heaviest epilogue (bias+SiLU; gated with its pre-activations), and the
+    fp8 tiles (BLOCK_K doubled) in e4m3 on sm_90a; the grouped (MoE) kernels in bf16 and tf32
+    on sm_90a, bf16 on sm_80 (they take no fp8); then the rules' pick for a large problem in
+    every dtype and layout (:data:`RULE_CASES`) on sm_90a, and in bf16 and e4m3 on sm_80
+    (where fp8 is refused: the case is reported as not applicable). The tile sets the
+    register and shared-memory budget; the
     dtype, layout and epilogue change the code around it, which the rule cases cover.
     ``full``: every candidate in every dtype, layout and epilogue on both targets.
     """
@@ -329,12 +348,14 @@ def default_cases(full: bool = False) -> list[Case]:
             cases.append(case)
 
     dtype_of = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32-tf32": torch.float32,
-                "float32-ieee": torch.float32}
+                "float32-ieee": torch.float32, "float8_e4m3fn": torch.float8_e4m3fn,
+                "float8_e5m2-e4m3fn": torch.float8_e5m2}
     for target in TARGETS:
         tma_target = TARGETS[target][0] >= (9, 0)
         for op, epi in (("matmul", "bias_silu"), ("gated", "gated_preact")):
             for tma in ((True, False) if tma_target else (False,)):
-                for dt in (DTYPES if full else ("bfloat16",)):
+                dtypes = DTYPES if full else ("bfloat16", "float8_e4m3fn") if tma_target else ("bfloat16",)
+                for dt in (dtypes if tma_target else [d for d in dtypes if d not in FP8_DTYPES]):
                     cands = candidate_configs(op, dtype_of[dt], tma, tensor_cores=dt != "float32-ieee")
                     for cfg in cands:
                         for layout in (LAYOUTS if full else ("x@w.T" if tma else "out_slice",)):
@@ -344,16 +365,18 @@ def default_cases(full: bool = False) -> list[Case]:
                                 continue
                             add(Case(target, dt, layout, epi, config=cfg))
     for target in TARGETS:  # the grouped kernels have one tile each
-        for dt in (DTYPES if full else ("bfloat16", "float32-tf32") if TARGETS[target][0] >= (9, 0) else ("bfloat16",)):
+        grouped_dtypes = [d for d in DTYPES if d not in FP8_DTYPES]
+        for dt in (grouped_dtypes if full else ("bfloat16", "float32-tf32") if TARGETS[target][0] >= (9, 0)
+                   else ("bfloat16",)):
             for layout in GROUPED_LAYOUTS:
                 add(Case(target, dt, layout, "none"))
     for target in TARGETS:
-        for dt in (DTYPES if TARGETS[target][0] >= (9, 0) else ("bfloat16",)):
+        for dt in (DTYPES if TARGETS[target][0] >= (9, 0) else ("bfloat16", "float8_e4m3fn")):
             if full:
                 combos = [(lay, epi) for lay in LAYOUTS for epi in EPILOGUES
                           if not (epi.startswith("gated") and lay in ("dy@w", "dy.T@x"))]
             else:
-                combos = RULE_CASES
+                combos = RULE_CASES if TARGETS[target][0] >= (9, 0) or dt not in FP8_DTYPES else RULE_CASES[:1]
             for layout, epi in combos:
                 add(Case(target, dt, layout, epi))
     return cases

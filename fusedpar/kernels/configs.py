@@ -117,11 +117,30 @@ def candidate_configs(op: str, dtype: torch.dtype, tma: bool, *, tensor_cores: b
         ]
     if wide:  # fp32: halve BLOCK_K so the pipeline fits in shared memory
         configs = [dataclasses.replace(c, block_k=max(16, c.block_k // 2)) for c in configs]
+    if dtype.itemsize == 1:  # fp8: the same bytes per K step hold twice the K (wgmma's fp8 K is 32)
+        configs = [dataclasses.replace(c, block_k=_fp8_block_k(c.block_k)) for c in configs]
+        # fp8 also holds each K step's partial sum beside the accumulator (its promotion to
+        # fp32, matmul._max_imprecise): a thread's share of a 128x256 tile (128 + 128
+        # registers) spills, while 256x128 gives each warpgroup its own rows and fits; the
+        # gated kernel's 64x128 tile (two of each) needs 8 warps
+        configs = [c for c in configs if (c.block_m, c.block_n) != (128, 256)]
+        # and the 16x128 pointer tile spills 16 B when a is M-major (Triton transposes fp8
+        # tiles through registers; triton 3.9): 16x64 serves decode-sized M instead
+        configs = [c for c in configs if tma or (c.block_m, c.block_n) != (16, 128)]
+        configs = [dataclasses.replace(c, num_warps=8) if op == "gated" and (c.block_m, c.block_n) == (64, 128)
+                   else c for c in configs]
         # and 128x128 tiles spill in fp32 on 4 warps (TMA) or at all (pointer)
         configs = [c for c in configs if c.block_m * c.block_n < 128 * 128 or (tma and c.num_warps == 8)]
     if reads_out and not tma:  # the loaded output tile on top of a 128x128 accumulator spills on sm_80
         configs = [c for c in configs if c.block_m * c.block_n < 128 * 128]
     return [dataclasses.replace(c, tma=tma) for c in configs]
+
+
+def _fp8_block_k(bk: int) -> int:
+    """BLOCK_K of an fp8 tile made from a 16-bit one: doubled up to 128 (a 128-byte row of
+    the tile, the widest TMA swizzle), so the shared memory per stage stays at most the
+    16-bit tile's."""
+    return max(bk, min(128, 2 * bk))
 
 
 def pick_config(op: str, M: int, N: int, K: int, dtype: torch.dtype, *, tma: bool, num_sms: int,
@@ -141,6 +160,7 @@ def pick_config(op: str, M: int, N: int, K: int, dtype: torch.dtype, *, tma: boo
 
     def get(bm, bn, bk, warps, stages, split=1, group=8):
         bk = max(16, bk // 2) if wide else bk
+        bk = _fp8_block_k(bk) if dtype.itemsize == 1 else bk
         cfg = GemmConfig(bm, bn, bk, group, warps, stages, split, tma)
         return cands.get(cfg.short(), cfg)
 
@@ -160,7 +180,9 @@ def pick_config(op: str, M: int, N: int, K: int, dtype: torch.dtype, *, tma: boo
 
     if tma:
         if M > 128:
-            if tiles(128, 256) >= num_sms:
+            if tiles(128, 256) >= num_sms:  # fp8: the same tile area as 256x128 (candidate_configs)
+                if dtype.itemsize == 1:
+                    return get(256, 128, 64, 8, 3, split=2)
                 return get(128, 256, 64, 8, 3, split=2)
             if tiles(128, 128) >= num_sms:
                 return get(128, 128, 64, 8, 4, split=2)

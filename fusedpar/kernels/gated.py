@@ -1,6 +1,8 @@
 """The gated GEMM kernels ``act(a @ b_gate) * (a @ b_up)`` (SwiGLU, GeGLU) and their launcher
 :func:`gated_matmul`: one A tile feeds two fp32 accumulators, so neither product goes
-through memory. A pointer and a TMA kernel, chosen per launch as for :mod:`.matmul`.
+through memory. A pointer and a TMA kernel, chosen per launch as for :mod:`.matmul`. With fp8
+operands each accumulator is scaled in the epilogue (a's row scales times its own weight's
+column scales) before the activation (:mod:`.fp8`).
 """
 from __future__ import annotations
 
@@ -10,10 +12,14 @@ import triton.language as tl
 
 from fusedpar.kernels import interpreter
 from fusedpar.kernels.common import (
-    _activate, _as_batched, _check_activation, _check_config, _check_num_sms, _check_operands, _check_out,
+    _activate, _apply_scales, _as_batched, _check_activation, _check_config, _check_num_sms, _check_operands,
+    _check_out,
     _halves, _input_precision, _select_backend, _tile_coords, _tma_load_a, _tma_load_b, _tma_store_c)
 from fusedpar.kernels.configs import GemmConfig, m_class
+from fusedpar.kernels.fp8 import check_scales, is_fp8, refuse_scales, resolve_out_dtype, scale_cols, scale_rows, \
+    torch_scaled_product
 from fusedpar.kernels.plan import GemmPlan, _choose, _descriptor, _grid_size, _Launch, _offset_dtype, _run
+from fusedpar.kernels.matmul import _max_imprecise
 from fusedpar.kernels.torch_gemm import _TORCH_ACTIVATIONS, _torch_product
 
 __all__ = ["gated_matmul", "plan_gated_matmul"]
@@ -25,14 +31,15 @@ __all__ = ["gated_matmul", "plan_gated_matmul"]
 
 @triton.jit
 def _gated_matmul_kernel(
-    a_ptr, bg_ptr, bu_ptr, out_ptr, gate_ptr, up_ptr,
+    a_ptr, bg_ptr, bu_ptr, out_ptr, gate_ptr, up_ptr, as_ptr, bgs_ptr, bus_ptr,
     BATCH, M, N, K,
     stride_ab, stride_am, stride_ak,
     stride_bgk, stride_bgn,
     stride_buk, stride_bun,
     stride_ob, stride_om, stride_on,
     stride_pb, stride_pm, stride_pn,
-    ACTIVATION: tl.constexpr, RETURN_PREACT: tl.constexpr,
+    stride_asb, stride_asm, stride_bgsn, stride_busn,
+    ACTIVATION: tl.constexpr, RETURN_PREACT: tl.constexpr, SCALED: tl.constexpr, MAX_IMPRECISE_ACC: tl.constexpr,
     UPCAST_TO_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, OFFSET_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -62,8 +69,9 @@ def _gated_matmul_kernel(
                 a = a.to(tl.float32)
                 bg = bg.to(tl.float32)
                 bu = bu.to(tl.float32)
-            acc_gate = tl.dot(a, bg, acc_gate, input_precision=INPUT_PRECISION)
-            acc_up = tl.dot(a, bu, acc_up, input_precision=INPUT_PRECISION)
+            acc_gate = tl.dot(a, bg, acc_gate, input_precision=INPUT_PRECISION,
+                              max_num_imprecise_acc=MAX_IMPRECISE_ACC)
+            acc_up = tl.dot(a, bu, acc_up, input_precision=INPUT_PRECISION, max_num_imprecise_acc=MAX_IMPRECISE_ACC)
             a_offs += BLOCK_K * stride_ak
             bg_offs += BLOCK_K * stride_bgk
             bu_offs += BLOCK_K * stride_buk
@@ -72,6 +80,11 @@ def _gated_matmul_kernel(
         offs_cm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = (offs_cm[:, None] < M) & (offs_cn[None, :] < N)
+        if SCALED:  # fp8: each product times a's row scales and its own weight's column scales
+            acc_gate = _apply_scales(acc_gate, as_ptr, bgs_ptr, pid_batch, offs_cm, offs_cn, M, N,
+                                     stride_asb, stride_asm, stride_bgsn)
+            acc_up = _apply_scales(acc_up, as_ptr, bus_ptr, pid_batch, offs_cm, offs_cn, M, N,
+                                   stride_asb, stride_asm, stride_busn)
         y = _activate(acc_gate, ACTIVATION) * acc_up
         out_ptrs = out_ptr + pid_batch * stride_ob + offs_cm[:, None] * stride_om + offs_cn[None, :] * stride_on
         tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
@@ -86,9 +99,15 @@ def _gated_matmul_kernel(
 # ----------------------------------------------------------------------------------------
 
 @triton.jit
-def _tma_gated_slice(g, u, out_desc, gate_desc, up_desc, off_b, off_m, off_n,
-                     ACTIVATION: tl.constexpr, RETURN_PREACT: tl.constexpr, BATCHED: tl.constexpr,
-                     BLOCK_M: tl.constexpr, SLICE_N: tl.constexpr):
+def _tma_gated_slice(g, u, out_desc, gate_desc, up_desc, off_b, off_m, off_n, M, N,
+                     as_ptr, bgs_ptr, bus_ptr, stride_asb, stride_asm, stride_bgsn, stride_busn,
+                     ACTIVATION: tl.constexpr, RETURN_PREACT: tl.constexpr, SCALED: tl.constexpr,
+                     BATCHED: tl.constexpr, BLOCK_M: tl.constexpr, SLICE_N: tl.constexpr):
+    if SCALED:
+        offs_m = off_m + tl.arange(0, BLOCK_M)
+        offs_n = off_n + tl.arange(0, SLICE_N)
+        g = _apply_scales(g, as_ptr, bgs_ptr, off_b, offs_m, offs_n, M, N, stride_asb, stride_asm, stride_bgsn)
+        u = _apply_scales(u, as_ptr, bus_ptr, off_b, offs_m, offs_n, M, N, stride_asb, stride_asm, stride_busn)
     y = _activate(g, ACTIVATION) * u
     _tma_store_c(out_desc, y, off_b, off_m, off_n, BATCHED, BLOCK_M, SLICE_N)
     if RETURN_PREACT:
@@ -98,9 +117,10 @@ def _tma_gated_slice(g, u, out_desc, gate_desc, up_desc, off_b, off_m, off_n,
 
 @triton.jit
 def _gated_matmul_tma_kernel(
-    a_desc, bg_desc, bu_desc, out_desc, gate_desc, up_desc,
+    a_desc, bg_desc, bu_desc, out_desc, gate_desc, up_desc, as_ptr, bgs_ptr, bus_ptr,
     BATCH, M, N, K,
-    ACTIVATION: tl.constexpr, RETURN_PREACT: tl.constexpr,
+    stride_asb, stride_asm, stride_bgsn, stride_busn,
+    ACTIVATION: tl.constexpr, RETURN_PREACT: tl.constexpr, SCALED: tl.constexpr, MAX_IMPRECISE_ACC: tl.constexpr,
     UPCAST_TO_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     A_T: tl.constexpr, B_T: tl.constexpr, BATCHED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -126,29 +146,44 @@ def _gated_matmul_tma_kernel(
                 a = a.to(tl.float32)
                 bg = bg.to(tl.float32)
                 bu = bu.to(tl.float32)
-            acc_gate = tl.dot(a, bg, acc_gate, input_precision=INPUT_PRECISION)
-            acc_up = tl.dot(a, bu, acc_up, input_precision=INPUT_PRECISION)
+            acc_gate = tl.dot(a, bg, acc_gate, input_precision=INPUT_PRECISION,
+                              max_num_imprecise_acc=MAX_IMPRECISE_ACC)
+            acc_up = tl.dot(a, bu, acc_up, input_precision=INPUT_PRECISION, max_num_imprecise_acc=MAX_IMPRECISE_ACC)
 
         if EPILOGUE_SPLIT == 1:
-            _tma_gated_slice(acc_gate, acc_up, out_desc, gate_desc, up_desc, off_b, off_m, off_n,
-                             ACTIVATION, RETURN_PREACT, BATCHED, BLOCK_M, BLOCK_N)
+            _tma_gated_slice(acc_gate, acc_up, out_desc, gate_desc, up_desc, off_b, off_m, off_n, M, N,
+                             as_ptr, bgs_ptr, bus_ptr, stride_asb, stride_asm, stride_bgsn, stride_busn,
+                             ACTIVATION, RETURN_PREACT, SCALED, BATCHED, BLOCK_M, BLOCK_N)
         else:
             SLICE: tl.constexpr = BLOCK_N // 2
             g0, g1 = _halves(acc_gate, BLOCK_M, BLOCK_N)
             u0, u1 = _halves(acc_up, BLOCK_M, BLOCK_N)
-            _tma_gated_slice(g0, u0, out_desc, gate_desc, up_desc, off_b, off_m, off_n,
-                             ACTIVATION, RETURN_PREACT, BATCHED, BLOCK_M, SLICE)
-            _tma_gated_slice(g1, u1, out_desc, gate_desc, up_desc, off_b, off_m, off_n + SLICE,
-                             ACTIVATION, RETURN_PREACT, BATCHED, BLOCK_M, SLICE)
+            _tma_gated_slice(g0, u0, out_desc, gate_desc, up_desc, off_b, off_m, off_n, M, N,
+                             as_ptr, bgs_ptr, bus_ptr, stride_asb, stride_asm, stride_bgsn, stride_busn,
+                             ACTIVATION, RETURN_PREACT, SCALED, BATCHED, BLOCK_M, SLICE)
+            _tma_gated_slice(g1, u1, out_desc, gate_desc, up_desc, off_b, off_m, off_n + SLICE, M, N,
+                             as_ptr, bgs_ptr, bus_ptr, stride_asb, stride_asm, stride_bgsn, stride_busn,
+                             ACTIVATION, RETURN_PREACT, SCALED, BATCHED, BLOCK_M, SLICE)
 
 
 # ----------------------------------------------------------------------------------------
 # Launch and launcher
 # ----------------------------------------------------------------------------------------
 
-def _gated_launch(a3, b_gate, b_up, out3, gate3, up3, activation, return_preact, num_sms, config) -> _Launch:
+def _gated_launch(a3, b_gate, b_up, out3, gate3, up3, activation, return_preact, num_sms, config,
+                  scales=None, fast_accum=False) -> _Launch:
+    """As :func:`.matmul._matmul_launch`; ``scales`` (fp8) is ``(a_scale, b_gate_scale, b_up_scale)``."""
     batch, M, K = a3.shape
     N = b_gate.shape[1]
+    if scales is None and is_fp8(a3.dtype):  # plans without scales launch as if given 1s
+        one = torch.ones((), dtype=torch.float32, device=a3.device)
+        scales = (one, one, one)
+    if scales is not None:
+        a_s, stride_asb, stride_asm = scale_rows(scales[0], batch, M)
+        (bg_s, stride_bgsn), (bu_s, stride_busn) = scale_cols(scales[1]), scale_cols(scales[2])
+    else:  # unused pointers: any tensor will do
+        a_s = bg_s = bu_s = out3
+        stride_asb = stride_asm = stride_bgsn = stride_busn = 0
     upcast = interpreter.upcast_to_fp32(a3.dtype)
     precision = _input_precision(a3.dtype, upcast)
     outs = [out3, gate3, up3] if return_preact else [out3]
@@ -156,15 +191,16 @@ def _gated_launch(a3, b_gate, b_up, out3, gate3, up3, activation, return_preact,
                                              num_sms, config)
     grid = _grid_size(path, batch, M, N, config, num_sms, a3.device)
     plan = GemmPlan(path, config, reason, grid)
-    flags = dict(ACTIVATION=activation, RETURN_PREACT=return_preact, UPCAST_TO_FP32=upcast,
+    flags = dict(ACTIVATION=activation, RETURN_PREACT=return_preact, SCALED=scales is not None,
+                 MAX_IMPRECISE_ACC=_max_imprecise(scales, config, fast_accum), UPCAST_TO_FP32=upcast,
                  INPUT_PRECISION=precision, **config.meta, num_warps=config.num_warps,
                  num_stages=config.num_stages)
     if path == "pointer":
         flags["OFFSET_DTYPE"] = _offset_dtype([a3[0], b_gate, b_up])
-        args = (a3, b_gate, b_up, out3, gate3, up3, batch, M, N, K,
+        args = (a3, b_gate, b_up, out3, gate3, up3, a_s, bg_s, bu_s, batch, M, N, K,
                 a3.stride(0), a3.stride(1), a3.stride(2), b_gate.stride(0), b_gate.stride(1),
                 b_up.stride(0), b_up.stride(1), out3.stride(0), out3.stride(1), out3.stride(2),
-                gate3.stride(0), gate3.stride(1), gate3.stride(2))
+                gate3.stride(0), gate3.stride(1), gate3.stride(2), stride_asb, stride_asm, stride_bgsn, stride_busn)
         return _Launch(_gated_matmul_kernel, (grid,), args, flags, plan, "gated")
     bm, bn, bk = config.block_m, config.block_n, config.block_k
     batched = batch > 1
@@ -177,7 +213,8 @@ def _gated_launch(a3, b_gate, b_up, out3, gate3, up3, activation, return_preact,
     out_desc = _descriptor(out3, out_block, batched)
     gate_desc = _descriptor(gate3, out_block, batched) if return_preact else out_desc
     up_desc = _descriptor(up3, out_block, batched) if return_preact else out_desc
-    args = (a_desc, bg_desc, bu_desc, out_desc, gate_desc, up_desc, batch, M, N, K)
+    args = (a_desc, bg_desc, bu_desc, out_desc, gate_desc, up_desc, a_s, bg_s, bu_s, batch, M, N, K,
+            stride_asb, stride_asm, stride_bgsn, stride_busn)
     flags.update(A_T=a_t, B_T=b_t, BATCHED=batched, EPILOGUE_SPLIT=config.epilogue_split)
     return _Launch(_gated_matmul_tma_kernel, (grid,), args, flags, plan, "gated")
 
@@ -187,6 +224,11 @@ def gated_matmul(
     b_gate: torch.Tensor,
     b_up: torch.Tensor,
     *,
+    a_scale: torch.Tensor | None = None,
+    b_gate_scale: torch.Tensor | None = None,
+    b_up_scale: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    fast_accum: bool = False,
     activation: str | None = "silu",
     out: torch.Tensor | None = None,
     return_preact: bool = False,
@@ -200,12 +242,24 @@ def gated_matmul(
     ``a`` is ``[..., M, K]``; ``b_gate`` and ``b_up`` are ``[K, N]`` with any strides (e.g.
     ``w_gate.T``, ``w_up.T``, or the two halves of a concatenated weight's transpose). ``out``
     follows :func:`matmul`'s rules. With ``return_preact`` it returns ``(out, gate, up)``
-    where ``gate = a @ b_gate`` and ``up = a @ b_up`` (new contiguous tensors of ``a.dtype``,
-    written by the same kernel, for the backward); otherwise ``out``. ``kernel``,
+    where ``gate = a @ b_gate`` and ``up = a @ b_up`` (new contiguous tensors of the output's
+    dtype, written by the same kernel, for the backward); otherwise ``out``. ``kernel``,
     ``num_sms`` and ``config`` as in :func:`matmul`.
+
+    fp8 operands as in :func:`matmul`: ``gate = (a @ b_gate) * a_scale * b_gate_scale`` and
+    ``up = (a @ b_up) * a_scale * b_up_scale`` in fp32 before the activation; ``out_dtype``
+    bf16 by default; ``fast_accum`` as in :func:`matmul`.
     """
     op = "gated_matmul"
     K, N = _check_operands(op, a, {"b_gate": b_gate, "b_up": b_up})
+    fp8 = is_fp8(a.dtype)
+    scales = None
+    if fp8:
+        a_s, (bg_s, bu_s) = check_scales(op, a, a_scale, {"b_gate_scale": b_gate_scale, "b_up_scale": b_up_scale}, N)
+        scales = (a_s, bg_s, bu_s)
+    else:
+        refuse_scales(op, a, {"a_scale": a_scale, "b_gate_scale": b_gate_scale, "b_up_scale": b_up_scale})
+    out_dtype = resolve_out_dtype(op, a, out, out_dtype)
     out_shape = (*a.shape[:-1], N)
     _check_activation(op, activation)
     _check_num_sms(op, num_sms)
@@ -214,18 +268,22 @@ def gated_matmul(
         _check_out(op, out, a, out_shape)
     backend = _select_backend(op, kernel, a)
     if out is None:
-        out = torch.empty(out_shape, dtype=a.dtype, device=a.device)
+        out = torch.empty(out_shape, dtype=out_dtype, device=a.device)
     gate = up = None
     if return_preact:
-        gate = torch.empty(out_shape, dtype=a.dtype, device=a.device)
-        up = torch.empty(out_shape, dtype=a.dtype, device=a.device)
+        gate = torch.empty(out_shape, dtype=out.dtype, device=a.device)
+        up = torch.empty(out_shape, dtype=out.dtype, device=a.device)
     result = (out, gate, up) if return_preact else out
     if out.numel() == 0:
         return result
 
     if backend == "torch" or K == 0:
-        gate_acc = _torch_product(a, b_gate)
-        up_acc = _torch_product(a, b_up)
+        if fp8:
+            gate_acc = torch_scaled_product(a, b_gate, scales[0], scales[1])
+            up_acc = torch_scaled_product(a, b_up, scales[0], scales[2])
+        else:
+            gate_acc = _torch_product(a, b_gate)
+            up_acc = _torch_product(a, b_up)
         out.copy_(_TORCH_ACTIVATIONS[activation](gate_acc) * up_acc)
         if return_preact:
             gate.copy_(gate_acc)
@@ -239,13 +297,14 @@ def gated_matmul(
     up3 = up.view(batch, M, N) if return_preact else out3
 
     def rebuild(cfg: GemmConfig | None) -> _Launch:
-        return _gated_launch(a3, b_gate, b_up, out3, gate3, up3, activation, return_preact, num_sms, cfg)
+        return _gated_launch(a3, b_gate, b_up, out3, gate3, up3, activation, return_preact, num_sms, cfg,
+                             scales=scales, fast_accum=fast_accum)
 
     launch = rebuild(config)
     tune_key = None
     if config is None:
         tune_key = ("gated", launch.plan.path, m_class(batch * M), N, K, activation, return_preact,
-                    a.dtype)
+                    out3.dtype, b_gate.dtype, fast_accum, a.dtype)
     _run(op, launch, a.dtype, tune_key, rebuild, [])
     if out3.data_ptr() != out.data_ptr():  # out's batch dims did not merge: out3 is a copy
         out.copy_(out3.view(out.shape))
@@ -255,13 +314,14 @@ def gated_matmul(
 def plan_gated_matmul(a: torch.Tensor, b_gate: torch.Tensor, b_up: torch.Tensor, *,
                       activation: str | None = "silu", out: torch.Tensor | None = None,
                       return_preact: bool = False, num_sms: int | None = None,
-                      config: GemmConfig | None = None) -> GemmPlan:
+                      config: GemmConfig | None = None, out_dtype: torch.dtype | None = None) -> GemmPlan:
     """As :func:`plan_matmul`, for :func:`gated_matmul`."""
     K, N = _check_operands("plan_gated_matmul", a, {"b_gate": b_gate, "b_up": b_up})
     _check_config("plan_gated_matmul", config)
     if out is None:
-        out = torch.empty((*a.shape[:-1], N), dtype=a.dtype, device=a.device)
+        out = torch.empty((*a.shape[:-1], N), dtype=resolve_out_dtype("plan_gated_matmul", a, None, out_dtype),
+                          device=a.device)
     a3, out3 = _as_batched(a, out)
     batch, M, _ = a3.shape
-    pre = torch.empty((batch, M, N), dtype=a.dtype, device=a.device) if return_preact else out3
+    pre = torch.empty((batch, M, N), dtype=out.dtype, device=a.device) if return_preact else out3
     return _gated_launch(a3, b_gate, b_up, out3, pre, pre, activation, return_preact, num_sms, config).plan

@@ -145,6 +145,9 @@ def _check(op: str, x: torch.Tensor, w_or_dy: torch.Tensor, ends: torch.Tensor, 
                          f"got shape {tuple(ends.shape)} dtype {ends.dtype}")
     if groups is not None and ends.shape[0] != groups:
         raise ValueError(f"{op}: ends must have one entry per group ({groups}), got {ends.shape[0]}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        # fp8 needs scales, which the grouped kernels do not take (the expert GEMMs stay high precision)
+        raise TypeError(f"{op}: x must be float16, bfloat16, float32 or float64, got {x.dtype}")
     if w_or_dy.dtype != x.dtype:
         raise TypeError(f"{op}: operands must share x's dtype ({x.dtype}), got {w_or_dy.dtype}")
     if w_or_dy.device != x.device or ends.device != x.device:

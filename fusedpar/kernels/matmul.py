@@ -1,4 +1,5 @@
-"""The GEMM kernels ``out (+)= act(a @ b + bias)`` and their launcher :func:`matmul`.
+"""The GEMM kernels ``out (+)= act(a @ b + bias)`` and their launcher :func:`matmul`; with fp8
+operands ``out (+)= act((a_q @ b_q) * a_scale * b_scale + bias)`` (:mod:`.fp8`).
 
 Two kernels, after Triton's tutorials 03-matrix-multiplication (pointer) and
 09-persistent-matmul (TMA); :mod:`.plan` picks one per launch:
@@ -23,10 +24,14 @@ import triton.language as tl
 
 from fusedpar.kernels import interpreter
 from fusedpar.kernels.common import (
-    _activate, _as_batched, _check_activation, _check_config, _check_num_sms, _check_operands, _check_out,
+    _activate, _apply_scales, _as_batched, _check_activation, _check_config, _check_num_sms, _check_operands,
+    _check_out,
     _check_tensor, _halves, _input_precision, _select_backend, _tile_coords, _tma_load_a, _tma_load_b,
     _tma_load_c, _tma_store_c)
 from fusedpar.kernels.configs import GemmConfig, m_class
+from fusedpar.kernels.fp8 import (
+    FP8_OUT_DTYPES, check_scales, is_fp8, refuse_scales, resolve_out_dtype, scale_cols, scale_rows,
+    torch_scaled_product)
 from fusedpar.kernels.plan import GemmPlan, _choose, _descriptor, _grid_size, _Launch, _offset_dtype, _run
 from fusedpar.kernels.torch_gemm import _TORCH_ACTIVATIONS, _torch_matmul_into, _torch_product
 
@@ -39,13 +44,15 @@ __all__ = ["matmul", "plan_matmul"]
 
 @triton.jit
 def _matmul_kernel(
-    a_ptr, b_ptr, bias_ptr, out_ptr,
+    a_ptr, b_ptr, bias_ptr, out_ptr, as_ptr, bs_ptr,
     BATCH, M, N, K,
     stride_ab, stride_am, stride_ak,
     stride_bk, stride_bn,
     stride_bias,
     stride_ob, stride_om, stride_on,
-    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, ACCUMULATE: tl.constexpr,
+    stride_asb, stride_asm, stride_bsn,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, ACCUMULATE: tl.constexpr, SCALED: tl.constexpr,
+    MAX_IMPRECISE_ACC: tl.constexpr,
     UPCAST_TO_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, OFFSET_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -76,13 +83,16 @@ def _matmul_kernel(
             if UPCAST_TO_FP32:  # interpreter only: its bf16 arithmetic is wrong (interpreter.py)
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, max_num_imprecise_acc=MAX_IMPRECISE_ACC)
             a_offs += BLOCK_K * stride_ak
             b_offs += BLOCK_K * stride_bk
 
-        # -- epilogue in fp32: bias, activation, accumulate into out, one cast at the store --
+        # -- epilogue in fp32: fp8 scales, bias, activation, accumulate into out, one cast --
         offs_cm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        if SCALED:
+            acc = _apply_scales(acc, as_ptr, bs_ptr, pid_batch, offs_cm, offs_cn, M, N,
+                                stride_asb, stride_asm, stride_bsn)
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_cn * stride_bias, mask=offs_cn < N, other=0.0)
             acc += bias.to(tl.float32)[None, :]
@@ -99,10 +109,15 @@ def _matmul_kernel(
 # ----------------------------------------------------------------------------------------
 
 @triton.jit
-def _tma_epilogue_slice(c, out_desc, bias_ptr, stride_bias, off_b, off_m, off_n, N,
+def _tma_epilogue_slice(c, out_desc, bias_ptr, stride_bias, as_ptr, bs_ptr, stride_asb, stride_asm, stride_bsn,
+                        off_b, off_m, off_n, M, N,
                         HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, ACCUMULATE: tl.constexpr,
-                        BATCHED: tl.constexpr, BLOCK_M: tl.constexpr, SLICE_N: tl.constexpr):
-    """bias, activation and accumulate on one column slice in fp32, one cast at the store."""
+                        SCALED: tl.constexpr, BATCHED: tl.constexpr, BLOCK_M: tl.constexpr, SLICE_N: tl.constexpr):
+    """fp8 scales, bias, activation and accumulate on one column slice in fp32, one cast at
+    the store."""
+    if SCALED:
+        c = _apply_scales(c, as_ptr, bs_ptr, off_b, off_m + tl.arange(0, BLOCK_M), off_n + tl.arange(0, SLICE_N),
+                          M, N, stride_asb, stride_asm, stride_bsn)
     if HAS_BIAS:
         offs_n = off_n + tl.arange(0, SLICE_N)
         bias = tl.load(bias_ptr + offs_n * stride_bias, mask=offs_n < N, other=0.0)
@@ -115,11 +130,11 @@ def _tma_epilogue_slice(c, out_desc, bias_ptr, stride_bias, off_b, off_m, off_n,
 
 @triton.jit
 def _matmul_tma_kernel(
-    a_desc, b_desc, bias_ptr, out_desc,
+    a_desc, b_desc, bias_ptr, out_desc, as_ptr, bs_ptr,
     BATCH, M, N, K,
-    stride_bias,
-    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, ACCUMULATE: tl.constexpr,
-    UPCAST_TO_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    stride_bias, stride_asb, stride_asm, stride_bsn,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, ACCUMULATE: tl.constexpr, SCALED: tl.constexpr,
+    MAX_IMPRECISE_ACC: tl.constexpr, UPCAST_TO_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     A_T: tl.constexpr, B_T: tl.constexpr, BATCHED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EPILOGUE_SPLIT: tl.constexpr,
@@ -143,57 +158,84 @@ def _matmul_tma_kernel(
             if UPCAST_TO_FP32:  # interpreter only: its bf16 arithmetic is wrong (interpreter.py)
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, max_num_imprecise_acc=MAX_IMPRECISE_ACC)
 
         # -- epilogue in column slices: a 128x256 fp32 tile is 128 registers a thread, and
         #    bias/activation/casts on all of it at once is what spilled ----------------------
         if EPILOGUE_SPLIT == 1:
-            _tma_epilogue_slice(acc, out_desc, bias_ptr, stride_bias, off_b, off_m, off_n, N,
-                                HAS_BIAS, ACTIVATION, ACCUMULATE, BATCHED, BLOCK_M, BLOCK_N)
+            _tma_epilogue_slice(acc, out_desc, bias_ptr, stride_bias, as_ptr, bs_ptr,
+                                stride_asb, stride_asm, stride_bsn, off_b, off_m, off_n, M, N,
+                                HAS_BIAS, ACTIVATION, ACCUMULATE, SCALED, BATCHED, BLOCK_M, BLOCK_N)
         elif EPILOGUE_SPLIT == 2:
             SLICE: tl.constexpr = BLOCK_N // 2
             c0, c1 = _halves(acc, BLOCK_M, BLOCK_N)
-            _tma_epilogue_slice(c0, out_desc, bias_ptr, stride_bias, off_b, off_m, off_n, N,
-                                HAS_BIAS, ACTIVATION, ACCUMULATE, BATCHED, BLOCK_M, SLICE)
-            _tma_epilogue_slice(c1, out_desc, bias_ptr, stride_bias, off_b, off_m, off_n + SLICE, N,
-                                HAS_BIAS, ACTIVATION, ACCUMULATE, BATCHED, BLOCK_M, SLICE)
+            _tma_epilogue_slice(c0, out_desc, bias_ptr, stride_bias, as_ptr, bs_ptr,
+                                stride_asb, stride_asm, stride_bsn, off_b, off_m, off_n, M, N,
+                                HAS_BIAS, ACTIVATION, ACCUMULATE, SCALED, BATCHED, BLOCK_M, SLICE)
+            _tma_epilogue_slice(c1, out_desc, bias_ptr, stride_bias, as_ptr, bs_ptr,
+                                stride_asb, stride_asm, stride_bsn, off_b, off_m, off_n + SLICE, M, N,
+                                HAS_BIAS, ACTIVATION, ACCUMULATE, SCALED, BATCHED, BLOCK_M, SLICE)
         else:
             SLICE: tl.constexpr = BLOCK_N // 4
             c0, c1 = _halves(acc, BLOCK_M, BLOCK_N)
             c00, c01 = _halves(c0, BLOCK_M, BLOCK_N // 2)
             c10, c11 = _halves(c1, BLOCK_M, BLOCK_N // 2)
-            _tma_epilogue_slice(c00, out_desc, bias_ptr, stride_bias, off_b, off_m, off_n, N,
-                                HAS_BIAS, ACTIVATION, ACCUMULATE, BATCHED, BLOCK_M, SLICE)
-            _tma_epilogue_slice(c01, out_desc, bias_ptr, stride_bias, off_b, off_m, off_n + SLICE, N,
-                                HAS_BIAS, ACTIVATION, ACCUMULATE, BATCHED, BLOCK_M, SLICE)
-            _tma_epilogue_slice(c10, out_desc, bias_ptr, stride_bias, off_b, off_m, off_n + 2 * SLICE, N,
-                                HAS_BIAS, ACTIVATION, ACCUMULATE, BATCHED, BLOCK_M, SLICE)
-            _tma_epilogue_slice(c11, out_desc, bias_ptr, stride_bias, off_b, off_m, off_n + 3 * SLICE, N,
-                                HAS_BIAS, ACTIVATION, ACCUMULATE, BATCHED, BLOCK_M, SLICE)
+            _tma_epilogue_slice(c00, out_desc, bias_ptr, stride_bias, as_ptr, bs_ptr,
+                                stride_asb, stride_asm, stride_bsn, off_b, off_m, off_n, M, N,
+                                HAS_BIAS, ACTIVATION, ACCUMULATE, SCALED, BATCHED, BLOCK_M, SLICE)
+            _tma_epilogue_slice(c01, out_desc, bias_ptr, stride_bias, as_ptr, bs_ptr,
+                                stride_asb, stride_asm, stride_bsn, off_b, off_m, off_n + SLICE, M, N,
+                                HAS_BIAS, ACTIVATION, ACCUMULATE, SCALED, BATCHED, BLOCK_M, SLICE)
+            _tma_epilogue_slice(c10, out_desc, bias_ptr, stride_bias, as_ptr, bs_ptr,
+                                stride_asb, stride_asm, stride_bsn, off_b, off_m, off_n + 2 * SLICE, M, N,
+                                HAS_BIAS, ACTIVATION, ACCUMULATE, SCALED, BATCHED, BLOCK_M, SLICE)
+            _tma_epilogue_slice(c11, out_desc, bias_ptr, stride_bias, as_ptr, bs_ptr,
+                                stride_asb, stride_asm, stride_bsn, off_b, off_m, off_n + 3 * SLICE, M, N,
+                                HAS_BIAS, ACTIVATION, ACCUMULATE, SCALED, BATCHED, BLOCK_M, SLICE)
 
 
 # ----------------------------------------------------------------------------------------
 # Launch and launcher
 # ----------------------------------------------------------------------------------------
 
-def _matmul_launch(a3, b, bias, out3, activation, accumulate, num_sms, config, op="matmul") -> _Launch:
+def _max_imprecise(scales, config: GemmConfig, fast_accum: bool) -> int | None:
+    """tl.dot's max_num_imprecise_acc: Hopper's fp8 tensor cores accumulate in less than
+    fp32 (about 14 bits), so by default each BLOCK_K step's partial product is added into
+    the fp32 accumulator (promotion every 128 products, DeepSeek-V3's interval); with
+    ``fast_accum`` the whole K sum stays in the tensor cores (Triton's default on sm_90).
+    None (Triton's default) for other dtypes, where it does not apply."""
+    return config.block_k if scales is not None and not fast_accum else None
+
+
+def _matmul_launch(a3, b, bias, out3, activation, accumulate, num_sms, config, op="matmul",
+                   scales=None, fast_accum=False) -> _Launch:
+    """The launch for ``a3`` [B, M, K] @ ``b`` [K, N] into ``out3`` [B, M, N]; ``scales``
+    (fp8) is ``(a_scale, b_scale)`` as :func:`.fp8.check_scales` returns them."""
     batch, M, K = a3.shape
     N = b.shape[1]
+    if scales is None and is_fp8(a3.dtype):  # plans without scales launch as if given 1s
+        one = torch.ones((), dtype=torch.float32, device=a3.device)
+        scales = (one, one)
+    if scales is not None:
+        (a_s, stride_asb, stride_asm), (b_s, stride_bsn) = scale_rows(scales[0], batch, M), scale_cols(scales[1])
+    else:  # unused pointers: any tensor will do
+        a_s, b_s, stride_asb, stride_asm, stride_bsn = out3, out3, 0, 0, 0
     upcast = interpreter.upcast_to_fp32(a3.dtype)
     precision = _input_precision(a3.dtype, upcast)
     path, config, reason, a_t, b_t = _choose(op, a3, [b], [out3], N, K, precision, num_sms, config, accumulate)
     grid = _grid_size(path, batch, M, N, config, num_sms, a3.device)
     plan = GemmPlan(path, config, reason, grid)
     flags = dict(HAS_BIAS=bias is not None, ACTIVATION=activation, ACCUMULATE=accumulate,
+                 SCALED=scales is not None, MAX_IMPRECISE_ACC=_max_imprecise(scales, config, fast_accum),
                  UPCAST_TO_FP32=upcast, INPUT_PRECISION=precision, **config.meta,
                  num_warps=config.num_warps, num_stages=config.num_stages)
     bias_arg = bias if bias is not None else out3
     stride_bias = bias.stride(0) if bias is not None else 0
     if path == "pointer":
         flags["OFFSET_DTYPE"] = _offset_dtype([a3[0], b])
-        args = (a3, b, bias_arg, out3, batch, M, N, K,
+        args = (a3, b, bias_arg, out3, a_s, b_s, batch, M, N, K,
                 a3.stride(0), a3.stride(1), a3.stride(2), b.stride(0), b.stride(1), stride_bias,
-                out3.stride(0), out3.stride(1), out3.stride(2))
+                out3.stride(0), out3.stride(1), out3.stride(2), stride_asb, stride_asm, stride_bsn)
         return _Launch(_matmul_kernel, (grid,), args, flags, plan, "matmul")
     bm, bn, bk = config.block_m, config.block_n, config.block_k
     batched = batch > 1
@@ -201,7 +243,8 @@ def _matmul_launch(a3, b, bias, out3, activation, accumulate, num_sms, config, o
     a_desc = _descriptor(a3, lead + ([bk, bm] if a_t else [bm, bk]), batched, transpose=a_t)
     b_desc = _descriptor(b, [bn, bk] if b_t else [bk, bn], False, transpose=b_t)
     out_desc = _descriptor(out3, lead + [bm, bn // config.epilogue_split], batched)
-    args = (a_desc, b_desc, bias_arg, out_desc, batch, M, N, K, stride_bias)
+    args = (a_desc, b_desc, bias_arg, out_desc, a_s, b_s, batch, M, N, K, stride_bias, stride_asb, stride_asm,
+            stride_bsn)
     flags.update(A_T=a_t, B_T=b_t, BATCHED=batched, EPILOGUE_SPLIT=config.epilogue_split)
     return _Launch(_matmul_tma_kernel, (grid,), args, flags, plan, "matmul")
 
@@ -210,6 +253,10 @@ def matmul(
     a: torch.Tensor,
     b: torch.Tensor,
     *,
+    a_scale: torch.Tensor | None = None,
+    b_scale: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    fast_accum: bool = False,
     bias: torch.Tensor | None = None,
     activation: str | None = None,
     out: torch.Tensor | None = None,
@@ -231,16 +278,36 @@ def matmul(
     grid at that many programs, each looping over tiles, so the GEMM leaves the other SMs to
     concurrent communication kernels (the torch backend ignores it). ``config`` forces a
     tile and path (benchmarks, tuning); by default :func:`plan_matmul` picks them. Returns
-    ``out``, allocated with ``a.dtype`` when not given.
+    ``out``, allocated with ``out_dtype`` (default ``a.dtype``) when not given.
+
+    fp8 (``a`` and ``b`` in ``torch.float8_e4m3fn`` / ``float8_e5m2``, any pair): computes
+    ``act((a @ b) * a_scale * b_scale + bias)`` with the scales applied to the fp32
+    accumulator in the epilogue. ``a_scale`` is float32 with one element (per tensor) or
+    shape ``a.shape[:-1] + (1,)`` (per row); ``b_scale`` one element or ``(1, N)`` (per
+    column); None means 1. ``out_dtype`` is bf16 (default), fp16 or fp32; ``bias`` any of
+    those. On Hopper, K-major operands (``x @ w.T`` with both K-contiguous) take the TMA
+    kernel; sm_80 has no fp8 tensor cores and raises. Hopper accumulates fp8 products in
+    less than fp32: each BLOCK_K partial sum is promoted into the fp32 accumulator, unless
+    ``fast_accum`` (faster, less accurate for long K). The torch backend emulates the same
+    arithmetic in fp32 (:func:`.fp8.torch_scaled_product`): right, not fast.
     """
     op = "matmul"
     K, N = _check_operands(op, a, {"b": b})
+    fp8 = is_fp8(a.dtype)
+    if fp8:
+        a_s, (b_s,) = check_scales(op, a, a_scale, {"b_scale": b_scale}, N)
+        scales = (a_s, b_s)
+    else:
+        refuse_scales(op, a, {"a_scale": a_scale, "b_scale": b_scale})
+    out_dtype = resolve_out_dtype(op, a, out, out_dtype)
     out_shape = (*a.shape[:-1], N)
     if bias is not None:
         _check_tensor(op, "bias", bias)
         if tuple(bias.shape) != (N,):
             raise ValueError(f"{op}: bias must have shape (N,) = ({N},), got {tuple(bias.shape)}")
-        if bias.dtype != a.dtype:
+        if fp8 and bias.dtype not in FP8_OUT_DTYPES:
+            raise TypeError(f"{op}: bias of an fp8 GEMM must have a dtype in {FP8_OUT_DTYPES}, got {bias.dtype}")
+        if not fp8 and bias.dtype != a.dtype:
             raise TypeError(f"{op}: bias must have the dtype of a ({a.dtype}), got {bias.dtype}")
         if bias.device != a.device:
             raise ValueError(f"{op}: bias must be on a's device ({a.device}), got {bias.device}")
@@ -253,15 +320,15 @@ def matmul(
         _check_out(op, out, a, out_shape)
     backend = _select_backend(op, kernel, a)
     if out is None:
-        out = torch.empty(out_shape, dtype=a.dtype, device=a.device)
+        out = torch.empty(out_shape, dtype=out_dtype, device=a.device)
     if out.numel() == 0:
         return out
 
     if backend == "torch":
-        if out.dtype == a.dtype and (a.dtype in (torch.float32, torch.float64) or a.is_cuda):
+        if not fp8 and out.dtype == a.dtype and (a.dtype in (torch.float32, torch.float64) or a.is_cuda):
             _torch_matmul_into(a, b, bias, activation, out, accumulate)
             return out
-        y = _torch_product(a, b)
+        y = torch_scaled_product(a, b, *scales) if fp8 else _torch_product(a, b)
         if bias is not None:
             y = y + bias.to(y.dtype)
         y = _TORCH_ACTIVATIONS[activation](y)
@@ -280,13 +347,14 @@ def matmul(
     a3, out3 = _as_batched(a, out)
 
     def rebuild(cfg: GemmConfig | None) -> _Launch:
-        return _matmul_launch(a3, b, bias, out3, activation, accumulate, num_sms, cfg)
+        return _matmul_launch(a3, b, bias, out3, activation, accumulate, num_sms, cfg,
+                              scales=scales if fp8 else None, fast_accum=fast_accum)
 
     launch = rebuild(config)
     tune_key = None
     if config is None:
         tune_key = ("matmul", launch.plan.path, m_class(a3.shape[0] * a3.shape[1]), N, K,
-                    bias is not None, activation, accumulate, out3.dtype, a.dtype)
+                    bias is not None, activation, accumulate, out3.dtype, b.dtype, fast_accum, a.dtype)
     _run(op, launch, a.dtype, tune_key, rebuild, [out3] if accumulate else [])
     if out3.data_ptr() != out.data_ptr():  # out's batch dims did not merge: out3 is a copy
         out.copy_(out3.view(out.shape))
@@ -295,12 +363,15 @@ def matmul(
 
 def plan_matmul(a: torch.Tensor, b: torch.Tensor, *, bias: torch.Tensor | None = None,
                 activation: str | None = None, out: torch.Tensor | None = None, accumulate: bool = False,
-                num_sms: int | None = None, config: GemmConfig | None = None) -> GemmPlan:
+                num_sms: int | None = None, config: GemmConfig | None = None,
+                out_dtype: torch.dtype | None = None) -> GemmPlan:
     """The kernel path, tile and grid :func:`matmul` would launch for these arguments on the
-    Triton backend, and the reason for the path, without launching anything."""
+    Triton backend, and the reason for the path, without launching anything (scales do not
+    change the plan, so fp8 operands are planned without them)."""
     K, N = _check_operands("plan_matmul", a, {"b": b})
     if out is None:
-        out = torch.empty((*a.shape[:-1], N), dtype=a.dtype, device=a.device)
+        out = torch.empty((*a.shape[:-1], N), dtype=resolve_out_dtype("plan_matmul", a, None, out_dtype),
+                          device=a.device)
     _check_config("plan_matmul", config)
     a3, out3 = _as_batched(a, out)
     return _matmul_launch(a3, b, bias, out3, activation, accumulate, num_sms, config, op="plan_matmul").plan

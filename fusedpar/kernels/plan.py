@@ -1,8 +1,10 @@
 """Which kernel and tile a Triton launch of the GEMM family gets, and why.
 
 The TMA kernel (Hopper and later) runs wherever the operands allow it: 16-byte aligned base
-addresses and strides and a unit stride on one dim of each operand, and for tf32 K-major
-operands. Anything else takes the pointer kernel, and the reason is kept in the
+addresses and strides and a unit stride on one dim of each operand, and for tf32 and fp8
+K-major operands (wgmma reads those from shared memory in that orientation only). fp8
+operands need fp8 tensor cores (sm_89 and later): on an older GPU the planner raises.
+Anything else takes the pointer kernel, and the reason is kept in the
 :class:`GemmPlan` and logged once. The tile comes from :func:`.configs.pick_config`, or from
 timing the candidates when autotuning is on. A plan is built into a :class:`_Launch` (kernel,
 grid, arguments), which :mod:`.compile_report` compiles without running.
@@ -20,6 +22,7 @@ import triton.language as tl
 from fusedpar.kernels import configs as _configs
 from fusedpar.kernels.common import logger
 from fusedpar.kernels.configs import GemmConfig
+from fusedpar.kernels.fp8 import is_fp8
 
 try:  # host-side TMA descriptors: triton >= 3.3 (3.6 on the lent GPU machine, 3.9 here)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -75,6 +78,20 @@ def _tma_device_reason(device: torch.device) -> str | None:
     return None  # sm_90+; or the interpreter, which runs the same kernel on CPU tensors
 
 
+def _fp8_device_reason(device: torch.device) -> str | None:
+    """None when fp8 GEMMs can run on the device, else why not: Triton takes e4m3 operands
+    from sm_89 (Ada) on and refuses them on sm_80, which has no fp8 tensor cores (on the CPU
+    the interpreter runs them)."""
+    cap = None
+    if _PLAN_TARGET is not None:
+        cap = _PLAN_TARGET[0]
+    elif device.type == "cuda":
+        cap = _cuda_props(device.index if device.index is not None else torch.cuda.current_device())[0]
+    if cap is not None and cap < (8, 9):
+        return f"sm_{cap[0]}{cap[1]} has no fp8 tensor cores (sm_89 / sm_90 and later)"
+    return None
+
+
 def _aligned(t: torch.Tensor, dims: tuple[int, ...]) -> bool:
     """Base address and the strides of ``dims`` are 16-byte multiples (TMA's rule)."""
     size = t.element_size()
@@ -113,6 +130,10 @@ def _tma_layout(a3: torch.Tensor, bs: list[torch.Tensor], outs: list[torch.Tenso
     if dtype == torch.float32 and precision == "tf32" and (a_t or not b_t):
         # tf32 wgmma reads both operands K-major from shared memory only
         return a_t, b_t, "tf32 tensor cores need K-contiguous a and b"
+    if is_fp8(dtype) and (a_t or not b_t):
+        # fp8 wgmma, like tf32, reads both operands K-major from shared memory; the pointer
+        # kernel takes the other layouts (Triton transposes the tile on its way in)
+        return a_t, b_t, "fp8 tensor cores need K-contiguous a and b (b stored as [N, K])"
     return a_t, b_t, None
 
 
@@ -120,6 +141,10 @@ def _choose(op: str, a3: torch.Tensor, bs: list[torch.Tensor], outs: list[torch.
             precision: str | None, num_sms: int | None, config: GemmConfig | None, accumulate: bool = False):
     """(path, config, reason, A_T, B_T) for a launch; ``config`` (from the caller) wins."""
     device, dtype = a3.device, a3.dtype
+    if is_fp8(dtype):
+        fp8_reason = _fp8_device_reason(device)
+        if fp8_reason is not None:
+            raise ValueError(f"{op}: fp8 operands need fp8 tensor cores, which cannot run here: {fp8_reason}")
     reason = _tma_device_reason(device)
     a_t = b_t = False
     if reason is None:

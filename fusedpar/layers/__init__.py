@@ -11,10 +11,12 @@
     parallelize(model, plan, group=...)       convert a model in place from a plain-data plan
     full_state_dict(model)                    gather the unsharded weights back for saving
     ParamShard, shard_parameter, local_shard  how a sharded parameter maps to its unsharded tensor
+    Float8Recipe, enable_fp8                  fp8 GEMMs in the parallel linears (also parallelize(fp8=...))
 """
 from __future__ import annotations
 
 from .attention import ParallelAttention
+from .fp8 import Float8Recipe, enable_fp8
 from .linear import (
     ColumnParallelLinear,
     LinearSpec,
@@ -62,4 +64,6 @@ __all__ = [
     "vocab_parallel_cross_entropy",
     "reduce_partial",
     "replicated_inputs",
+    "Float8Recipe",
+    "enable_fp8",
 ]

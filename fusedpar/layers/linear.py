@@ -65,6 +65,7 @@ class LinearSpec:
     kernel: str = "auto"
     comm: str = "torch"
     save_gathered_input: bool = True
+    fp8: Any = None  # a Float8Recipe: the GEMMs run in fp8 (layers/fp8.py); set by enable_fp8
 
     def communicator(self) -> Communicator:
         return get_communicator(self.group, self.comm)
@@ -230,6 +231,26 @@ def _autocast_off(method: Any) -> Any:
 
 
 
+def _column_apply(x: Tensor, weights: list[Tensor], b: Tensor | None, spec: LinearSpec, holder: list | None) -> Tensor:
+    """The column-parallel product of ``x`` and the weights ``[N_i, K]`` (concatenated on N):
+    in fp8 when the spec has a recipe (layers/fp8.py), else ``_ColumnParallelFn``."""
+    if spec.fp8 is not None:
+        from .fp8 import column_parallel_fp8  # late: fp8 imports this module
+
+        return column_parallel_fp8(x, weights, b, spec, holder)
+    w = weights[0] if len(weights) == 1 else torch.cat(weights, 0)
+    return _ColumnParallelFn.apply(*_autocast_operands(x, w.t(), b), spec, holder)
+
+
+def _row_apply(x: Tensor, weight: Tensor, b: Tensor | None, spec: LinearSpec) -> Tensor:
+    """The row-parallel product, in fp8 when the spec has a recipe, else ``_RowParallelFn``."""
+    if spec.fp8 is not None:
+        from .fp8 import row_parallel_fp8
+
+        return row_parallel_fp8(x, weight, b, spec)
+    return _RowParallelFn.apply(*_autocast_operands(x, weight.t(), b), spec)
+
+
 class _ColumnParallelFn(torch.autograd.Function):
     """Column-parallel `y_part = x @ w_shard_n + b_shard_n` (w `[K, N/world]`).
 
@@ -378,6 +399,7 @@ class _ParallelLinearBase(nn.Module):
         return (
             f"world={world}, sequence_parallel={self.spec.sequence_parallel}, kernel={kernel}, "
             f"comm={self.spec.comm}, chunks={self.spec.chunks if self.spec.chunks is not None else 'auto'}"
+            + (f", fp8=({self.spec.fp8.short()})" if self.spec.fp8 is not None else "")
         )
 
 
@@ -457,7 +479,7 @@ class ColumnParallelLinear(_ParallelLinearBase):
         if precomputed is not None:
             return precomputed
         spec = effective_spec(self)
-        y = _ColumnParallelFn.apply(*_autocast_operands(x, self.weight.t(), self.bias), spec, None)
+        y = _column_apply(x, [self.weight], self.bias, spec, None)
         if self.gather_output:
             y = _GatherFn.apply(y, spec, -1)
         return y
@@ -553,7 +575,7 @@ class ReplicatedColumnLinear(_ParallelLinearBase):
         if precomputed is not None:
             return precomputed
         w, b = self.column_operands()
-        return _ColumnParallelFn.apply(*_autocast_operands(x, w.t(), b), effective_spec(self), None)
+        return _column_apply(x, [w], b, effective_spec(self), None)
 
     def full_state_dict(self) -> dict[str, Tensor]:
         out = {"weight": self.weight.detach().clone()}
@@ -637,7 +659,7 @@ class RowParallelLinear(_ParallelLinearBase):
         if spec.sequence_parallel:
             _check_divisible(x, spec.sequence_dim, _rank_world(spec)[1],
                              what="RowParallelLinear (sequence_parallel=True)")
-        return _RowParallelFn.apply(*_autocast_operands(x, self.weight.t(), self.bias), spec)
+        return _row_apply(x, self.weight, self.bias, spec)
 
     def full_state_dict(self) -> dict[str, Tensor]:
         """The unsharded `{"weight", "bias"}` (a collective: every rank of the group must call it)."""
@@ -680,13 +702,12 @@ def column_parallel_group(
                              f"({spec}), got {effective_spec(layer)}")
     operands = [layer.column_operands() for layer in layers]
     sizes = [w.shape[0] for w, _ in operands]
-    w = operands[0][0] if len(operands) == 1 else torch.cat([w for w, _ in operands], 0)
     if all(b is None for _, b in operands):
         b = None
     else:
         b = torch.cat([bi if bi is not None else wi.new_zeros(wi.shape[0]) for wi, bi in operands], 0)
     holder: list[Tensor] = []
-    y = _ColumnParallelFn.apply(*_autocast_operands(x, w.t(), b), spec, holder)
+    y = _column_apply(x, [w for w, _ in operands], b, spec, holder)
     x_full = holder[0] if spec.sequence_parallel else x
     outs = list(y.split(sizes, -1)) if len(sizes) > 1 else [y]
     return outs, (x_full.detach() if spec.sequence_parallel else x_full)

@@ -104,8 +104,15 @@ class ParallelMLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         act = _ACTS[self.activation]
         if self._fused_gated_ok():
-            h = gated_matmul(x, self.gate_proj.weight.t(), self.up_proj.weight.t(), activation=self.activation,
-                             kernel=self.up_proj.spec.kernel)
+            spec = self.up_proj.spec
+            h = None
+            if spec.fp8 is not None:  # the fp8 gated kernel; None when fp8 cannot serve it
+                from .fp8 import gated_fp8
+
+                h = gated_fp8(x, self.gate_proj.weight, self.up_proj.weight, self.activation, spec)
+            if h is None:
+                h = gated_matmul(x, self.gate_proj.weight.t(), self.up_proj.weight.t(), activation=self.activation,
+                                 kernel=spec.kernel)
         elif self.gated:
             (g, u), _ = column_parallel_group([self.gate_proj, self.up_proj], x)
             h = act(g) * u

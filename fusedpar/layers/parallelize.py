@@ -62,6 +62,7 @@ from .linear import (
     gather_from_shard,
     split_to_shard,
 )
+from .fp8 import as_recipe, enable_fp8
 from .norm import all_reduce_grads
 from . import embedding
 from .islands import check_layer_inputs, install_islands, layer_blocks, sequence_islands
@@ -259,6 +260,7 @@ def parallelize(
     comm: str = "torch",
     save_gathered_input: bool = True,
     loss_parallel: bool = False,
+    fp8: Any = None,
 ) -> nn.Module:
     """Convert `model` in place for tensor parallelism over `group` (a ProcessGroup, a 1-D
     DeviceMesh, or one named dim of a bigger mesh, `mesh["tp"]`); return it.
@@ -271,9 +273,13 @@ def parallelize(
     token, an odd prefill) runs them unsplit, with the same results. With
     `loss_parallel=True` (training a Hugging Face causal LM) the LM head stays split on the
     vocabulary: the model returns logits `[.., vocab/world]` and computes its loss with
-    `vocab_parallel_cross_entropy`; a tied input embedding is split the same way.
+    `vocab_parallel_cross_entropy`; a tied input embedding is split the same way. `fp8`
+    (True or a `Float8Recipe`) runs the parallel linears' GEMMs in fp8 (layers/fp8.py: what
+    is fp8, what stays high precision, what falls back); layers the plan leaves alone, and
+    the grouped expert GEMMs, are untouched.
     """
     group = check_group(group, arg="parallelize: group")
+    recipe = as_recipe(fp8, where="parallelize: fp8")
     world = dist.get_world_size(group)
     resolved, tied = resolve_plan(model, plan), False
     if loss_parallel:
@@ -365,6 +371,14 @@ def parallelize(
                 if owns_params and not holds_plan and path not in islands:
                     all_reduce_grads(child, group=group, comm=comm, region=state)
         install_islands(model, islands, region, group=group, comm=comm, state=state)
+    if recipe is not None:
+        # The LM head stays high precision, as the recipe says, also when loss_parallel made
+        # it column-parallel: fp8 logits would round the loss itself.
+        head = model.get_output_embeddings() if loss_parallel else None
+        for path in builds:
+            layer = model.get_submodule(path)
+            if layer is not head:
+                enable_fp8(layer, recipe)
     model._fusedpar_parallel = {"group": group, "sequence_parallel": sequence_parallel, "plan": dict(matches),
                                 "region": state}
     return model

@@ -54,12 +54,15 @@ def unplanned_modules(matches: dict[str, tuple[str, str]], name: str, region: nn
 
 def _node_classes() -> tuple[tuple[type, ...], tuple[type, ...]]:
     """Backward-node classes that make data split (sources) or whole again (stops)."""
+    from .fp8 import _Fp8ColumnParallelFn, _Fp8RowParallelFn
     from .linear import _ColumnParallelFn, _GatherFn, _RowParallelFn, _SplitFn
-    from .partial import _ReducePartialFn
     from .moe import _GroupedLinearFn
+    from .partial import _ReducePartialFn
 
-    sources = (_ColumnParallelFn._backward_cls, _SplitFn._backward_cls, _GroupedLinearFn._backward_cls)
-    stops = (_RowParallelFn._backward_cls, _GatherFn._backward_cls, _ReducePartialFn._backward_cls)
+    sources = (_ColumnParallelFn._backward_cls, _Fp8ColumnParallelFn._backward_cls, _SplitFn._backward_cls,
+               _GroupedLinearFn._backward_cls)
+    stops = (_RowParallelFn._backward_cls, _Fp8RowParallelFn._backward_cls, _GatherFn._backward_cls,
+             _ReducePartialFn._backward_cls)
     return sources, stops
 
 

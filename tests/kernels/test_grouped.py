@@ -86,3 +86,5 @@ def test_grouped_errors():
         grouped_matmul(x, w, torch.tensor([2.0, 6.0]), kernel="torch")
     with pytest.raises(TypeError, match="operands must share x's dtype"):
         grouped_matmul(x, w.double(), torch.tensor([2, 6]), kernel="torch")
+    with pytest.raises(TypeError, match="x must be float16, bfloat16, float32 or float64, got torch.float8_e4m3fn"):
+        grouped_matmul(x.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn), torch.tensor([2, 6]), kernel="triton")
