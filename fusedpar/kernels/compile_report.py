@@ -150,7 +150,8 @@ def _grouped_launch(case: Case):
     (M, N, K), G = case.shape, 8
     x, ends = torch.empty(M, K, dtype=dtype), torch.empty(G, dtype=torch.int64)
     kind = "wgrad" if case.layout == "grouped_wgrad" else "fwd"
-    blocks = grouped._blocks(kind)
+    precision = _input_precision(dtype, False)
+    blocks = grouped._blocks(kind, precision)
     if kind == "fwd":
         w, y = torch.empty(G, N, K, dtype=dtype).transpose(1, 2), torch.empty(M, N, dtype=dtype)  # nn.Linear layout
         tiles = torch.empty(M // blocks["BLOCK_M"], dtype=torch.int32), torch.empty(M // blocks["BLOCK_M"],
@@ -161,7 +162,7 @@ def _grouped_launch(case: Case):
         fn, args = grouped._grouped_wgrad_kernel, (x, dy, dw, ends, K, N, *x.stride(), *dy.stride(), *dw.stride())
     short = f"grp:{blocks['BLOCK_M']}x{blocks['BLOCK_N']}x{blocks['BLOCK_K']}/w4"
     plan = types.SimpleNamespace(path="grouped", config=types.SimpleNamespace(short=lambda: short))
-    kwargs = dict(UPCAST_TO_FP32=False, INPUT_PRECISION=_input_precision(dtype, False), **blocks)
+    kwargs = dict(UPCAST_TO_FP32=False, INPUT_PRECISION=precision, **blocks)
     return types.SimpleNamespace(fn=fn, args=args, kwargs=kwargs, plan=plan)
 
 

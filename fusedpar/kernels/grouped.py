@@ -120,12 +120,16 @@ def _grouped_wgrad_kernel(
 # Host side
 # ----------------------------------------------------------------------------------------
 
-def _blocks(op: str) -> dict[str, int]:
+def _blocks(op: str, precision: str | None) -> dict[str, int]:
+    """The tile of the forward (``op`` "fwd") or wgrad kernel for a ``tl.dot`` precision."""
     if interpreter.is_interpreting():  # big blocks: the interpreter pays per program (interpreter.py)
         return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}
-    if op == "wgrad":
-        return {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64}
-    return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}
+    # IEEE fp32 runs on FMA units with the operand tiles in registers: a 16-deep step, or the
+    # 64-deep one spills 464 B on sm_80 (python -m fusedpar kernels --full)
+    depth = 16 if precision == "ieee" else 64
+    if op == "wgrad":  # the reduction runs over BLOCK_M rows here
+        return {"BLOCK_M": 16 if precision == "ieee" else 32, "BLOCK_N": 64, "BLOCK_K": 64}
+    return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": depth}
 
 
 def group_ends(group_ids_sorted: torch.Tensor, groups: int) -> torch.Tensor:
@@ -196,7 +200,9 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, *, out:
             else:
                 torch.mm(x[start:end], w[g], out=out[start:end])
         return out
-    blocks = _blocks("fwd")
+    upcast = interpreter.upcast_to_fp32(x.dtype)
+    precision = _input_precision(x.dtype, upcast)
+    blocks = _blocks("fwd", precision)
     bm = blocks["BLOCK_M"]
     tile_group, tile_row = [], []
     for g, start, end in spans:
@@ -205,12 +211,11 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, *, out:
             tile_row.append(row)
     tiles_g = torch.tensor(tile_group, dtype=torch.int32, device=x.device)
     tiles_r = torch.tensor(tile_row, dtype=torch.int64, device=x.device)
-    upcast = interpreter.upcast_to_fp32(x.dtype)
     grid = (len(tile_group), triton.cdiv(N, blocks["BLOCK_N"]))
     _grouped_kernel[grid](
         x, w, out, tiles_g, tiles_r, ends, N, K,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
-        UPCAST_TO_FP32=upcast, INPUT_PRECISION=_input_precision(x.dtype, upcast), **blocks,
+        UPCAST_TO_FP32=upcast, INPUT_PRECISION=precision, **blocks,
     )
     return out
 
@@ -243,12 +248,13 @@ def grouped_matmul_wgrad(x: torch.Tensor, dy: torch.Tensor, ends: torch.Tensor, 
             else:
                 torch.mm(x[start:end].t(), dy[start:end], out=out[g])
         return out
-    blocks = _blocks("wgrad")
     upcast = interpreter.upcast_to_fp32(x.dtype)
+    precision = _input_precision(x.dtype, upcast)
+    blocks = _blocks("wgrad", precision)
     grid = (G, triton.cdiv(K, blocks["BLOCK_K"]), triton.cdiv(N, blocks["BLOCK_N"]))
     _grouped_wgrad_kernel[grid](
         x, dy, out, ends, K, N,
         x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), out.stride(0), out.stride(1), out.stride(2),
-        UPCAST_TO_FP32=upcast, INPUT_PRECISION=_input_precision(x.dtype, upcast), **blocks,
+        UPCAST_TO_FP32=upcast, INPUT_PRECISION=precision, **blocks,
     )
     return out

@@ -192,17 +192,26 @@ def test_fit_epilogue_keeps_the_tma_kernel_in_shared_memory(dtype):
     assert fitted.epilogue_split > big.epilogue_split or fitted.num_stages < big.num_stages
 
 
-def test_rules_pick_candidate_tiles_that_cover_the_sms():
-    if interpreter.is_interpreting():
-        pytest.skip("the interpreter always takes its one large-block tile")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn],
+                         ids=lambda d: str(d).split(".")[1])
+def test_rules_pick_only_candidate_tiles(dtype, monkeypatch):
+    # The compile check (compile_report) compiles the candidates: a tile the rules pick that
+    # is not one of them would reach the GPU unchecked (it did: fp8 128x128 tiles that spill).
+    # The rules are host arithmetic; the interpreter's one-tile shortcut is switched off here.
+    monkeypatch.setattr(configs.interpreter, "is_interpreting", lambda: False)
     for op in ("matmul", "gated"):
         for tma in (True, False):
-            cands = {c.short() for c in configs.candidate_configs(op, torch.bfloat16, tma)}
-            for M in (1, 16, 128, 2048, 8192):
-                for N in (128, 1024, 4096, 28672):
-                    cfg = configs.pick_config(op, M, N, 4096, torch.bfloat16, tma=tma, num_sms=132)
-                    assert cfg.short() in cands, (op, tma, M, N, cfg.short())
-                    assert cfg.tma == tma
+            for tensor_cores in ((True, False) if dtype == torch.float32 else (True,)):
+                for reads_out in ((False, True) if op == "matmul" else (False,)):
+                    cands = {c.short() for c in configs.candidate_configs(
+                        op, dtype, tma, tensor_cores=tensor_cores, reads_out=reads_out)}
+                    for M in (1, 16, 17, 33, 65, 100, 129, 2048, 8192, 65536):
+                        for N in (64, 128, 1000, 4096, 28672):
+                            for num_sms in (132, 108, 16):
+                                cfg = configs.pick_config(op, M, N, 4096, dtype, tma=tma, num_sms=num_sms,
+                                                          tensor_cores=tensor_cores, reads_out=reads_out)
+                                assert cfg.short() in cands, (op, tma, tensor_cores, reads_out, M, N, cfg.short())
+                                assert cfg.tma == tma
 
 
 def test_m_class_rounds_up_to_a_power_of_two():
