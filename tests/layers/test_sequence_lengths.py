@@ -54,3 +54,27 @@ def test_generate_with_kv_cache_under_sequence_parallelism(dist2):
     # a prompt that splits (prefill on shards, then 1-token decode steps unsplit) and one that does not
     assert dist2.run(_run_generate, 6) == [12, 12]
     assert dist2.run(_run_generate, 5) == [11, 11]
+
+
+def _run_generate_fp8(group):
+    # fp8 quantizes per token (row-wise scales), so a token's product does not depend on how
+    # the sequence is split: decoding with the KV cache (prefill split, 1-token steps unsplit)
+    # and without it (every length re-run, split or not) must pick the same tokens
+    from fusedpar.layers.fp8 import fp8_stats
+
+    torch.manual_seed(0)
+    model = parallelize(build("llama"), "auto", group=group, sequence_parallel=True, kernel="triton", fp8=True).eval()
+    before = fp8_stats()["weight_quantizations"]
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 256, (2, 6), generator=g)
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    cached = model.generate(ids, use_cache=True, **kw)
+    assert fp8_stats()["weight_quantizations"] > before, "the fp8 path did not run"
+    uncached = model.generate(ids, use_cache=False, **kw)
+    assert torch.equal(cached, uncached), f"{cached.tolist()} vs {uncached.tolist()}"
+    return cached.tolist()
+
+
+def test_generate_in_fp8_under_sequence_parallelism(dist2):
+    first, second = dist2.run(_run_generate_fp8)
+    assert first == second  # both ranks decode the same tokens
