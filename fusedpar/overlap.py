@@ -38,6 +38,7 @@ rank that has it instead of leaving its peers waiting. With `FUSEDPAR_DEBUG=1` (
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -803,6 +804,16 @@ def _fp8_dgrad(dy_rows: Tensor, dgrad_fp8: tuple[Tensor, Tensor | None], kernel:
     return dy_q, dy_s, wt_q
 
 
+def _start_dgrad(schedule: Callable[..., Any], dy: Tensor, w: Tensor, dgrad_fp8: tuple[Tensor, Tensor | None] | None,
+                 *, kernel: str, **knobs: Any) -> PendingOutput:
+    """`schedule(dy @ w.T)` started asynchronously (a matmul + reduce-scatter or all-reduce),
+    in fp8 (e5m2 dy, the forward's fp8 weight) when `dgrad_fp8` is given."""
+    if dgrad_fp8 is not None:
+        dy_q, dy_s, wt_q = _fp8_dgrad(dy, dgrad_fp8, kernel)
+        return schedule(dy_q, wt_q, x_scale=dy_s, out_dtype=dy.dtype, async_op=True, kernel=kernel, **knobs)
+    return schedule(dy, w.t(), async_op=True, kernel=kernel, **knobs)
+
+
 def _new_wgrad(w: Tensor) -> Tensor:
     """A `[K, N]` gradient for `w` laid out so that `.T` (the nn.Linear weight layout) is contiguous."""
     return w.new_empty(w.shape[1], w.shape[0]).t()
@@ -882,14 +893,8 @@ def matmul_reduce_scatter_with_wgrad(
         x_rows = x_rows.contiguous()
         x_full_rows = x_rows.new_empty(communicator.world_size * x_rows.shape[0], x_rows.shape[1])
         x_gather = _Pipeline(x.device).issue(lambda: communicator.all_gather(x_full_rows, x_rows))
-    if dgrad_fp8 is not None:
-        dy_q, dy_s, wt_q = _fp8_dgrad(dy, dgrad_fp8, kernel)
-        pending = matmul_reduce_scatter(dy_q, wt_q, x_scale=dy_s, out_dtype=dy.dtype, group=communicator, dim=dim,
-                                        chunks=chunks, async_op=True, kernel=kernel, debug=debug)
-    else:
-        pending = matmul_reduce_scatter(
-            dy, w.t(), group=communicator, dim=dim, chunks=chunks, async_op=True, kernel=kernel, debug=debug
-        )
+    pending = _start_dgrad(matmul_reduce_scatter, dy, w, dgrad_fp8, kernel=kernel, group=communicator, dim=dim,
+                           chunks=chunks, debug=debug)
     dw = None
     if x_full_rows is not None:
         if x_gather is not None:
@@ -927,14 +932,8 @@ def matmul_all_reduce_with_wgrad(
     (None with `need_wgrad=False`). `dgrad_fp8` as in `matmul_reduce_scatter_with_wgrad`.
     """
     _check_backward(dy, w, x, dy_name="dy", dgrad_fp8=dgrad_fp8)
-    if dgrad_fp8 is not None:
-        dy_q, dy_s, wt_q = _fp8_dgrad(dy, dgrad_fp8, kernel)
-        pending = matmul_all_reduce(dy_q, wt_q, x_scale=dy_s, out_dtype=dy.dtype, group=group, chunks=chunks,
-                                    async_op=True, kernel=kernel, comm=comm, debug=debug)
-    else:
-        pending = matmul_all_reduce(
-            dy, w.t(), group=group, chunks=chunks, async_op=True, kernel=kernel, comm=comm, debug=debug
-        )
+    pending = _start_dgrad(matmul_all_reduce, dy, w, dgrad_fp8, kernel=kernel, group=group, chunks=chunks,
+                           comm=comm, debug=debug)
     dw = None
     if need_wgrad:
         dw = _new_wgrad(w)
