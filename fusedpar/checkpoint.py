@@ -14,12 +14,14 @@ shards plus the replicated parameters, never the whole model. Parameters still o
 device are materialized as they are read; buffers left on the meta device (rotary
 frequencies, which Hugging Face computes in `__init__` and never saves) are rebuilt by
 re-running their module's constructor from its config. Parameters tied to another (the LM
-head to the embedding) stay tied.
+head to the embedding) stay tied. Parameters stored under other names (MoE experts one
+tensor per expert, fused in the model) are read through transformers' conversion mapping,
+still slice by slice (key_conversion.py).
 
 Saving gathers one tensor at a time to rank 0 (`dist.gather`: the other ranks only send),
 which writes a shard file whenever `max_shard_size` bytes are pending, so rank 0 holds one
 file's worth of tensors at most. The directory has Hugging Face's layout (safetensors
-shards, `model.safetensors.index.json`, `config.json`).
+shards, `model.safetensors.index.json`, `config.json`) and names (conversions reverted).
 
 Which slice a rank holds is read off the module that owns the parameter: a class attribute
 `tp_shard_dims = {name: dim}` (the dim split evenly across the group in rank order, as the
@@ -40,6 +42,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .comm import check_group
+from .key_conversion import converted_keys, revert_conversion
 
 __all__ = ["load_checkpoint", "from_pretrained", "save_pretrained"]
 
@@ -95,7 +98,7 @@ def _entries(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, Tensor, bo
 class _Files:
     """The checkpoint's tensors by key, opened lazily (safetensors, one file or an index)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, model: nn.Module | None = None, wanted: set[str] | None = None) -> None:
         from safetensors import safe_open
 
         self._open, self._handles = safe_open, {}
@@ -108,8 +111,20 @@ class _Files:
         else:
             raise FileNotFoundError(f"load_checkpoint: path: expected a directory with {_SINGLE} or {_INDEX}, "
                                     f"got {path} (contents: {sorted(os.listdir(path))[:8]})")
+        # model keys stored under other names (per-expert tensors of a fused expert weight):
+        # lazily assembled views, the stored keys each reads, and what cannot be read sliced
+        self.views, self.sources, self.refused = {}, {}, {}
+        if model is not None:
+            self.views, self.sources, self.refused = converted_keys(
+                model, list(self.where), (wanted or set()) - set(self.where), self._stored)
+
+    def has(self, key: str) -> bool:
+        return key in self.where or key in self.views
 
     def slice(self, key: str) -> Any:
+        return self.views[key] if key in self.views else self._stored(key)
+
+    def _stored(self, key: str) -> Any:
         file = self.where[key]
         if file not in self._handles:
             self._handles[file] = self._open(str(file), framework="pt").__enter__()
@@ -196,17 +211,17 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, group: Any = N
         device = torch.device("cuda", torch.cuda.current_device()) if (
             group is not None and dist.get_backend(group) == "nccl") else torch.device("cpu")
     device = torch.device(device)
-    files = _Files(path)
+    files = _Files(path, model, {key for key, *_ in _entries(model)})
     try:
         missing, loaded = [], set()
         replaced: dict[int, Tensor] = {}  # old tensor id -> new one, so tied parameters stay tied
         for key, module, name, tensor, is_param in _entries(model):
-            if key not in files.where:
-                missing.append(key)
+            if not files.has(key):
+                missing.append(f"{key} ({files.refused[key]})" if key in files.refused else key)
                 continue
             value = _read_local(files, key, _shard_dim(module, name) if is_param else None, rank, world, tensor.shape,
                                 _shard_parts(module, name))
-            loaded.add(key)
+            loaded.update(files.sources.get(key, [key]))
             target_dtype = dtype if (dtype is not None and value.is_floating_point()) else value.dtype
             if tensor.is_meta or tensor.device != device or tensor.dtype != target_dtype:
                 new = value.to(device=device, dtype=target_dtype)
@@ -340,9 +355,10 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, *, group: Any = N
                     if rank == 0 else None
             else:
                 value = local
-            if rank == 0:
-                pending[key] = value.cpu()
-                weight_map[key] = fname
+            if rank == 0:  # under the names Hugging Face stores (e.g. fused experts one by one)
+                for stored_key, stored in revert_conversion(model, key, value).items():
+                    pending[stored_key] = stored.cpu().clone(memory_format=torch.contiguous_format)
+                    weight_map[stored_key] = fname
         if rank == 0:
             save_file(pending, str(out / fname), metadata={"format": "pt"})
         del pending

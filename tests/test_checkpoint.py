@@ -113,3 +113,41 @@ def _run_bad_checkpoints(group, path: str, other: str):
 
 def test_bad_checkpoints_are_named(dist2, checkpoints, tmp_path):
     assert dist2.run(_run_bad_checkpoints, checkpoints[False], str(tmp_path)) == [True] * 2
+
+
+def test_per_expert_checkpoints_are_read_lazily_through_the_conversion_mapping(tmp_path):
+    # Mixtral stores experts.E.w1/w3/w2 and the router under block_sparse_moe.; the model holds
+    # mlp.experts.gate_up_proj [E, 2I, H] = stack(w1) next to stack(w3). A slice across the
+    # gate/up boundary reads only the rows it covers, and equals the fused tensor's slice.
+    from pathlib import Path
+
+    from fusedpar.checkpoint import _entries, _Files
+    from tests.models.families import build as build_family
+
+    model = build_family("mixtral", seed=3)
+    model.save_pretrained(tmp_path)
+    files = _Files(Path(tmp_path), model, {k for k, *_ in _entries(model)})
+    state = model.state_dict()
+    key = "model.layers.0.mlp.experts.gate_up_proj"
+    assert key not in files.where and files.has(key) and not files.refused
+    assert len(files.sources[key]) == 2 * model.config.num_local_experts  # w1 and w3 of every expert
+    view = files.slice(key)
+    E, two_i, H = view.get_shape()
+    assert [E, two_i, H] == list(state[key].shape)
+    for index in [(slice(None), slice(two_i // 4, 3 * two_i // 4), slice(None)),
+                  (slice(1, 3), slice(0, two_i // 2), slice(5, H)), (slice(None),)]:
+        assert torch.equal(view[index], state[key][index]), index
+    assert torch.equal(files.slice("model.layers.1.mlp.gate.weight")[:], state["model.layers.1.mlp.gate.weight"])
+    files.close()
+
+
+def test_a_conversion_the_slice_loader_cannot_apply_is_named(tmp_path):
+    # Inkling 2 interleaves its stored w13 into gate_up: refused, naming the operation
+    from tests.models.families import build as build_family
+
+    model = build_family("inkling2_text", seed=3)
+    model.save_pretrained(tmp_path)
+    with torch.device("meta"):
+        fresh = type(model)(model.config)
+    with pytest.raises(KeyError, match=r"experts.gate_up_proj \(stored as .*Interleave, which the slice loader"):
+        fusedpar.load_checkpoint(fresh, tmp_path)
