@@ -144,10 +144,19 @@ def test_demo_trains_a_parallel_moe_in_step_with_the_single_process_one():
     assert "torch GEMMs (experts: grouped)" in out, out
 
 
+def test_demo_trains_in_fp8_within_fp8s_error_of_the_single_process_one():
+    out = _run("demo", "--fp8", "--steps", "3", "--layers", "1", "--hidden", "64", "--intermediate", "128",
+               "--seq", "16", "--batch", "2", "--timing-reps", "1", "--kernel", "torch").stdout
+    assert "fp8 linears (forward + dgrad)" in out, out
+    err = re.search(r"logits vs single-process\s+rel\. err ([\d.e+-]+) \(tolerance 1e-01\) OK", out)
+    assert err and float(err[1]) > 1e-4, out  # fp8 really ran: not bit-close to the fp32 reference
+    assert re.search(r"loss agreement\s+max \|parallel - single\| over 3 steps [\d.e+-]+ OK", out), out
+
+
 def test_demo_help_lists_its_options():
     out = _run("demo", "--help").stdout
     for option in ("--world-size", "--model", "--experts", "--steps", "--hidden", "--dtype", "--sequence-parallel",
-                   "--kernel", "--comm"):
+                   "--kernel", "--comm", "--fp8"):
         assert option in out, option
 
 
