@@ -148,21 +148,27 @@ def _grouped_launch(case: Case):
     dtype = getattr(torch, case.dtype.split("-")[0])
     torch.backends.cuda.matmul.allow_tf32 = case.dtype == "float32-tf32"
     (M, N, K), G = case.shape, 8
+    fp8 = dtype.itemsize == 1
     x, ends = torch.empty(M, K, dtype=dtype), torch.empty(G, dtype=torch.int64)
     kind = "wgrad" if case.layout == "grouped_wgrad" else "fwd"
     precision = _input_precision(dtype, False)
-    blocks = grouped._blocks(kind, precision)
+    blocks = grouped._blocks(kind, precision, fp8=fp8)
+    scaled = {}
     if kind == "fwd":
-        w, y = torch.empty(G, N, K, dtype=dtype).transpose(1, 2), torch.empty(M, N, dtype=dtype)  # nn.Linear layout
+        w, y = torch.empty(G, N, K, dtype=dtype).transpose(1, 2), torch.empty(M, N, dtype=torch.bfloat16 if fp8
+                                                                              else dtype)  # nn.Linear layout
         tiles = torch.empty(M // blocks["BLOCK_M"], dtype=torch.int32), torch.empty(M // blocks["BLOCK_M"],
                                                                                     dtype=torch.int64)
-        fn, args = grouped._grouped_kernel, (x, w, y, *tiles, ends, N, K, *x.stride(), *w.stride(), *y.stride())
+        xs, ws = (torch.empty(M, 1), torch.empty(G, N)) if fp8 else (y, y)
+        fn, args = grouped._grouped_kernel, (x, w, y, xs, ws, *tiles, ends, N, K, *x.stride(), *w.stride(),
+                                             *y.stride(), *((1, N, 1) if fp8 else (0, 0, 0)))
+        scaled = dict(SCALED=fp8, MAX_IMPRECISE_ACC=blocks["BLOCK_K"] if fp8 else None)
     else:
         dy, dw = torch.empty(M, N, dtype=dtype), torch.empty(G, K, N, dtype=dtype)
         fn, args = grouped._grouped_wgrad_kernel, (x, dy, dw, ends, K, N, *x.stride(), *dy.stride(), *dw.stride())
     short = f"grp:{blocks['BLOCK_M']}x{blocks['BLOCK_N']}x{blocks['BLOCK_K']}/w4"
     plan = types.SimpleNamespace(path="grouped", config=types.SimpleNamespace(short=lambda: short))
-    kwargs = dict(UPCAST_TO_FP32=False, INPUT_PRECISION=precision, **blocks)
+    kwargs = dict(UPCAST_TO_FP32=False, INPUT_PRECISION=precision, **scaled, **blocks)
     return types.SimpleNamespace(fn=fn, args=args, kwargs=kwargs, plan=plan)
 
 
@@ -328,8 +334,8 @@ def default_cases(full: bool = False) -> list[Case]:
     Default (what the test suite runs, ~80 s on 2 cores): every candidate tile of every
     kernel on each target whose path it serves (TMA tiles on sm_90a, pointer tiles on both)
     in bf16 with the heaviest epilogue (bias+SiLU; gated with its pre-activations), and the
-    fp8 tiles (BLOCK_K doubled) in e4m3 on sm_90a; the grouped (MoE) kernels in bf16 and tf32
-    on sm_90a, bf16 on sm_80 (they take no fp8); then the rules' pick for a large problem in
+    fp8 tiles (BLOCK_K doubled) in e4m3 on sm_90a; the grouped (MoE) kernels in bf16, tf32
+    and e4m3 (forward only: the wgrad stays high precision) on sm_90a, bf16 on sm_80; then the rules' pick for a large problem in
     every dtype and layout (:data:`RULE_CASES`) on sm_90a, and in bf16 and e4m3 on sm_80
     (where fp8 is refused: the case is reported as not applicable). The tile sets the
     register and shared-memory budget; the
@@ -366,10 +372,13 @@ def default_cases(full: bool = False) -> list[Case]:
                                 continue
                             add(Case(target, dt, layout, epi, config=cfg))
     for target in TARGETS:  # the grouped kernels have one tile each
-        grouped_dtypes = [d for d in DTYPES if d not in FP8_DTYPES]
-        for dt in (grouped_dtypes if full else ("bfloat16", "float32-tf32") if TARGETS[target][0] >= (9, 0)
+        hopper = TARGETS[target][0] >= (9, 0)
+        grouped_dtypes = [d for d in DTYPES if d not in FP8_DTYPES or hopper]
+        for dt in (grouped_dtypes if full else ("bfloat16", "float32-tf32", "float8_e4m3fn") if hopper
                    else ("bfloat16",)):
             for layout in GROUPED_LAYOUTS:
+                if dt in FP8_DTYPES and layout == "grouped_wgrad":
+                    continue  # the wgrad stays high precision
                 add(Case(target, dt, layout, "none"))
     for target in TARGETS:
         for dt in (DTYPES if TARGETS[target][0] >= (9, 0) else ("bfloat16", "float8_e4m3fn")):

@@ -7,6 +7,12 @@ launch over every group's tiles instead of one small GEMM per group:
 * :func:`grouped_matmul`        ``y[rows_g] = x[rows_g] @ w[g]``          (forward, dgrad)
 * :func:`grouped_matmul_wgrad`  ``dw[g] = x[rows_g].T @ dy[rows_g]``      (wgrad; 0 for empty groups)
 
+``grouped_matmul`` also takes fp8 operands with their scales, applied once in the fp32
+epilogue: ``x_scale`` one per row (``[S, 1]``, as ``quantize_rowwise`` makes them) and
+``w_scale`` one per group and output column (``[G, N]``: an expert weight quantized per
+output channel), or one element each (per tensor). The wgrad stays high precision (its
+sum runs over the tokens, where per-token scales do not factor out).
+
 ``w`` is ``[G, K, N]`` with any strides, so an expert weight stored ``[G, N, K]`` (the
 nn.Linear layout) is passed as ``w.transpose(1, 2)`` without a copy. The Triton kernels walk
 a tile list built on the host from the group sizes (one tile per BLOCK_M rows of a group, so
@@ -23,6 +29,8 @@ import triton.language as tl
 
 from fusedpar.kernels import interpreter
 from fusedpar.kernels.common import _input_precision, _select_backend
+from fusedpar.kernels.fp8 import is_fp8, refuse_scales, resolve_out_dtype, torch_scaled_product
+from fusedpar.kernels.plan import _fp8_device_reason
 
 __all__ = ["grouped_matmul", "grouped_matmul_wgrad", "group_ends"]
 
@@ -33,11 +41,13 @@ __all__ = ["grouped_matmul", "grouped_matmul_wgrad", "group_ends"]
 
 @triton.jit
 def _grouped_kernel(
-    x_ptr, w_ptr, y_ptr, tile_group_ptr, tile_row_ptr, ends_ptr,
+    x_ptr, w_ptr, y_ptr, xs_ptr, ws_ptr, tile_group_ptr, tile_row_ptr, ends_ptr,
     N, K,
     stride_xm, stride_xk,
     stride_wg, stride_wk, stride_wn,
     stride_ym, stride_yn,
+    stride_xsm, stride_wsg, stride_wsn,
+    SCALED: tl.constexpr, MAX_IMPRECISE_ACC: tl.constexpr,
     UPCAST_TO_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -65,9 +75,15 @@ def _grouped_kernel(
         if UPCAST_TO_FP32:  # interpreter only: its bf16 arithmetic is wrong (interpreter.py)
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, max_num_imprecise_acc=MAX_IMPRECISE_ACC)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
+
+    # -- fp8: the row's and the group's column scales factor out of the K sum: applied once ---
+    if SCALED:
+        x_s = tl.load(xs_ptr + offs_m * stride_xsm, mask=mask_m, other=0.0)
+        w_s = tl.load(ws_ptr + g * stride_wsg + offs_n * stride_wsn, mask=mask_n, other=0.0)
+        acc = acc * x_s[:, None] * w_s[None, :]
 
     # -- store this group's rows only ---------------------------------------------------------
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
@@ -120,8 +136,9 @@ def _grouped_wgrad_kernel(
 # Host side
 # ----------------------------------------------------------------------------------------
 
-def _blocks(op: str, precision: str | None) -> dict[str, int]:
-    """The tile of the forward (``op`` "fwd") or wgrad kernel for a ``tl.dot`` precision."""
+def _blocks(op: str, precision: str | None, fp8: bool = False) -> dict[str, int]:
+    """The tile of the forward (``op`` "fwd") or wgrad kernel for a ``tl.dot`` precision
+    (fp8: K steps of 128, one 128-byte row per tile row, as the dense fp8 tiles)."""
     if interpreter.is_interpreting():  # big blocks: the interpreter pays per program (interpreter.py)
         return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}
     # IEEE fp32 runs on FMA units with the operand tiles in registers: a 16-deep step, or the
@@ -129,7 +146,7 @@ def _blocks(op: str, precision: str | None) -> dict[str, int]:
     depth = 16 if precision == "ieee" else 64
     if op == "wgrad":  # the reduction runs over BLOCK_M rows here
         return {"BLOCK_M": 16 if precision == "ieee" else 32, "BLOCK_N": 64, "BLOCK_K": 64}
-    return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": depth}
+    return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128 if fp8 else depth}
 
 
 def group_ends(group_ids_sorted: torch.Tensor, groups: int) -> torch.Tensor:
@@ -138,7 +155,8 @@ def group_ends(group_ids_sorted: torch.Tensor, groups: int) -> torch.Tensor:
     return counts.cumsum(0)
 
 
-def _check(op: str, x: torch.Tensor, w_or_dy: torch.Tensor, ends: torch.Tensor, *, groups: int | None) -> None:
+def _check(op: str, x: torch.Tensor, w_or_dy: torch.Tensor, ends: torch.Tensor, *, groups: int | None,
+           fp8_ok: bool = False) -> None:
     for name, t in (("x", x), ("ends", ends)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -149,13 +167,33 @@ def _check(op: str, x: torch.Tensor, w_or_dy: torch.Tensor, ends: torch.Tensor, 
                          f"got shape {tuple(ends.shape)} dtype {ends.dtype}")
     if groups is not None and ends.shape[0] != groups:
         raise ValueError(f"{op}: ends must have one entry per group ({groups}), got {ends.shape[0]}")
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        # fp8 needs scales, which the grouped kernels do not take (the expert GEMMs stay high precision)
-        raise TypeError(f"{op}: x must be float16, bfloat16, float32 or float64, got {x.dtype}")
-    if w_or_dy.dtype != x.dtype:
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64) and not (
+            fp8_ok and is_fp8(x.dtype)):
+        also = " or an fp8 dtype (with its scales)" if fp8_ok else " (the wgrad stays high precision)"
+        raise TypeError(f"{op}: x must be float16, bfloat16, float32 or float64{also}, got {x.dtype}")
+    if is_fp8(x.dtype) and not is_fp8(w_or_dy.dtype):
+        raise TypeError(f"{op}: w must be fp8 like x ({x.dtype}), got {w_or_dy.dtype}")
+    if not is_fp8(x.dtype) and w_or_dy.dtype != x.dtype:
         raise TypeError(f"{op}: operands must share x's dtype ({x.dtype}), got {w_or_dy.dtype}")
     if w_or_dy.device != x.device or ends.device != x.device:
         raise ValueError(f"{op}: operands must be on x's device ({x.device})")
+
+
+def _check_group_scales(op: str, x: torch.Tensor, x_scale: torch.Tensor | None, w_scale: torch.Tensor | None,
+                        G: int, N: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp8 scales as float32 tensors: ``x_scale`` ``[S, 1]`` or one element, ``w_scale``
+    ``[G, N]`` or one element; a missing one means 1."""
+    out = []
+    for name, s, shape in (("x_scale", x_scale, (x.shape[0], 1)), ("w_scale", w_scale, (G, N))):
+        if s is None:
+            s = torch.ones((), dtype=torch.float32, device=x.device)
+        elif not isinstance(s, torch.Tensor) or s.dtype != torch.float32 or s.device != x.device or (
+                s.numel() != 1 and tuple(s.shape) != shape):
+            got = f"{tuple(s.shape)} {s.dtype} on {s.device}" if isinstance(s, torch.Tensor) else type(s).__name__
+            raise ValueError(f"{op}: {name} must be float32 on {x.device} with shape {shape} or one element, "
+                             f"got {got}")
+        out.append(s)
+    return out[0], out[1]
 
 
 def _spans(ends: torch.Tensor) -> list[tuple[int, int, int]]:
@@ -169,23 +207,37 @@ def _spans(ends: torch.Tensor) -> list[tuple[int, int, int]]:
 
 
 def grouped_matmul(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, *, out: torch.Tensor | None = None,
-                   kernel: str = "auto") -> torch.Tensor:
+                   x_scale: torch.Tensor | None = None, w_scale: torch.Tensor | None = None,
+                   out_dtype: torch.dtype | None = None, kernel: str = "auto") -> torch.Tensor:
     """Computes ``y[rows_g] = x[rows_g] @ w[g]`` for every group g, in one launch.
 
     ``x`` ``[S, K]`` has its rows sorted by group, ``ends`` ``[G]`` the cumulative group
     ends (``ends[-1] == S``), ``w`` ``[G, K, N]`` any strides. Returns ``y`` ``[S, N]``
-    (``out`` if given). ``kernel`` picks the backend like :func:`fusedpar.kernels.matmul`.
+    (``out`` if given). fp8 ``x`` and ``w``: ``y = (x_q @ w_q[g]) * x_scale * w_scale[g]``
+    with ``x_scale`` ``[S, 1]`` and ``w_scale`` ``[G, N]`` (or one element each), written in
+    ``out_dtype`` (bf16 by default; fp16 or fp32). ``kernel`` picks the backend like
+    :func:`fusedpar.kernels.matmul`.
     """
     op = "grouped_matmul"
-    _check(op, x, w, ends, groups=None)
+    _check(op, x, w, ends, groups=None, fp8_ok=True)
     if w.dim() != 3 or w.shape[1] != x.shape[1] or w.shape[0] != ends.shape[0]:
         raise ValueError(f"{op}: w must be [G={ends.shape[0]}, K={x.shape[1]}, N], got shape {tuple(w.shape)}")
     S, K = x.shape
-    N = w.shape[2]
+    G, N = w.shape[0], w.shape[2]
+    fp8 = is_fp8(x.dtype)
+    if fp8:
+        x_scale, w_scale = _check_group_scales(op, x, x_scale, w_scale, G, N)
+        dtype = resolve_out_dtype(op, x, out, out_dtype)
+    else:
+        refuse_scales(op, x, {"x_scale": x_scale, "w_scale": w_scale})
+        if out_dtype is not None and out_dtype != x.dtype:
+            raise TypeError(f"{op}: out_dtype must be x's dtype ({x.dtype}) for {x.dtype} operands, got {out_dtype}")
+        dtype = x.dtype
     if out is None:
-        out = torch.empty(S, N, dtype=x.dtype, device=x.device)
-    elif tuple(out.shape) != (S, N) or out.dtype != x.dtype:
-        raise ValueError(f"{op}: out must be [{S}, {N}] {x.dtype}, got {tuple(out.shape)} {out.dtype}")
+        out = torch.empty(S, N, dtype=dtype, device=x.device)
+    elif not isinstance(out, torch.Tensor) or tuple(out.shape) != (S, N) or out.dtype != dtype:
+        got = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"{op}: out must be [{S}, {N}] {dtype}, got {got}")
     if S == 0 or N == 0:
         return out
     backend = _select_backend(op, kernel, x)
@@ -195,14 +247,22 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, *, out:
     if backend == "torch":
         wide = x.dtype in (torch.float16, torch.bfloat16) and not x.is_cuda  # CPU 16-bit: fp32 accumulate
         for g, start, end in spans:
-            if wide:
+            if fp8:  # an emulation of the kernel's arithmetic (exact fp8 values, fp32 sums)
+                xs = x_scale[start:end] if x_scale.numel() > 1 else x_scale
+                ws = w_scale[g:g + 1] if w_scale.numel() > 1 else w_scale
+                out[start:end] = torch_scaled_product(x[start:end], w[g], xs, ws).to(dtype)
+            elif wide:
                 out[start:end] = (x[start:end].float() @ w[g].float()).to(x.dtype)
             else:
                 torch.mm(x[start:end], w[g], out=out[start:end])
         return out
+    if fp8 and x.is_cuda:
+        reason = _fp8_device_reason(x.device)
+        if reason is not None:
+            raise RuntimeError(f"{op}: fp8 operands cannot run here: {reason}")
     upcast = interpreter.upcast_to_fp32(x.dtype)
     precision = _input_precision(x.dtype, upcast)
-    blocks = _blocks("fwd", precision)
+    blocks = _blocks("fwd", precision, fp8=fp8)
     bm = blocks["BLOCK_M"]
     tile_group, tile_row = [], []
     for g, start, end in spans:
@@ -212,9 +272,15 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, *, out:
     tiles_g = torch.tensor(tile_group, dtype=torch.int32, device=x.device)
     tiles_r = torch.tensor(tile_row, dtype=torch.int64, device=x.device)
     grid = (len(tile_group), triton.cdiv(N, blocks["BLOCK_N"]))
+    xs, ws = (x_scale, w_scale) if fp8 else (out, out)  # unread without SCALED
+    scale_strides = (x_scale.stride(0) if x_scale.numel() > 1 else 0,
+                     *((w_scale.stride(0), w_scale.stride(1)) if w_scale.numel() > 1 else (0, 0))) if fp8 \
+        else (0, 0, 0)
     _grouped_kernel[grid](
-        x, w, out, tiles_g, tiles_r, ends, N, K,
+        x, w, out, xs, ws, tiles_g, tiles_r, ends, N, K,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
+        *scale_strides,
+        SCALED=fp8, MAX_IMPRECISE_ACC=blocks["BLOCK_K"] if fp8 else None,
         UPCAST_TO_FP32=upcast, INPUT_PRECISION=precision, **blocks,
     )
     return out

@@ -106,15 +106,19 @@ def as_recipe(fp8: Any, *, where: str = "fp8") -> Float8Recipe | None:
 
 
 def enable_fp8(module: nn.Module, recipe: Float8Recipe | bool | None = True) -> nn.Module:
-    """Run the GEMMs of every fusedpar parallel linear in ``module`` (itself included) in fp8
-    per ``recipe`` (``True``: ``Float8Recipe()``; ``None``/``False``: high precision again).
-    Returns ``module``. The weights are not touched."""
+    """Run the GEMMs of every fusedpar parallel linear and grouped-experts block in ``module``
+    (itself included) in fp8 per ``recipe`` (``True``: ``Float8Recipe()``; ``None``/``False``:
+    high precision again). Returns ``module``. The weights are not touched."""
     rec = as_recipe(recipe, where="enable_fp8: recipe")
     layers = [m for m in module.modules() if isinstance(m, _PARALLEL_LINEARS)]
-    if not layers:
-        raise ValueError(f"enable_fp8: expected fusedpar parallel linears in {type(module).__name__}, found none")
+    experts = [m for m in module.modules() if getattr(m, "_fusedpar_experts", None) == "grouped"]
+    if not layers and not experts:
+        raise ValueError(f"enable_fp8: expected fusedpar parallel linears or grouped experts in "
+                         f"{type(module).__name__}, found none")
     for layer in layers:
         layer.spec = dataclasses.replace(layer.spec, fp8=rec)
+    for block in experts:  # layers/moe.py reads it per forward
+        block._fusedpar_fp8 = rec
     return module
 
 
@@ -125,7 +129,8 @@ def enable_fp8(module: nn.Module, recipe: Float8Recipe | bool | None = True) -> 
 _logged: set[tuple] = set()
 
 
-def _fallback_reason(K: int, N: int, device: torch.device, kernel: str) -> str | None:
+def fallback_reason(K: int, N: int, device: torch.device, kernel: str) -> str | None:
+    """Why an fp8 GEMM of ``[*, K] @ [K, N]`` cannot run here, or None when it can."""
     if K % 16 or N % 16:
         return f"K={K} and N={N} (per rank) must be multiples of 16"
     if device.type == "cuda":
@@ -135,14 +140,19 @@ def _fallback_reason(K: int, N: int, device: torch.device, kernel: str) -> str |
     return None
 
 
+def warn_fallback(kind: str, K: int, N: int, reason: str) -> None:
+    """Say once per GEMM kind, shape and reason that it runs in high precision instead."""
+    key = (kind, K, N, reason)
+    if key not in _logged:
+        _logged.add(key)
+        logger.warning("fusedpar fp8: the %s GEMM [K=%d, N=%d] runs in high precision instead: %s",
+                       kind, K, N, reason)
+
+
 def _falls_back(kind: str, K: int, N: int, x: Tensor, spec: LinearSpec) -> bool:
-    reason = _fallback_reason(K, N, x.device, spec.kernel)
+    reason = fallback_reason(K, N, x.device, spec.kernel)
     if reason is not None:
-        key = (kind, K, N, reason)
-        if key not in _logged:
-            _logged.add(key)
-            logger.warning("fusedpar fp8: the %s GEMM [K=%d, N=%d] runs in high precision instead: %s",
-                           kind, K, N, reason)
+        warn_fallback(kind, K, N, reason)
     return reason is not None
 
 

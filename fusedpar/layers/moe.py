@@ -21,6 +21,12 @@ interleaved). Other experts classes keep their own forward, run on the local sha
 
 "moe_identity_expert" (LongCat's zero-compute experts) divides its input by the world size
 so the partial-sum reduction counts it once.
+
+fp8 (`parallelize(..., fp8=...)` or `enable_fp8` on the block): the grouped expert GEMMs
+follow the dense linears' recipe (layers/fp8.py) per expert: tokens e4m3 with one scale
+each, every expert's weight e4m3 with one scale per output channel (or one per tensor);
+the dgrad e5m2 with the expert's channel scales folded into each token's gradient row; the
+wgrad in high precision. Experts classes that keep their own forward stay high precision.
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..kernels.grouped import group_ends, grouped_matmul, grouped_matmul_wgrad
+from ..kernels.quantize import quantize_rowwise, quantize_tensorwise
 from .partial import reduce_partial, replicated_inputs
 from .sharding import ParamShard, shard_parameter
 
@@ -153,18 +160,78 @@ class _GroupedLinearFn(torch.autograd.Function):
         x, w, ends = ctx.saved_tensors
         dy = dy.contiguous()
         dx = grouped_matmul(dy, w.transpose(1, 2), ends, kernel=ctx.kernel) if ctx.needs_input_grad[0] else None
-        dw = None
-        if ctx.needs_input_grad[1]:
-            if w.transpose(1, 2).is_contiguous():  # w is an [E, N, K] (nn.Linear layout) weight's view:
-                # compute its gradient in that layout, so accumulating it is not a transposing copy
-                dw = grouped_matmul_wgrad(dy, x, ends, kernel=ctx.kernel).transpose(1, 2)
-            else:
-                dw = grouped_matmul_wgrad(x, dy, ends, kernel=ctx.kernel)
+        dw = _wgrad(x, dy, w, ends, ctx.kernel) if ctx.needs_input_grad[1] else None
         return dx, dw, None, None
 
 
-def grouped_experts(x_sorted: Tensor, w: Tensor, ends: Tensor, *, kernel: str = "auto") -> Tensor:
-    """`x_sorted[rows_e] @ w[e]` for every expert e, differentiable (see `_GroupedLinearFn`)."""
+class _Fp8GroupedLinearFn(torch.autograd.Function):
+    """`y[rows_e] ≈ x[rows_e] @ w[e]` with fp8 GEMMs (w `[E, K, N]`, any strides; `recipe` a
+    Float8Recipe).
+
+    forward   y = grouped(x_q, w_q) * x_scale[row] * w_scale[e, col]    x per token, w per expert and column
+    dgrad     dx = grouped(dy_q, w_q.T) * dy_scale[row]                 dy·w_scale[e] in e5m2 (dgrad="fp8")
+              or grouped(dy, w.T) in dy's dtype                          (dgrad="high")
+    wgrad     dw = grouped_wgrad(x, dy)                                 high precision, as the dense recipe
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor, ends: Tensor, kernel: str, recipe: Any) -> Tensor:
+        w_nk = w.transpose(1, 2)  # [E, N, K]: a row per expert and output channel
+        if recipe.scaling == "rowwise":
+            x_q, x_s = quantize_rowwise(x, kernel=kernel)
+            w_q, w_s = quantize_rowwise(w_nk, kernel=kernel)
+            w_s = w_s.squeeze(-1)  # [E, N]
+        else:
+            x_q, x_s = quantize_tensorwise(x, kernel=kernel)
+            w_q, w_s = quantize_tensorwise(w_nk, kernel=kernel)
+        _FP8_STATS["grouped_gemms"] += 1
+        ctx.save_for_backward(x, w, ends, w_q, w_s)
+        ctx.kernel, ctx.recipe = kernel, recipe
+        return grouped_matmul(x_q, w_q.transpose(1, 2), ends, x_scale=x_s, w_scale=w_s, out_dtype=x.dtype,
+                              kernel=kernel)
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        x, w, ends, w_q, w_s = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            if ctx.recipe.dgrad == "fp8":
+                # w's channel scales lie along this product's sum: folded into each token's
+                # gradient row (its expert's scales) before the row is quantized
+                if w_s.numel() > 1:
+                    counts = torch.diff(ends, prepend=ends.new_zeros(1))
+                    expert_of_row = torch.repeat_interleave(torch.arange(len(ends), device=dy.device), counts)
+                    folded = dy.float() * w_s[expert_of_row]
+                else:
+                    folded = dy.float() * w_s
+                dy_q, dy_s = quantize_rowwise(folded, torch.float8_e5m2, kernel=ctx.kernel)
+                # [E, N, K] with N, the sum's dim, contiguous: what fp8 tensor cores read (a copy of
+                # the fp8 weight, half a bf16 weight's bytes)
+                w_kmajor = w_q.transpose(1, 2).contiguous().transpose(1, 2)
+                dx = grouped_matmul(dy_q, w_kmajor, ends, x_scale=dy_s, out_dtype=dy.dtype, kernel=ctx.kernel)
+            else:
+                dx = grouped_matmul(dy, w.transpose(1, 2).to(dy.dtype), ends, kernel=ctx.kernel)
+        if ctx.needs_input_grad[1]:
+            dw = _wgrad(x, dy.to(x.dtype), w, ends, ctx.kernel)
+        return dx, dw, None, None, None
+
+
+_FP8_STATS = {"grouped_gemms": 0}
+
+
+def _wgrad(x: Tensor, dy: Tensor, w: Tensor, ends: Tensor, kernel: str) -> Tensor:
+    if w.transpose(1, 2).is_contiguous():  # w is an [E, N, K] (nn.Linear layout) weight's view:
+        # compute its gradient in that layout, so accumulating it is not a transposing copy
+        return grouped_matmul_wgrad(dy, x, ends, kernel=kernel).transpose(1, 2)
+    return grouped_matmul_wgrad(x, dy, ends, kernel=kernel)
+
+
+def grouped_experts(x_sorted: Tensor, w: Tensor, ends: Tensor, *, kernel: str = "auto", fp8: Any = None) -> Tensor:
+    """`x_sorted[rows_e] @ w[e]` for every expert e, differentiable (see `_GroupedLinearFn`);
+    in fp8 with `fp8` a Float8Recipe (`_Fp8GroupedLinearFn`; output in x's dtype)."""
+    if fp8 is not None:
+        return _Fp8GroupedLinearFn.apply(x_sorted, w, ends, kernel, fp8)
     return _GroupedLinearFn.apply(x_sorted, w, ends, kernel)
 
 
@@ -187,11 +254,29 @@ def _grouped_forward(kernel: str) -> Any:
         def weight(p: Tensor) -> Tensor:  # [E, K, N] for x @ w[e]
             return p if self.is_transposed else p.transpose(1, 2)
 
-        h = grouped_experts(x, weight(up).to(x.dtype), ends, kernel=kernel)
+        recipe = _fp8_recipe(self, x, up, kernel)
+        cast = (lambda p: p) if recipe is not None else (lambda p: p.to(x.dtype))  # fp8: quantized from the master
+        h = grouped_experts(x, cast(weight(up)), ends, kernel=kernel, fp8=recipe)
         h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
-        y = grouped_experts(h, weight(self.down_proj).to(h.dtype), ends, kernel=kernel)
+        y = grouped_experts(h, cast(weight(self.down_proj)), ends, kernel=kernel, fp8=recipe)
         y = y * weights[order].unsqueeze(-1).to(y.dtype)
         out = torch.zeros(tokens, hidden, dtype=y.dtype, device=y.device).index_add(0, token_of, y)
         return out.to(hidden_states.dtype).view(hidden_states.shape)
 
     return forward
+
+
+def _fp8_recipe(experts: nn.Module, x: Tensor, up: Tensor, kernel: str) -> Any:
+    """The experts' fp8 recipe (set by `enable_fp8`), or None: none set, or a shape or device
+    fp8 cannot serve (said once, as for the dense linears)."""
+    recipe = getattr(experts, "_fusedpar_fp8", None)
+    if recipe is None:
+        return None
+    from .fp8 import fallback_reason, warn_fallback
+
+    K, I = x.shape[-1], experts.down_proj.shape[1 if experts.is_transposed else 2]
+    reason = fallback_reason(K, I, x.device, kernel)  # gate/up [K, (2)I] and down [I, K]: both dims
+    if reason is not None:
+        warn_fallback("grouped expert", K, I, reason)
+        return None
+    return recipe

@@ -275,8 +275,8 @@ def parallelize(
     vocabulary: the model returns logits `[.., vocab/world]` and computes its loss with
     `vocab_parallel_cross_entropy`; a tied input embedding is split the same way. `fp8`
     (True or a `Float8Recipe`) runs the parallel linears' GEMMs in fp8 (layers/fp8.py: what
-    is fp8, what stays high precision, what falls back); layers the plan leaves alone, and
-    the grouped expert GEMMs, are untouched.
+    is fp8, what stays high precision, what falls back) and the grouped expert GEMMs too
+    (layers/moe.py); layers the plan leaves alone are untouched.
     """
     group = check_group(group, arg="parallelize: group")
     recipe = as_recipe(fp8, where="parallelize: fp8")
@@ -379,6 +379,9 @@ def parallelize(
             layer = model.get_submodule(path)
             if layer is not head:
                 enable_fp8(layer, recipe)
+        for module in model.modules():  # the grouped expert GEMMs (layers/moe.py)
+            if getattr(module, "_fusedpar_experts", None) == "grouped":
+                enable_fp8(module, recipe)
     model._fusedpar_parallel = {"group": group, "sequence_parallel": sequence_parallel, "plan": dict(matches),
                                 "region": state}
     return model

@@ -80,3 +80,26 @@ def test_compiled_quantization_equals_the_torch_reference(dtype, x_dtype):
         q, s = quantize_tensorwise(x, dtype)
         q_ref, s_ref = quantize_tensorwise_reference(x, dtype)
         assert torch.equal(s, s_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)), f"tensorwise {shape}"
+
+
+@pytest.mark.parametrize("layout", ["forward", "b_rowmajor"])
+def test_compiled_fp8_grouped_matmul_matches_float64(layout):
+    # the MoE expert GEMMs: tokens sorted by expert (uneven groups, one empty), w [G, K, N] as
+    # the layer passes it (the nn.Linear layout's view: K contiguous), or with N contiguous
+    from fusedpar.kernels import grouped_matmul
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    counts, K, N = [700, 0, 33, 1290, 1], 1024, 768
+    G, S = len(counts), sum(counts)
+    ends = torch.tensor(counts, device="cuda").cumsum(0)
+    x_q, x_s = quantize_rowwise(torch.randn(S, K, device="cuda", generator=g))
+    w_nk = torch.randn(G, N, K, device="cuda", generator=g)
+    w_q, w_s = quantize_rowwise(w_nk)
+    w = w_q.transpose(1, 2) if layout == "forward" else w_q.transpose(1, 2).contiguous()
+    out = torch.full((S, N), float("nan"), device="cuda")
+    y = grouped_matmul(x_q, w, ends, x_scale=x_s, w_scale=w_s.squeeze(-1), out=out)
+    bounds = [0] + ends.tolist()
+    ref = torch.cat([_deq(x_q[a:b], x_s[a:b]) @ _deq(w_q[i], w_s[i]).T for i, (a, b) in
+                     enumerate(zip(bounds[:-1], bounds[1:]))])
+    assert not torch.isnan(y).any()
+    assert_close(y, ref, 5e-4, f"grouped fp8 {layout}")

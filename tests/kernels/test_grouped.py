@@ -76,6 +76,36 @@ def test_grouped_experts_autograd(kernel):
         assert _rel(got, ref.detach()) <= 1e-5, (name, _rel(got, ref.detach()))
 
 
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
+@pytest.mark.parametrize("scaling", ["rowwise", "tensorwise"])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_grouped_matmul_fp8_matches_float64_of_dequantized_operands(kernel, scaling, out_dtype):
+    from fusedpar.kernels import dequantize, quantize_rowwise, quantize_tensorwise
+
+    g = torch.Generator().manual_seed(4)
+    S, K, N = sum(COUNTS), 144, 70  # K: two fp8 K steps of the compiled tile plus a remainder
+    G = len(COUNTS)
+    x = torch.randn(S, K, generator=g) * torch.rand(S, 1, generator=g) * 8  # rows of different ranges
+    w_linear = torch.randn(G, N, K, generator=g) / torch.arange(1, G + 1).view(G, 1, 1)  # experts of different ranges
+    if scaling == "rowwise":  # x per token, w per expert and output channel
+        x_q, x_s = quantize_rowwise(x, kernel="torch")
+        w_q, w_s = quantize_rowwise(w_linear, kernel="torch")  # [G, N, K] → scales [G, N, 1]
+        w_s = w_s.squeeze(-1)
+    else:
+        x_q, x_s = quantize_tensorwise(x, kernel="torch")
+        w_q, w_s = quantize_tensorwise(w_linear, kernel="torch")
+    x64 = dequantize(x_q, x_s.reshape(-1, 1) if x_s.numel() > 1 else x_s, torch.float64)
+    w64 = dequantize(w_q, w_s.unsqueeze(-1) if w_s.numel() > 1 else w_s, torch.float64)
+    ref = torch.cat([x64[s:e] @ w64[i].T for i, (s, e) in enumerate(_spans(COUNTS))])
+    out = torch.full((S, N), float("nan"), dtype=out_dtype)
+    y = grouped_matmul(x_q, w_q.transpose(1, 2), _ends(COUNTS), x_scale=x_s, w_scale=w_s, out=out, kernel=kernel)
+    assert y is out and not torch.isnan(y).any(), "a row was not written"
+    # the fp8 values are exact and summed in fp32: only fp32 sums (or the bf16 output) round
+    assert _rel(y, ref) <= (1e-6 if out_dtype == torch.float32 else 1e-2), _rel(y, ref)
+    y_default = grouped_matmul(x_q, w_q.transpose(1, 2), _ends(COUNTS), x_scale=x_s, w_scale=w_s, kernel=kernel)
+    assert y_default.dtype == torch.bfloat16
+
+
 def test_grouped_errors():
     x, w = torch.randn(6, 8), torch.randn(2, 8, 4)
     with pytest.raises(ValueError, match=r"ends\[-1\] must equal the number of rows of x \(6\), got 5"):
@@ -86,5 +116,14 @@ def test_grouped_errors():
         grouped_matmul(x, w, torch.tensor([2.0, 6.0]), kernel="torch")
     with pytest.raises(TypeError, match="operands must share x's dtype"):
         grouped_matmul(x, w.double(), torch.tensor([2, 6]), kernel="torch")
-    with pytest.raises(TypeError, match="x must be float16, bfloat16, float32 or float64, got torch.float8_e4m3fn"):
-        grouped_matmul(x.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn), torch.tensor([2, 6]), kernel="triton")
+    e4m3 = torch.float8_e4m3fn
+    with pytest.raises(TypeError, match=r"x must be float16, .* \(the wgrad stays high precision\), got torch.float8"):
+        grouped_matmul_wgrad(x.to(e4m3), x.to(e4m3), torch.tensor([2, 6]), kernel="triton")
+    with pytest.raises(TypeError, match="w must be fp8 like x"):
+        grouped_matmul(x.to(e4m3), w, torch.tensor([2, 6]), kernel="torch")
+    with pytest.raises(ValueError, match=r"w_scale must be float32 on cpu with shape \(2, 4\) or one element, got \(4,\)"):
+        grouped_matmul(x.to(e4m3), w.to(e4m3), torch.tensor([2, 6]), w_scale=torch.ones(4), kernel="torch")
+    with pytest.raises(TypeError, match="x_scale apply to fp8 operands only"):
+        grouped_matmul(x, w, torch.tensor([2, 6]), x_scale=torch.ones(6, 1), kernel="torch")
+    with pytest.raises(TypeError, match="out_dtype must be one of"):
+        grouped_matmul(x.to(e4m3), w.to(e4m3), torch.tensor([2, 6]), out_dtype=torch.float64, kernel="torch")

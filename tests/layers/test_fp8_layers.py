@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import logging
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -290,9 +291,10 @@ def test_bad_fp8_arguments_raise_naming_them():
 
 
 def _run_fp8_with_hf_styles(group, family: str, plan):
-    """fp8 on a converted Hugging Face model with the styles of issue 15: packed linears in
-    fp8, the vocab-parallel LM head and the grouped expert GEMMs in high precision, loss and
+    """fp8 on a converted Hugging Face model with the styles of issue 15: packed linears and
+    the grouped expert GEMMs in fp8, the vocab-parallel LM head in high precision, loss and
     logits within fp8's error of the fp32 model."""
+    from fusedpar.layers.moe import _FP8_STATS
     from fusedpar.layers import PackedColumnParallelLinear
     from tests.models.families import build
 
@@ -306,10 +308,14 @@ def _run_fp8_with_hf_styles(group, family: str, plan):
     assert len(fp8_layers) == len(linears) - 1, sorted(set(linears) - set(fp8_layers))
     if plan != "auto":
         assert any(isinstance(linears[n], PackedColumnParallelLinear) for n in fp8_layers)
+    experts = [m for m in model.modules() if getattr(m, "_fusedpar_experts", None) == "grouped"]
+    assert all(m._fusedpar_fp8 is not None for m in experts)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, ref.config.vocab_size, (2, 12), generator=g)
     want = ref(ids, labels=ids)
+    before = _FP8_STATS["grouped_gemms"]
     got = model(ids, labels=ids)
+    assert _FP8_STATS["grouped_gemms"] - before == 2 * len(experts)  # gate/up and down of every MoE layer
     v = ref.config.vocab_size // world
     assert rel_err(got.logits, want.logits[..., rank * v:(rank + 1) * v]) <= 0.1  # fp8 rounding, ~5% per GEMM
     # measured: logits 4-5% off, the loss (an average over tokens) 0.02%
@@ -329,3 +335,43 @@ def test_fp8_with_moe_packed_linears_and_loss_parallel(dist2):
             "model.layers.*.mlp.gate_up_proj": "packed_colwise", "model.layers.*.mlp.down_proj": "rowwise"}
     dist2.run(_run_fp8_with_hf_styles, "qwen3_moe", "auto")
     dist2.run(_run_fp8_with_hf_styles, "phi3", phi3)
+
+
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
+@pytest.mark.parametrize("scaling, dgrad", [("rowwise", "fp8"), ("tensorwise", "fp8"), ("rowwise", "high")])
+def test_fp8_grouped_experts_match_float64_of_the_fp8_arithmetic(kernel, scaling, dgrad):
+    # the MoE expert GEMMs in fp8 (layers/moe.py): forward, dgrad and wgrad against float64 of
+    # the same quantization, uneven expert groups (one empty), weights in the nn.Linear layout
+    from fusedpar.layers.moe import grouped_experts
+
+    g = torch.Generator().manual_seed(7)
+    counts, K, N = [5, 0, 37, 1, 21], 48, 80
+    E, S = len(counts), sum(counts)
+    ends = torch.tensor(counts).cumsum(0)
+    spans = list(zip([0] + ends[:-1].tolist(), ends.tolist()))
+    x = (torch.randn(S, K, generator=g) * torch.rand(S, 1, generator=g) * 4).requires_grad_()
+    w_nk = (torch.randn(E, N, K, generator=g) / torch.arange(1, E + 1).view(E, 1, 1)).requires_grad_()
+    dy = torch.randn(S, N, generator=g)
+    recipe = Float8Recipe(scaling=scaling, dgrad=dgrad)
+    y = grouped_experts(x, w_nk.transpose(1, 2), ends, kernel=kernel, fp8=recipe)
+    y.backward(dy)
+
+    qfn = quantize_rowwise_reference if scaling == "rowwise" else quantize_tensorwise_reference
+    x64 = _q(x.detach(), scaling)
+    w_q, w_s = qfn(w_nk.detach(), E4M3)  # rowwise: [E, N, 1], one scale per expert and output channel
+    w64 = dequantize(w_q, w_s, torch.float64)
+    y64 = torch.cat([x64[s:e] @ w64[i].T for i, (s, e) in enumerate(spans)])
+    if dgrad == "high":
+        dx64 = torch.cat([dy[s:e].double() @ w_nk[i].detach().double() for i, (s, e) in enumerate(spans)])
+    else:
+        row_scale = torch.cat([w_s[i].reshape(1, -1).expand(e - s, -1) if w_s.numel() > 1 else
+                               w_s.reshape(1, 1).expand(e - s, N) for i, (s, e) in enumerate(spans)])
+        dq, ds = quantize_rowwise_reference(dy * row_scale, E5M2)
+        dy64 = dequantize(dq, ds, torch.float64)
+        dx64 = torch.cat([dy64[s:e] @ w_q[i].double() for i, (s, e) in enumerate(spans)])
+    dw64 = torch.stack([dy[s:e].double().T @ x[s:e].detach().double() for s, e in spans])  # high precision
+    case = f"{kernel} {scaling} dgrad={dgrad}"
+    _assert("y", y, y64, TIGHT[torch.float32], case)
+    _assert("dx", x.grad, dx64, TIGHT[torch.float32], case)
+    _assert("dW", w_nk.grad, dw64, TIGHT[torch.float32], case)
+    assert w_nk.grad[1].abs().max() == 0  # the empty expert
