@@ -1,6 +1,6 @@
 """fusedpar's GEMMs against cuBLAS on a GPU, and the tile sweep behind configs.pick_config.
 
-    python3 bench/gpu/gemm_sweep.py --out DIR [--parts problems,fp8,epilogues,sweep] [--budget-s 300]
+    python3 bench/gpu/gemm_sweep.py --out DIR [--parts problems,fp8,moe,epilogues,sweep] [--budget-s 300]
 
 problems   the TP-sharded Llama-3 8B/70B projections (column-parallel ones split on N,
            row-parallel ones on K, TP 1/2/8) at M in {16, 128, 2048, 8192}, plus 8192^3, in
@@ -11,6 +11,10 @@ fp8        the same problems (M >= 2048) in fp8 against bf16 at the same shapes:
            per BLOCK_K, and with fast_accum), the fp8 GEMM plus quantizing x (what a layer pays
            per call: its input is quantized each forward), and torch._scaled_mm row-wise (cuBLAS
            fp8) where this torch has it. TFLOP/s and the fp8 / bf16 speed-up per shape.
+moe        the grouped expert GEMMs (tokens sorted by expert, one launch) at Mixtral-8x7B and
+           Qwen3-30B-A3B TP-8 shapes, 8192 tokens: bf16 and fp8 grouped GEMMs against a loop
+           of torch.matmul over the experts (what Hugging Face's eager experts do) and
+           torch's grouped_mm where this torch has it.
 epilogues  bias+GELU in one kernel vs torch's addmm + gelu; SwiGLU in one kernel vs torch's
            two matmuls, silu and multiply (the unfused sequence a user would write).
 sweep      every candidate tile (TMA and pointer kernels) on a representative subset of the
@@ -251,6 +255,72 @@ def run_sweep(out: Path, meta: dict, deadline: float) -> None:
                        "ms": ms, "torch_ms": torch_ms, "ratio": torch_ms / ms, "status": status})
 
 
+# (model, projection, experts, top-k, N, K) per rank at TP 8: gate_up [2I/8, H], down [H, I/8]
+MOE_PROBLEMS = [
+    ("mixtral-8x7b", "gate_up", 8, 2, 2 * 14336 // 8, 4096), ("mixtral-8x7b", "down", 8, 2, 4096, 14336 // 8),
+    ("qwen3-30b-a3b", "gate_up", 128, 8, 2 * 768 // 8, 2048), ("qwen3-30b-a3b", "down", 128, 8, 2048, 768 // 8),
+]
+MOE_TOKENS = 8192
+
+
+def moe_groups(tokens: int, experts: int, top_k: int, device: str, seed: int = 0) -> torch.Tensor:
+    """Cumulative group ends of `tokens * top_k` routed rows over `experts`, from random
+    routing (uneven groups, as a router makes them)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    ids = torch.rand(tokens, experts, device=device, generator=gen).topk(top_k, -1).indices.reshape(-1)
+    return torch.bincount(ids, minlength=experts).cumsum(0)
+
+
+def run_moe(out: Path, meta: dict, deadline: float, device: str = "cuda") -> None:
+    from fusedpar.kernels import grouped_matmul
+
+    w = Writer(out, "moe", meta)
+    grouped_mm = getattr(F, "grouped_mm", None)
+    for model, proj, experts, top_k, n, k in MOE_PROBLEMS:
+        name = f"{model}-{proj}-tp8"
+        if time.monotonic() > deadline:
+            w.add({"name": name, "status": "skipped (budget)"})
+            continue
+        ends = moe_groups(MOE_TOKENS, experts, top_k, device)
+        rows = int(ends[-1])
+        gen = torch.Generator(device=device).manual_seed(1)
+        x = torch.randn(rows, k, device=device, generator=gen).to(torch.bfloat16)
+        w_nk = (torch.randn(experts, n, k, device=device, generator=gen) / k**0.5).to(torch.bfloat16)
+        x_q, x_s = quantize_rowwise(x)
+        w_q, w_s = quantize_rowwise(w_nk)
+        y = torch.empty(rows, n, device=device, dtype=torch.bfloat16)
+        bounds = [0] + ends.tolist()
+
+        def loop():
+            for e in range(experts):
+                torch.matmul(x[bounds[e]:bounds[e + 1]], w_nk[e].T, out=y[bounds[e]:bounds[e + 1]])
+
+        flops = 2.0 * rows * n * k
+        row = {"name": name, "rows": rows, "experts": experts, "n": n, "k": k}
+        row["torch_loop_ms"] = bench_ms(loop)
+        row["bf16_ms"] = bench_ms(lambda: grouped_matmul(x, w_nk.transpose(1, 2), ends, out=y))
+        row["fp8_ms"] = bench_ms(lambda: grouped_matmul(x_q, w_q.transpose(1, 2), ends, x_scale=x_s,
+                                                        w_scale=w_s.squeeze(-1), out=y))
+        ref = torch.cat([(x_q[a:b].float() * x_s[a:b]) @ (w_q[e].float() * w_s[e]).T
+                         for e, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))])
+        row["fp8_rel_err"] = ((y.float() - ref).norm() / ref.norm()).item()
+        row["torch_grouped_mm_ms"] = None
+        if grouped_mm is not None:
+            try:
+                offs = ends.to(torch.int32)
+                grouped_mm(x, w_nk.transpose(1, 2), offs=offs)
+                row["torch_grouped_mm_ms"] = bench_ms(lambda: grouped_mm(x, w_nk.transpose(1, 2), offs=offs))
+            except Exception as e:  # noqa: BLE001 - a private-ish API whose constraints move
+                print(f"  torch grouped_mm unavailable here: {type(e).__name__}: {str(e)[:100]}", flush=True)
+        for key in ("torch_loop", "bf16", "fp8", "torch_grouped_mm"):
+            ms = row[f"{key}_ms"]
+            row[f"{key}_tflops"] = flops / ms / 1e9 if ms else None
+        row["bf16_vs_loop"] = row["torch_loop_ms"] / row["bf16_ms"]
+        row["fp8_vs_bf16"] = row["bf16_ms"] / row["fp8_ms"]
+        row["status"] = "ok"
+        w.add(row)
+
+
 def summary(out: Path, meta: dict) -> str:
     lines = [f"# GEMM vs cuBLAS: {meta['device']}", "",
              f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, driver {meta['driver']}, "
@@ -294,6 +364,18 @@ def summary(out: Path, meta: dict) -> str:
                                  f"(fast_accum {r['fp8_fast_tflops']:.0f}), torch._scaled_mm "
                                  f"{'-' if cublas is None else format(cublas, '.0f')} TFLOP/s ({r['config']})")
         lines.append("")
+    p = out / "gemm-moe.json"
+    if p.exists():
+        rows = [r for r in json.loads(p.read_text())["rows"] if r.get("status") == "ok"]
+        lines += ["## MoE expert GEMMs: grouped (one launch) vs a loop over experts, bf16 and fp8", "",
+                  "| problem | routed rows | loop TFLOP/s | grouped bf16 | grouped fp8 | torch grouped_mm | "
+                  "bf16 / loop | fp8 / bf16 |", "|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            gm = r["torch_grouped_mm_tflops"]
+            lines.append(f"| {r['name']} | {r['rows']} | {r['torch_loop_tflops']:.0f} | {r['bf16_tflops']:.0f} | "
+                         f"{r['fp8_tflops']:.0f} | {'-' if gm is None else format(gm, '.0f')} | "
+                         f"{r['bf16_vs_loop']:.2f} | {r['fp8_vs_bf16']:.2f} |")
+        lines.append("")
     p = out / "gemm-epilogues.json"
     if p.exists():
         rows = [r for r in json.loads(p.read_text())["rows"] if r.get("status") == "ok"]
@@ -324,7 +406,7 @@ def summary(out: Path, meta: dict) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--parts", default="problems,fp8,epilogues,sweep")
+    ap.add_argument("--parts", default="problems,fp8,moe,epilogues,sweep")
     ap.add_argument("--budget-s", type=float, default=300.0, help="start no new row after this")
     ap.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1))
     args = ap.parse_args()
@@ -375,7 +457,8 @@ def main() -> int:
     meta["precompile_s"] = precompile(list(dict.fromkeys(cases)), args.jobs)
     deadline = t0 + args.budget_s
     for part in parts:
-        {"problems": run_problems, "fp8": run_fp8, "epilogues": run_epilogues, "sweep": run_sweep}[part](
+        {"problems": run_problems, "fp8": run_fp8, "moe": run_moe, "epilogues": run_epilogues,
+         "sweep": run_sweep}[part](
             args.out, meta, deadline)
     print(summary(args.out, meta))
     return 0
