@@ -387,7 +387,9 @@ class _Fp8RowParallelFn(torch.autograd.Function):
         (part,) = _weights([weight], recipe.scaling, kernel)
         x_q, x_s = _quantize_input(x, recipe.scaling, kernel)
         kw = dict(x_scale=x_s, w_scale=part.scale.view(1, -1), bias=bias, out_dtype=hp, **spec.knobs())
-        if spec.sequence_parallel:
+        if spec.partial_output:  # the block reduces it (block_reduction.py)
+            y = matmul(x_q, part.q.t(), a_scale=x_s, b_scale=part.scale.view(1, -1), out_dtype=hp, kernel=kernel)
+        elif spec.sequence_parallel:
             y = overlap.matmul_reduce_scatter(x_q, part.q.t(), dim=spec.sequence_dim, **kw)
         else:
             y = overlap.matmul_all_reduce(x_q, part.q.t(), **kw)

@@ -13,7 +13,9 @@ row layer reduce-scatters it back. Other blocks run as islands, on the whole seq
 
 Correct because a block without sequence parallelism returns the same output on every rank
 and sends back the same input gradient on every rank. It costs an all-gather and an
-all-reduce where a native block has an all-gather and a reduce-scatter.
+all-reduce where a native block has an all-gather and a reduce-scatter; an MoE block whose
+partial sums are reduced once at its exit (block_reduction.py) reduce-scatters there instead,
+the cost of a native block.
 
 A block is an island when it holds a planned entry that is not a plain linear style, a
 planned parameter, an unplanned module with parameters next to planned linears, or no plan
@@ -28,7 +30,9 @@ from typing import Any
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .linear import gather_from_shard, split_to_shard
+from .block_reduction import block_is_merged
+from .linear import gather_from_shard, reduce_scatter_to_shard, split_to_shard
+from .partial import reduce_partial
 
 __all__ = ["SP_NATIVE_STYLES", "sequence_islands", "install_island", "install_islands", "check_layer_inputs",
            "layer_blocks"]
@@ -120,20 +124,25 @@ def install_island(module: nn.Module, *, group: dist.ProcessGroup, comm: str = "
         shapes.append(tuple(x_full.shape[:-1]))
         return put(x_full)
 
-    def split_one(y: Tensor, tokens: tuple[int, ...]) -> Tensor:
+    def split_one(y: Tensor, tokens: tuple[int, ...] | None, partial: bool) -> Tensor:
+        if tokens is None:  # the region runs unsplit: whole in, whole out
+            return reduce_partial(y, group=group, comm=comm) if partial else y
+        # a partial sum (block_reduction.py): reduce-scatter, where a whole output is sliced
+        cut = reduce_scatter_to_shard if partial else split_to_shard
         if tuple(y.shape[:-1]) == tokens or y.ndim < 2:
-            return split_to_shard(y, group=group, dim=-2, comm=comm)
+            return cut(y, group=group, dim=-2, comm=comm)
         # a block that returns its tokens flattened ([batch * seq, H], Llama 4's MoE): split per sequence
-        y_shard = split_to_shard(y.reshape(*tokens, y.shape[-1]), group=group, dim=-2, comm=comm)
+        y_shard = cut(y.reshape(*tokens, y.shape[-1]), group=group, dim=-2, comm=comm)
         return y_shard.reshape(-1, y.shape[-1])
 
     def split(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         tokens = shapes.pop()
-        if tokens is None:
+        partial = block_is_merged(mod)
+        if tokens is None and not partial:
             return output
         if isinstance(output, Tensor):
-            return split_one(output, tokens)
-        return (split_one(output[0], tokens), *output[1:])
+            return split_one(output, tokens, partial)
+        return (split_one(output[0], tokens, partial), *output[1:])
 
     module.register_forward_pre_hook(gather, with_kwargs=True, prepend=True)
     module.register_forward_hook(split, with_kwargs=True)

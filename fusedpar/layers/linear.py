@@ -66,6 +66,9 @@ class LinearSpec:
     comm: str = "torch"
     save_gathered_input: bool = True
     fp8: Any = None  # a Float8Recipe: the GEMMs run in fp8 (layers/fp8.py); set by enable_fp8
+    # row-parallel: leave the output a per-rank partial sum, reduced by the enclosing block
+    # together with other partial sums (block_reduction.py); never with sequence_parallel
+    partial_output: bool = False
 
     def communicator(self) -> Communicator:
         return get_communicator(self.group, self.comm)
@@ -196,6 +199,36 @@ def split_to_shard(x: Tensor, *, group: Any, dim: int = -2, comm: str = "torch")
     return _SplitFn.apply(x, spec, dim)
 
 
+class _ReduceScatterFn(torch.autograd.Function):
+    """`x_partial → x_shard = reduce_scatter(x_partial, dim)`: the sum over ranks, this rank's piece.
+
+    forward   x_partial [.., M, ..] → x_shard [.., M/world, ..]   reduce-scatter
+    dgrad     dx_partial = all_gather(dx_shard, dim)              all-gather
+    wgrad     —
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, spec: LinearSpec, dim: int) -> Tensor:
+        comm = spec.communicator()
+        ctx.spec, ctx.dim = spec, dim
+        rows = x.movedim(dim, 0).contiguous()
+        out = rows.new_empty(rows.shape[0] // comm.world_size, *rows.shape[1:])
+        comm.reduce_scatter(out, rows).wait()
+        return out.movedim(0, dim).contiguous()
+
+    @staticmethod
+    def backward(ctx: Any, dx_shard: Tensor) -> tuple[Tensor, None, None]:
+        return _all_gather_dim(dx_shard.contiguous(), ctx.spec.communicator(), ctx.dim), None, None
+
+
+def reduce_scatter_to_shard(x: Tensor, *, group: Any, dim: int = -2, comm: str = "torch") -> Tensor:
+    """This rank's `dim`-piece of the sum over ranks of the partial sums `x` (backward
+    all-gathers). `dim` must divide evenly."""
+    spec = LinearSpec(check_group(group), comm=comm)
+    _check_divisible(x, dim, spec.communicator().world_size, what="reduce_scatter_to_shard")
+    return _ReduceScatterFn.apply(x, spec, dim)
+
+
 def gather_from_shard(x_shard: Tensor, *, group: Any, dim: int = -2, comm: str = "torch") -> Tensor:
     """`all_gather(x_shard, dim)` for replicated consumers (backward keeps this rank's piece)."""
     return _GatherFn.apply(x_shard, LinearSpec(check_group(group), comm=comm), dim)
@@ -323,6 +356,8 @@ class _RowParallelFn(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, w: Tensor, bias: Tensor | None, spec: LinearSpec) -> Tensor:
         ctx.spec = spec
         ctx.save_for_backward(x, w)
+        if spec.partial_output:  # the block reduces it; backward is the non-SP one (no comm)
+            return matmul(x, w, out=x.new_empty(*x.shape[:-1], w.shape[1]), kernel=spec.kernel)
         # the output is allocated here, not a view of a schedule buffer: autograd forbids in-place
         # ops on a view made inside a Function, and models add into it (Llama 4: `out.add_(...)`)
         if spec.sequence_parallel:

@@ -13,6 +13,9 @@ the same way; the experts then produce a partial sum of the block's output, redu
     dgrad     dx, dw = all_reduce(dx_partial, dw_partial)               one all-reduce for both
     wgrad     d gate_up_r, d down_r from this rank's tokens-by-expert   no comm (grouped wgrad GEMMs)
 
+With a shared expert beside the experts, block_reduction.py reduces both partial sums once
+at the block's exit where that is exact (the experts then return their partial sum).
+
 The expert GEMMs run grouped (`fusedpar.kernels.grouped_matmul`): tokens sorted by expert,
 one launch over every expert's rows, rather than a Python loop of small matmuls, for
 experts classes declared through transformers' `use_experts_implementation` (their layout
@@ -131,6 +134,8 @@ def shard_experts(module: nn.Module, shards: dict[str, ParamShard], *, group: di
         else:  # routing weights applied before the experts (Llama 4)
             (hidden_states,) = replicated_inputs(hidden_states, group=group, comm=comm)
         out = inner(hidden_states, *args, **kwargs)
+        if getattr(module, "_fusedpar_partial_out", False):  # its block reduces (block_reduction.py)
+            return out
         return reduce_partial(out, group=group, comm=comm)
 
     module.forward = forward

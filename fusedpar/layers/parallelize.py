@@ -25,7 +25,8 @@ Styles (a key may name a module or a parameter):
     sequence_parallel                unchanged norm on sequence shards, gradients all-reduced
     replicate, local_params          unchanged
 Unplanned modules with parameters next to column-parallel layers get their gradients
-all-reduced when their first forward finds them reading split data (unplanned.py).
+all-reduced when their first forward finds them reading split data (unplanned.py). MoE
+blocks with a shared expert reduce both partial sums once where exact (block_reduction.py).
 
 Column-parallel siblings that read their parent's input (q/k/v in attention, gate/up in
 the MLP) run as one fused GEMM (`column_parallel_group`), computed in a pre-hook of the
@@ -65,6 +66,7 @@ from .linear import (
 from .fp8 import as_recipe, enable_fp8
 from .norm import all_reduce_grads
 from . import embedding
+from .block_reduction import install_block_reductions
 from .islands import check_layer_inputs, install_islands, layer_blocks, sequence_islands
 from .packed import PackedColumnParallelLinear, PackedRowParallelLinear
 from .sharding import ParamShard, gather_shard, param_shards
@@ -371,6 +373,11 @@ def parallelize(
                 if owns_params and not holds_plan and path not in islands:
                     all_reduce_grads(child, group=group, comm=comm, region=state)
         install_islands(model, islands, region, group=group, comm=comm, state=state)
+    try:  # MoE blocks with a shared expert: one reduction where exact (block_reduction.py)
+        install_block_reductions(model, matches, builds, islands, *_decoder_layers(model, matches), group=group,
+                                 comm=comm)
+    except _NoDecoderLayers:
+        pass
     if recipe is not None:
         # The LM head stays high precision, as the recipe says, also when loss_parallel made
         # it column-parallel: fp8 logits would round the loss itself.

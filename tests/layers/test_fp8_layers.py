@@ -284,7 +284,8 @@ def test_bad_fp8_arguments_raise_naming_them():
         Float8Recipe(scaling="blockwise")
     with pytest.raises(ValueError, match=r"Float8Recipe: dgrad: expected one of \('fp8', 'high'\), got 'bf16'"):
         Float8Recipe(dgrad="bf16")
-    with pytest.raises(ValueError, match=r"enable_fp8: expected fusedpar parallel linears in Linear, found none"):
+    with pytest.raises(ValueError, match=r"enable_fp8: expected fusedpar parallel linears or grouped experts in "
+                                         r"Linear, found none"):
         enable_fp8(nn.Linear(4, 4))
     with pytest.raises(TypeError, match=r"enable_fp8: recipe: expected True, False, None or a fusedpar.Float8Recipe"):
         fusedpar.enable_fp8(nn.Linear(4, 4), "rowwise")

@@ -85,16 +85,25 @@ def run_family(group: Any, family: str, sp: bool, *, plan: Any = "auto", kernel:
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, VOCAB, (batch, seq), generator=g)
-    out_ref = ref(ids, labels=ids)
-    out = model(ids, labels=ids)
-    logits_ref = out_ref.logits.chunk(world, -1)[rank] if loss_parallel else out_ref.logits
-    errors = [e for e in [_compare("logits", out.logits, logits_ref), _compare("loss", out.loss, out_ref.loss)] if e]
-    out_ref.loss.backward()
-    out.loss.backward()
-    ref_params = dict(ref.named_parameters())
-    for name, p in model.named_parameters():
-        ref_grad = ref_params[name].grad
-        errors += [e for e in [_compare(f"grad {name}", p.grad, local_shard(model, name, ref_grad))] if e]
+    # MoE blocks that may reduce their partial sums once decide on the first forward with
+    # gradients (fusedpar/layers/block_reduction.py): compare a second pass, merged, too
+    merges = [m._fusedpar_block_reduction for m in model.modules() if hasattr(m, "_fusedpar_block_reduction")]
+    errors: list[str] = []
+    for attempt in range(2 if merges else 1):
+        tag = "" if attempt == 0 else f" (pass 2, merged reductions: {sum(bool(s.merged) for s in merges)})"
+        ref.zero_grad()
+        model.zero_grad()
+        out_ref = ref(ids, labels=ids)
+        out = model(ids, labels=ids)
+        logits_ref = out_ref.logits.chunk(world, -1)[rank] if loss_parallel else out_ref.logits
+        errors += [e + tag for e in [_compare("logits", out.logits, logits_ref),
+                                     _compare("loss", out.loss, out_ref.loss)] if e]
+        out_ref.loss.backward()
+        out.loss.backward()
+        ref_params = dict(ref.named_parameters())
+        for name, p in model.named_parameters():
+            ref_grad = ref_params[name].grad
+            errors += [e + tag for e in [_compare(f"grad {name}", p.grad, local_shard(model, name, ref_grad))] if e]
     if steps:
         opts = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (ref, model)]
         for step in range(steps):
@@ -122,7 +131,8 @@ def run_family(group: Any, family: str, sp: bool, *, plan: Any = "auto", kernel:
     styles = sorted({style for style, _ in model._fusedpar_parallel["plan"].values()})
     experts = sorted({m._fusedpar_experts for m in model.modules() if hasattr(m, "_fusedpar_experts")})
     shards = sorted({f"{n}{list(s.dim for s, _ in [v])}" for m in model.modules() for n, v in param_shards(m).items()})
-    return {"styles": styles, "experts": experts, "shards": shards}
+    return {"styles": styles, "experts": experts, "shards": shards,
+            "merged_blocks": sum(bool(s.merged) for s in merges), "merge_candidates": len(merges)}
 
 
 def run_cases(group: Any, cases: list[dict[str, Any]]) -> list[dict[str, Any]]:

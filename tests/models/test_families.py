@@ -43,8 +43,11 @@ EXPECTED_REFUSED = {
 
 def _report(results: list[dict], sp: bool) -> str:
     counts = {s: sum(r["status"] == s for r in results) for s in ("passed", "refused", "failed")}
+    merged = [r["family"] for r in results if r.get("merged_blocks")]
+    kept = [r["family"] for r in results if r.get("merge_candidates") and not r.get("merged_blocks")]
     lines = [f"sequence_parallel={sp}: {len(results)} families: {counts['passed']} passed, "
-             f"{counts['refused']} refused, {counts['failed']} failed"]
+             f"{counts['refused']} refused, {counts['failed']} failed; MoE blocks reduced once (checked on a "
+             f"second pass): {len(merged)} families, kept apart by the graph check: {kept}"]
     for r in results:
         if r["status"] != "passed":
             lines.append(f"  {r['status']:8s} {r['family']}: {r['reason'][:300]}")
