@@ -18,6 +18,11 @@ the kernels be tested on GPU-less machines, with two differences from compiled T
    first round each value onto the fp8 grid in fp32 arithmetic (:func:`round_to_fp8_grid`,
    exact round-to-nearest-even) when :func:`fp8_cast_rounds_wrongly` says so; the cast then
    has nothing left to round.
+4. Triton 3.6's interpreter turns a scalar tensor into a Python index (``range(tl.program_id(0),
+   ...)`` in the persistent loops) with ``int()`` of a one-element 1-D numpy array, which
+   numpy 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars");
+   triton 3.9 squeezes the array first. :func:`_index_scalar_tensors_like_triton_39` does
+   the same for every Triton version we support (3.6-3.9).
 """
 from __future__ import annotations
 
@@ -40,6 +45,27 @@ _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1",
 # 200x130x70 86 ms with 128x128x64, 186 ms 128x128x128, 252 ms 256x256x64, 314 ms 64^3;
 # 512^3 0.56 s, 5.0 s, 3.3 s, 1.4 s). 128x128x64 was fastest on every shape tried.
 INTERPRETER_BLOCKS: dict[str, int] = {"block_m": 128, "block_n": 128, "block_k": 64, "group_m": 8}
+
+
+def _index_scalar_tensors_like_triton_39() -> None:
+    """Make the interpreter's ``tensor.__index__`` read one-element arrays of any rank (4.)."""
+    from triton.runtime import interpreter as interp
+
+    patch_tensor = getattr(interp, "_patch_lang_tensor", None)
+    if patch_tensor is None or getattr(patch_tensor, "indexes_any_rank", False):
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        patch_tensor(tensor, scope)
+        # the scope restores in reverse order, so this is undone before Triton's own patch
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    patch_lang_tensor.indexes_any_rank = True
+    interp._patch_lang_tensor = patch_lang_tensor
+
+
+if _INTERPRETING:
+    _index_scalar_tensors_like_triton_39()
 
 
 def is_interpreting() -> bool:
@@ -79,4 +105,5 @@ def round_to_fp8_grid(v, MANTISSA_BITS: tl.constexpr, MIN_NORMAL_EXP: tl.constex
     e = tl.maximum(e, MIN_NORMAL_EXP)
     c = (((e - MANTISSA_BITS + 23 + 127) << 23) | 0x400000).to(tl.float32, bitcast=True)
     r = (a + c) - c
-    return tl.where(bits < 0, -r, r)  # the sign bit, so -0.0 stays -0.0
+    # the sign back by a product, so -0.0 stays -0.0 (triton 3.6 interprets `-r` as `0 - r`)
+    return tl.where(bits < 0, r * -1.0, r)
