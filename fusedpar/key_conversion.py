@@ -120,7 +120,9 @@ def converted_keys(model: nn.Module, stored: Iterable[str], wanted: set[str],
     for key in stored:
         if key in wanted:
             continue
-        new = core.apply_renamings(key, renamings)
+        new = key
+        for renaming in renamings:  # every renaming in turn (transformers' `apply_renamings`, absent before 5.2x)
+            new, _ = renaming.rename_source_key(new)
         converter, pattern = None, None
         for conv in converters:
             target, pattern = conv.rename_source_key(new)
