@@ -30,18 +30,24 @@ def checkpoints(tmp_path_factory):
     return paths
 
 
-def _run_load(group, path: str, sp: bool, stepwise: bool):
+def _run_load(group, path: str, sp: bool, stepwise: bool, split_embedding: bool = False):
     from transformers import LlamaForCausalLM
+
+    from fusedpar.layers import resolve_plan
 
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     ref = LlamaForCausalLM.from_pretrained(path)
+    plan = "auto"
+    if split_embedding:  # as transformers 5.17's own Llama plan does; a tied head follows (layers/ties.py)
+        plan = resolve_plan(ref, "auto") | {"model.embed_tokens": "embedding_rowwise"}
     if stepwise:
         with torch.device("meta"):
             model = LlamaForCausalLM(ref.config)
-        parallelize(model, "auto", group=group, sequence_parallel=sp, kernel="torch")
+        parallelize(model, plan, group=group, sequence_parallel=sp, kernel="torch")
         fusedpar.load_checkpoint(model, path)
     else:
-        model = fusedpar.from_pretrained(LlamaForCausalLM, path, group=group, sequence_parallel=sp, kernel="torch")
+        model = fusedpar.from_pretrained(LlamaForCausalLM, path, group=group, plan=plan, sequence_parallel=sp,
+                                         kernel="torch")
     assert not any(p.is_meta for p in model.parameters()) and not any(b.is_meta for b in model.buffers())
     if ref.config.tie_word_embeddings:
         assert model.lm_head.weight is model.model.embed_tokens.weight, "the tie was lost"
@@ -62,6 +68,9 @@ def test_load_slices_into_a_meta_model(dist2, dist4, checkpoints):
     # 2 kv heads on 4 ranks: the kv projections are replicated, each rank reading the whole tensor
     assert dist4.run(_run_load, checkpoints[False], True, False) == [True] * 4
     assert dist4.run(_run_load, checkpoints[True], False, True) == [True] * 4
+    # a vocab-parallel embedding tied to the head: both read the same rows, one parameter
+    assert dist2.run(_run_load, checkpoints[True], True, False, True) == [True] * 2
+    assert dist4.run(_run_load, checkpoints[True], False, True, True) == [True] * 4
 
 
 def _run_save(group, out: str, tied: bool):

@@ -71,6 +71,7 @@ from .islands import check_layer_inputs, install_islands, layer_blocks, sequence
 from .packed import PackedColumnParallelLinear, PackedRowParallelLinear
 from .sharding import ParamShard, gather_shard, param_shards
 from .styles import check_row_inputs, inside_experts, plan_styles
+from .ties import complete_tied_plan, retie
 from .unplanned import unplanned_modules, watch_unplanned
 
 __all__ = ["parallelize", "full_state_dict", "STYLES", "resolve_plan"]
@@ -287,6 +288,7 @@ def parallelize(
     if loss_parallel:
         resolved, tied = embedding.loss_parallel_plan(model, resolved)
     matches = _match(model, resolved, unmatched_ok=isinstance(plan, str))
+    split_ties = complete_tied_plan(model, matches)  # a split tie's other member split the same way (ties.py)
     params = dict(model.named_parameters())
 
     # 1. Check everything (no comm), so a bad plan raises on every rank before any collective.
@@ -339,6 +341,7 @@ def parallelize(
     # 2b. The other styles: sharded parameters, experts, embeddings, hooks (styles.py).
     for apply in others:
         apply(group)
+    retie(model, split_ties)
 
     # 3. Replicated parameters whose gradients are per-rank partial sums: per-head norms
     #    always; sequence-parallel norms only while their region runs split.

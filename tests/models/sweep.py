@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from fusedpar.layers import local_shard, parallelize
 from fusedpar.layers.sharding import param_shards
+from fusedpar.layers.ties import tied_groups
 from tests.layers.common import rel_err
 from tests.models.families import VOCAB, build
 
@@ -70,8 +71,8 @@ def run_family(group: Any, family: str, sp: bool, *, plan: Any = "auto", kernel:
                batch: int = 2, seq: int = 8) -> dict[str, Any]:
     """One family, one layout: compare with the twin; raise Refused or AssertionError.
 
-    Always: the loss, the logits (this rank's vocabulary slice with `loss_parallel`) and
-    every gradient. `steps`: that many AdamW steps in lockstep, equal losses. `state_dict`:
+    Always: the loss, the logits (this rank's vocabulary slice with `loss_parallel`),
+    every gradient, and that tied parameters stay tied. `steps`: that many AdamW steps in lockstep, equal losses. `state_dict`:
     the gathered weights load into a fresh single-process model with the same logits.
     """
     ref = build(family, **(config or {}))
@@ -89,6 +90,9 @@ def run_family(group: Any, family: str, sp: bool, *, plan: Any = "auto", kernel:
     # gradients (fusedpar/layers/block_reduction.py): compare a second pass, merged, too
     merges = [m._fusedpar_block_reduction for m in model.modules() if hasattr(m, "_fusedpar_block_reduction")]
     errors: list[str] = []
+    ties = lambda m: sorted(sorted(f"{p}.{n}" for p, n in g) for g in tied_groups(m))  # noqa: E731
+    if ties(model) != ties(ref):
+        errors.append(f"tied parameters {ties(ref)} after parallelize: {ties(model)}")
     for attempt in range(2 if merges else 1):
         tag = "" if attempt == 0 else f" (pass 2, merged reductions: {sum(bool(s.merged) for s in merges)})"
         ref.zero_grad()
