@@ -46,3 +46,29 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config) -> None:
         terminalreporter.write_line(
             f"fault matrix: {len(MATRIX_CASES)} cases (op or layer x fault) ended in their documented error, none hung"
         )
+    for line in _versions():
+        terminalreporter.write_line(line)
+
+
+def _versions() -> list[str]:
+    """The versions the run used; family-specific tests (tests/models, the HF styles) are
+    written against the transformers release pinned in pyproject.toml's `test` extra."""
+    import re
+
+    import torch
+    import triton
+
+    lines = [f"fusedpar: torch {torch.__version__}, triton {triton.__version__}, "
+             f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')}"]
+    try:
+        import transformers
+    except ImportError:
+        return lines + ["fusedpar: transformers not installed: the Hugging Face tests fail"]
+    lines[0] += f", transformers {transformers.__version__}"
+    pyproject = open(os.path.join(os.path.dirname(__file__), "..", "pyproject.toml")).read()
+    pinned = re.search(r'"transformers==([^"]+)"', pyproject)
+    if pinned and transformers.__version__ != pinned.group(1):
+        lines.append(f"fusedpar: WARNING transformers {transformers.__version__}, but the tests pin "
+                     f"{pinned.group(1)}: families and their plans differ between releases, so some "
+                     f"family-specific tests fail or do not apply")
+    return lines
