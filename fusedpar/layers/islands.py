@@ -34,7 +34,7 @@ from .block_reduction import block_is_merged
 from .linear import gather_from_shard, reduce_scatter_to_shard, split_to_shard
 from .partial import reduce_partial
 
-__all__ = ["SP_NATIVE_STYLES", "sequence_islands", "install_island", "install_islands", "check_layer_inputs",
+__all__ = ["PER_TOKEN_ARGS", "SP_NATIVE_STYLES", "install_per_token_splits", "sequence_islands", "install_island", "install_islands", "check_layer_inputs",
            "layer_blocks"]
 
 SP_NATIVE_STYLES = frozenset({"colwise", "rowwise", "packed_colwise", "packed_rowwise",
@@ -44,7 +44,10 @@ SP_NATIVE_STYLES = frozenset({"colwise", "rowwise", "packed_colwise", "packed_ro
 # inside blocks that run on the whole sequence (hidden_states itself is split): position
 # embeddings, masks, Beam's per-position attention scale. Anything else is refused, since
 # fusedpar cannot tell where it is read (Gemma 3n adds per_layer_input to the split residual).
-_LAYER_ARGS = frozenset({"self", "hidden_states", "attention_mask", "position_ids", "position_embeddings",
+# Per-token inputs computed from the whole sequence outside the layers and read next to the
+# residual stream (Gemma 3n / Gemma 4's per-layer embeddings, [batch, seq, d]): split with it.
+PER_TOKEN_ARGS = frozenset({"per_layer_input"})
+_LAYER_ARGS = PER_TOKEN_ARGS | frozenset({"self", "hidden_states", "attention_mask", "position_ids", "position_embeddings",
                          "past_key_values", "past_key_value", "layer_past", "cache_position", "use_cache",
                          "output_attentions", "output_router_logits", "shared_kv_states", "attention_scaling",
                          "args", "kwargs"})
@@ -63,14 +66,54 @@ def layer_blocks(layer: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
 
 
 def check_layer_inputs(layer: nn.Module, name: str) -> None:
-    """Refuse (no comm) decoder layers that take inputs other than the residual stream and
-    whole-sequence context (e.g. Gemma 3n's per-layer embeddings, DeepSeek V4's input ids):
-    those would stay whole while the residual stream they meet is split."""
+    """Refuse (no comm) decoder layers that take inputs other than the residual stream,
+    whole-sequence context and the per-token inputs split with it (`PER_TOKEN_ARGS`), e.g.
+    DeepSeek V4's input ids or GLM-DSA's previous layer's top-k indices: those would stay
+    whole while the residual stream they meet is split."""
     extra = [p for p in inspect.signature(type(layer).forward).parameters if p not in _LAYER_ARGS]
+    if isinstance(getattr(layer, "altup", None), nn.Module):
+        # Gemma 3n: the stream is [altup, batch, seq, hidden]; beyond 3 dims fusedpar cannot
+        # tell a stack of streams from hyper-connections' [batch, seq, streams, hidden]
+        raise ValueError(
+            f"parallelize(sequence_parallel=True): {name}.0 ({type(layer).__name__}): expected a decoder layer whose "
+            f"residual stream is [(batch,) seq, hidden], got one with AltUp (a stack of streams, 4 dims)")
     if extra:
         raise ValueError(
             f"parallelize(sequence_parallel=True): {name}.0 ({type(layer).__name__}): expected a decoder layer "
             f"whose only per-token input is hidden_states (fusedpar splits that one), got also {extra}")
+
+
+def install_per_token_splits(region: nn.ModuleList, name: str, *, group: Any, comm: str, state: Any) -> None:
+    """Split each layer's per-token inputs (`PER_TOKEN_ARGS`, given by position or keyword)
+    on the sequence dim like the residual stream, in the forwards where the region runs
+    split (`state.split`). They are replicated (computed on every rank from the whole
+    sequence), so the split is a local slice whose backward all-gathers the gradient: the
+    replicated parameters that made them get every token's gradient on every rank."""
+    for i, layer in enumerate(region):
+        names = [p for p in inspect.signature(type(layer).forward).parameters if p != "self"]
+        wanted = [(arg, names.index(arg)) for arg in PER_TOKEN_ARGS if arg in names]
+        if not wanted:
+            continue
+
+        def split(module: nn.Module, args: tuple, kwargs: dict, wanted=wanted, where=f"{name}.{i}") -> Any:
+            if not state.split:
+                return None
+            args, kwargs = list(args), dict(kwargs)
+            for arg, pos in wanted:
+                x = kwargs.get(arg) if arg in kwargs else (args[pos] if pos < len(args) else None)
+                if not isinstance(x, Tensor):
+                    continue
+                if x.ndim < 2 or x.shape[-2] != state.length:
+                    raise ValueError(f"parallelize(sequence_parallel=True): {where} {arg}: expected [.., seq, d] with "
+                                     f"seq {state.length} (the residual stream's), got shape {list(x.shape)}")
+                x = split_to_shard(x, group=group, dim=-2, comm=comm)
+                if arg in kwargs:
+                    kwargs[arg] = x
+                else:
+                    args[pos] = x
+            return tuple(args), kwargs
+
+        layer.register_forward_pre_hook(split, with_kwargs=True)
 
 
 def sequence_islands(matches: dict[str, tuple[str, str]], params: set[str], name: str,

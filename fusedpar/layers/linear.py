@@ -87,6 +87,7 @@ class SequenceRegion:
     def __init__(self, world: int) -> None:
         self.world = world
         self.split = True
+        self.length = 0  # the whole sequence's length in this forward
         self.pending: set[bool] = set()  # modes of grad-recording forwards not yet backpropagated
 
 

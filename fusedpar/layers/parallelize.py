@@ -67,7 +67,7 @@ from .fp8 import as_recipe, enable_fp8
 from .norm import all_reduce_grads
 from . import embedding
 from .block_reduction import install_block_reductions
-from .islands import check_layer_inputs, install_islands, layer_blocks, sequence_islands
+from .islands import check_layer_inputs, install_islands, install_per_token_splits, layer_blocks, sequence_islands
 from .packed import PackedColumnParallelLinear, PackedRowParallelLinear
 from .sharding import ParamShard, gather_shard, param_shards
 from .styles import check_row_inputs, inside_experts, plan_styles
@@ -491,7 +491,7 @@ def _install_sequence_region(region: nn.ModuleList, name: str, *, group: Any, co
                     f"of split and unsplit lengths"
                 )
             state.pending.add(mode)
-        state.split = mode
+        state.split, state.length = mode, x.shape[-2]
         if not mode:
             return None
         return put(split_to_shard(x, group=group, dim=-2, comm=comm))
@@ -506,7 +506,8 @@ def _install_sequence_region(region: nn.ModuleList, name: str, *, group: Any, co
             return gather_from_shard(output, group=group, dim=-2, comm=comm)
         return (gather_from_shard(output[0], group=group, dim=-2, comm=comm), *output[1:])
 
-    region[0].register_forward_pre_hook(split, with_kwargs=True)
+    region[0].register_forward_pre_hook(split, with_kwargs=True)  # first: the per-token splits read state.split
+    install_per_token_splits(region, name, group=group, comm=comm, state=state)
     region[len(region) - 1].register_forward_hook(gather)
 
 

@@ -105,9 +105,11 @@ def _run_error_cases(group):
     _expect(ValueError, lambda: parallelize(nn.Sequential(nn.Linear(8, 8)), {"0": "colwise"}, group=group,
                                             loss_parallel=True),
             "loss_parallel=True", "get_output_embeddings", "Sequential")
-    # sequence parallelism over decoder layers that take another per-token input
+    # sequence parallelism over decoder layers that take another per-token input, or a 4-D stream
+    _expect(ValueError, lambda: parallelize(build_family("glm_moe_dsa"), "auto", group=group, sequence_parallel=True),
+            "model.layers.0", "per-token input is hidden_states", "prev_topk_indices")
     _expect(ValueError, lambda: parallelize(build_family("gemma3n_text"), "auto", group=group, sequence_parallel=True),
-            "model.layers.0", "per-token input is hidden_states", "per_layer_input")
+            "model.layers.0", "residual stream is [(batch,) seq, hidden]", "AltUp")
 
     # sequence parallelism runs any length (unsplit when it does not divide), but not one
     # backward over forwards of both kinds: raised in forward, before the split

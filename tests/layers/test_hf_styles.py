@@ -201,3 +201,13 @@ def test_sharded_checkpoint_round_trip(dist2, tmp_path, family, plan):
 def test_moe_islands_at_any_sequence_length(dist2):
     # lengths that do not divide by the world size run the region unsplit, islands included
     dist2.run(run_cases, [dict(family=f, sp=True, seq=seq) for f in ("mixtral", "deepseek_v3") for seq in (7, 8, 3)])
+
+
+def test_per_layer_inputs_split_with_the_residual_stream(dist2, dist4):
+    # Gemma 4 feeds each decoder layer a per-token input computed from the whole sequence
+    # (per_layer_input, passed by position): split with the residual stream under SP; a length
+    # that does not divide by the world runs unsplit, per-layer inputs too
+    cases = [dict(family="gemma4_text", sp=True, steps=2, state_dict=True),
+             dict(family="gemma4_text", sp=True, seq=7)]
+    dist2.run(run_cases, cases)
+    dist4.run(run_cases, [dict(family="gemma4_text", sp=True, steps=1)])
