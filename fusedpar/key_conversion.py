@@ -121,7 +121,7 @@ def converted_keys(model: nn.Module, stored: Iterable[str], wanted: set[str],
         if key in wanted:
             continue
         new = key
-        for renaming in renamings:  # every renaming in turn (transformers' `apply_renamings`, absent before 5.2x)
+        for renaming in renamings:  # every renaming in turn (transformers' `apply_renamings`, absent in 5.17)
             new, _ = renaming.rename_source_key(new)
         converter, pattern = None, None
         for conv in converters:

@@ -176,10 +176,10 @@ def _module_path(model: nn.Module, module: nn.Module | None) -> str | None:
     return None
 
 
-def loss_parallel_plan(model: nn.Module, plan: dict[str, str]) -> tuple[dict[str, str], bool]:
+def loss_parallel_plan(model: nn.Module, plan: dict[str, str]) -> dict[str, str]:
     """`plan` plus the vocab-split LM head ("colwise", no gather) and, when the input
-    embedding shares its weight, the input embedding vocab-split the same way; and whether
-    they share it (checks, no comm)."""
+    embedding shares its weight, the input embedding vocab-split the same way, whatever the
+    plan said for it (checks, no comm; ties.py makes the two one parameter again)."""
     where = "parallelize(loss_parallel=True)"
     get_out = getattr(model, "get_output_embeddings", None)
     head = get_out() if callable(get_out) else None
@@ -190,25 +190,20 @@ def loss_parallel_plan(model: nn.Module, plan: dict[str, str]) -> tuple[dict[str
     plan = dict(plan)
     plan[head_path] = "colwise"
     embed = model.get_input_embeddings()
-    tied = isinstance(embed, nn.Embedding) and embed.weight is head.weight
-    if tied:
+    if isinstance(embed, nn.Embedding) and embed.weight is head.weight:
         plan[_module_path(model, embed)] = "embedding_rowwise"
-    return plan, tied
+    return plan
 
 
-def install_loss_parallel(model: nn.Module, *, group: dist.ProcessGroup, comm: str = "torch",
-                          tied: bool = False) -> None:
+def install_loss_parallel(model: nn.Module, *, group: dist.ProcessGroup, comm: str = "torch") -> None:
     """Make a Hugging Face causal LM compute its loss from vocab-split logits.
 
     Its LM head must already be column-parallel without a gather (`loss_parallel_plan`):
     `model(...).logits` is then `[.., V/world]`, this rank's vocabulary slice. The
     replacement `loss_function` is Hugging Face's ForCausalLM loss (labels shifted left,
     `ignore_index`, mean over the labelled tokens or sum / `num_items_in_batch`) on
-    `vocab_parallel_cross_entropy`. With `tied`, the (vocab-parallel) input embedding gets
-    the head's local rows back, so the two keep one parameter, as before sharding.
+    `vocab_parallel_cross_entropy`.
     """
-    if tied:
-        model.get_input_embeddings().weight = model.get_output_embeddings().weight
 
     def loss_function(logits: Tensor, labels: Tensor, vocab_size: int | None = None,
                       num_items_in_batch: Tensor | int | None = None, ignore_index: int = -100,

@@ -34,20 +34,21 @@ from .block_reduction import block_is_merged
 from .linear import gather_from_shard, reduce_scatter_to_shard, split_to_shard
 from .partial import reduce_partial
 
-__all__ = ["PER_TOKEN_ARGS", "SP_NATIVE_STYLES", "install_per_token_splits", "sequence_islands", "install_island", "install_islands", "check_layer_inputs",
-           "layer_blocks"]
+__all__ = ["PER_TOKEN_ARGS", "SP_NATIVE_STYLES", "install_per_token_splits", "sequence_islands", "install_island",
+           "install_islands", "check_layer_inputs", "layer_blocks"]
 
 SP_NATIVE_STYLES = frozenset({"colwise", "rowwise", "packed_colwise", "packed_rowwise",
                               "replicated_with_grad_allreduce", "sequence_parallel", "replicate"})
 
 # decoder-layer forward arguments that are not per-token tensors, or per-token context read only
 # inside blocks that run on the whole sequence (hidden_states itself is split): position
-# embeddings, masks, Beam's per-position attention scale. Anything else is refused, since
-# fusedpar cannot tell where it is read (Gemma 3n adds per_layer_input to the split residual).
-# Per-token inputs computed from the whole sequence outside the layers and read next to the
-# residual stream (Gemma 3n / Gemma 4's per-layer embeddings, [batch, seq, d]): split with it.
+# embeddings, masks, Beam's per-position attention scale; plus PER_TOKEN_ARGS, per-token inputs
+# made from the whole sequence outside the layers and read next to the residual stream (Gemma
+# 4's per-layer embeddings, [batch, seq, d]), split with it. Anything else is refused, since
+# fusedpar cannot tell where it is read (e.g. the previous layer's top-k indices).
 PER_TOKEN_ARGS = frozenset({"per_layer_input"})
-_LAYER_ARGS = PER_TOKEN_ARGS | frozenset({"self", "hidden_states", "attention_mask", "position_ids", "position_embeddings",
+_LAYER_ARGS = PER_TOKEN_ARGS | frozenset({
+                         "self", "hidden_states", "attention_mask", "position_ids", "position_embeddings",
                          "past_key_values", "past_key_value", "layer_past", "cache_position", "use_cache",
                          "output_attentions", "output_router_logits", "shared_kv_states", "attention_scaling",
                          "args", "kwargs"})

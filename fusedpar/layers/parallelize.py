@@ -284,9 +284,9 @@ def parallelize(
     group = check_group(group, arg="parallelize: group")
     recipe = as_recipe(fp8, where="parallelize: fp8")
     world = dist.get_world_size(group)
-    resolved, tied = resolve_plan(model, plan), False
+    resolved = resolve_plan(model, plan)
     if loss_parallel:
-        resolved, tied = embedding.loss_parallel_plan(model, resolved)
+        resolved = embedding.loss_parallel_plan(model, resolved)
     matches = _match(model, resolved, unmatched_ok=isinstance(plan, str))
     split_ties = complete_tied_plan(model, matches)  # a split tie's other member split the same way (ties.py)
     params = dict(model.named_parameters())
@@ -353,7 +353,7 @@ def parallelize(
     if unplanned:
         watch_unplanned(model, unplanned, group=group, comm=comm)
     if loss_parallel:
-        embedding.install_loss_parallel(model, group=group, comm=comm, tied=tied)
+        embedding.install_loss_parallel(model, group=group, comm=comm)
 
     # 4. Attention modules: local head counts; fused column groups under each parent.
     _set_local_heads(model, builds, world)

@@ -72,8 +72,9 @@ def run_family(group: Any, family: str, sp: bool, *, plan: Any = "auto", kernel:
     """One family, one layout: compare with the twin; raise Refused or AssertionError.
 
     Always: the loss, the logits (this rank's vocabulary slice with `loss_parallel`),
-    every gradient, and that tied parameters stay tied. `steps`: that many AdamW steps in lockstep, equal losses. `state_dict`:
-    the gathered weights load into a fresh single-process model with the same logits.
+    every gradient, and that tied parameters stay tied. `steps`: that many AdamW steps in
+    lockstep, equal losses. `state_dict`: the gathered weights load into a fresh
+    single-process model with the same logits.
     """
     ref = build(family, **(config or {}))
     model = copy.deepcopy(ref)
