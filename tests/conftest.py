@@ -44,7 +44,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config) -> None:
 
     if MATRIX_CASES:
         terminalreporter.write_line(
-            f"fault matrix: {len(MATRIX_CASES)} cases (op or layer x fault) ended in their documented error, none hung"
+            f"fault matrix: {len(MATRIX_CASES)} cases (op, layer or save_pretrained x fault) ended as documented, none hung"
         )
     for line in _versions():
         terminalreporter.write_line(line)
