@@ -1,9 +1,12 @@
-"""Ranks that disagree, on fresh gloo groups with a short timeout (issue 24, item 5).
+"""Ranks that disagree, on fresh gloo groups with a short timeout (issue 24, items 5-6).
 
-Faults: a NaN or inf gradient on one rank only (each rank in turn). Every case must end in
-its documented error on every rank within the group timeout + 5 s, and no process may hang
-or die. Before the fix the inf-norm of a NaN on rank 1 came back finite on both ranks.
-Healthy twins run alongside, so a check that refuses everything fails too.
+Faults: a NaN or inf gradient on one rank only (each rank in turn), ranks given different
+plans, settings or seeds, and sequence-parallel forwards of different lengths on the two
+ranks. Every case must end in its documented error on every rank, naming the difference,
+within the group timeout + 5 s, and no process may hang or die. Before the fix: the inf-norm
+of a NaN on rank 1 came back finite on both ranks; different plans raised on one rank only;
+different seeds and lengths 8 vs 7 passed or waited out the timeout; 8 vs 6 aborted a rank
+inside gloo. Healthy twins run alongside, so a check that refuses everything fails too.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import pytest
 import torch
 
 import fusedpar
-from fusedpar.layers import parallelize
+from fusedpar.layers import parallelize, resolve_plan
 from tests.faults import MATRIX_CASES, run_scenarios
 from tests.layers.test_models import build
 
@@ -56,6 +59,35 @@ def s_nonfinite_grad(group, rank, world, *, victim: int, value: str, where: str)
     raise RuntimeError(f"{raised[0]} | norms {norms}")
 
 
+def s_plans_differ(group, rank, world, *, kind: str):
+    model = build("llama")
+    plan = resolve_plan(model, "auto")
+    if rank == 1 and kind == "missing_key":
+        del plan["model.layers.*.mlp.up_proj"]
+    elif rank == 0 and kind == "bad_style_on_rank_0":  # rank 0's own checks would refuse it alone
+        plan["model.layers.*.mlp.up_proj"] = "colwize"
+    model = parallelize(model, plan, group=group, kernel="torch")
+    _backward(model)
+
+
+def s_settings_differ(group, rank, world):
+    parallelize(build("llama"), "auto", group=group, kernel="torch", sequence_parallel=rank == 0)
+
+
+def s_seeds_differ(group, rank, world):
+    model = parallelize(build("llama", seed=rank), "auto", group=group, kernel="torch")
+    _backward(model)
+
+
+def s_lengths_differ(group, rank, world, *, lengths: tuple[int, int], entry: str):
+    model = parallelize(build("llama"), "auto", group=group, kernel="torch", sequence_parallel=True)
+    ids = torch.randint(0, 256, (1, lengths[rank]), generator=torch.Generator().manual_seed(1))
+    if entry == "model":
+        model(ids, labels=ids).loss.backward()
+    else:  # the base model only: the check at the first decoder layer
+        model.model(ids).last_hidden_state.sum().backward()
+
+
 def s_agree(group, rank, world):
     """Identical ranks: parallelize, SP forwards of two lengths, finite clipping all pass,
     and the logits are the single process's."""
@@ -83,7 +115,8 @@ def _expect_all(outcomes: dict, label: str, error_type: str | None, patterns: li
             assert o.ok, f"{label}: rank {rank} expected success, got {o.error_type}: {o.message}"
         else:
             assert not o.ok and o.error_type == error_type, (
-                f"{label}: rank {rank} expected {error_type}, got {'success' if o.ok else o.error_type + ': ' + o.message}")
+                f"{label}: rank {rank} expected {error_type}, "
+                f"got {'success' if o.ok else o.error_type + ': ' + o.message}")
             for pattern in patterns:
                 assert pattern in o.message, f"{label}: rank {rank}: {pattern!r} not in {o.message!r}"
         bound = BOUND_S if error_type else 60.0  # a healthy case's first run also imports and builds
@@ -95,8 +128,23 @@ NONFINITE_MSG = "clip_grad_norm_: the total norm of order"
 CASES = [("agree", s_agree, {}, None, [])]
 CASES += [(f"nonfinite_grad[{x} on rank {v}, {w}]", s_nonfinite_grad, dict(victim=v, value=x, where=w), "RuntimeError",
            [NONFINITE_MSG, f"is {x} (non-finite)"])
-          for v, x, w in [(1, "nan", "sharded"), (1, "inf", "replicated"), (0, "nan", "replicated"), (0, "inf", "sharded")]]
+          for v, x, w in [(1, "nan", "sharded"), (1, "inf", "replicated"), (0, "nan", "replicated"),
+                          (0, "inf", "sharded")]]
 CASES += [
+    ("plans_differ[key missing on rank 1]", s_plans_differ, dict(kind="missing_key"), "RanksDisagreeError",
+     ["ranks disagree on plan", "'model.layers.*.mlp.up_proj': 'colwise' vs '<absent>'"]),
+    ("plans_differ[bad style on rank 0]", s_plans_differ, dict(kind="bad_style_on_rank_0"), "RanksDisagreeError",
+     ["ranks disagree on plan", "'colwize' vs 'colwise'"]),
+    ("settings_differ[sequence_parallel]", s_settings_differ, {}, "RanksDisagreeError",
+     ["ranks disagree on settings", "'sequence_parallel': True vs False"]),
+    ("seeds_differ", s_seeds_differ, {}, "RanksDisagreeError",
+     ["ranks disagree on parameter checksums", "'model.embed_tokens.weight'"]),
+    ("sp_lengths_differ[8 vs 7]", s_lengths_differ, dict(lengths=(8, 7), entry="model"), "RanksDisagreeError",
+     ["[1, 8] on rank 0, [1, 7] on rank 1"]),
+    ("sp_lengths_differ[8 vs 6]", s_lengths_differ, dict(lengths=(8, 6), entry="model"), "RanksDisagreeError",
+     ["[1, 8] on rank 0, [1, 6] on rank 1"]),
+    ("sp_lengths_differ[8 vs 6, base model]", s_lengths_differ, dict(lengths=(8, 6), entry="layers"),
+     "RanksDisagreeError", ["model.layers.0 forward: hidden_states", "[1, 8, 128] on rank 0, [1, 6, 128] on rank 1"]),
     ("agree_after_faults", s_agree, {}, None, []),  # works again after every fault, on a rebuilt group
 ]
 SCENARIOS = {label: fn for label, fn, *_ in CASES}
