@@ -8,7 +8,7 @@ Layers:      ColumnParallelLinear, RowParallelLinear, ParallelMLP, ParallelAtten
 fp8:         Float8Recipe, enable_fp8 (or parallelize(..., fp8=True)), quantize_rowwise, quantize_tensorwise
 Schedules:   all_gather_matmul, matmul_reduce_scatter, matmul_all_reduce (+ *_reference, backward blocks)
 Kernels:     matmul, gated_matmul, grouped_matmul (+ _wgrad), resolve_kernel
-Comm:        get_communicator, init_distributed, new_group, CollectiveError
+Comm:        get_communicator, init_distributed, new_group, CollectiveError, RanksDisagreeError
 Cost model:  predict, choose_chunks, calibrate, device_spec_for, set_device_spec
 Training:    grad_norm, clip_grad_norm_ (the global norm under TP)
 Checkpoints: from_pretrained, load_checkpoint (each rank reads its slices), save_pretrained
@@ -16,6 +16,7 @@ Checkpoints: from_pretrained, load_checkpoint (each rank reads its slices), save
 from __future__ import annotations
 
 from fusedpar.checks import InconsistentCallError
+from fusedpar.layers.agreement import RanksDisagreeError
 from fusedpar.checkpoint import from_pretrained, load_checkpoint, save_pretrained
 from fusedpar.comm import (
     CollectiveError,
@@ -101,6 +102,7 @@ __all__ = [
     "DEVICES",
     "DeviceSpec",
     "InconsistentCallError",
+    "RanksDisagreeError",
     "PendingOutput",
     "Prediction",
     "TorchCommunicator",

@@ -125,15 +125,32 @@ def grad_norm(model: nn.Module, *, group: Any, norm_type: float = 2.0, foreach: 
                 part = part / world  # the same on every rank of the group: counted once
         part = part.reshape(1).contiguous()
         for g in extra:
-            dist.all_reduce(part, op=dist.ReduceOp.MAX if math.isinf(p) else dist.ReduceOp.SUM, group=g)
-        total = torch.maximum(total, part[0]) if math.isinf(p) else total + part[0]
-    total = total.reshape(1).contiguous()
-    if math.isinf(p):
-        dist.all_reduce(total, op=dist.ReduceOp.MAX, group=group)
-    else:
-        communicator.all_reduce(total).wait()
-        total = total.pow(1.0 / p)
-    return total[0]
+            part = _reduce_partial_norm(part, p, g)
+        total = torch.maximum(total, part[0]) if math.isinf(p) else total + part[0]  # both keep NaN
+    total = _reduce_partial_norm(total.reshape(1).contiguous(), p, group, communicator)
+    return total[0] if math.isinf(p) else total[0].pow(1.0 / p)
+
+
+def _reduce_partial_norm(part: Tensor, p: float, group: Any, communicator: Any = None) -> Tensor:
+    """``part`` (one fp32 element: this rank's max for p = inf, its sum of p-th powers
+    otherwise) reduced over ``group`` so that a NaN or inf on any rank is one on every rank
+    (then ``error_if_nonfinite`` raises, and clipping does the same, on all of them).
+
+    A SUM needs nothing more: its terms are >= 0, so NaN and inf survive it (no inf - inf).
+    A MAX does not: gloo's max (NCCL's too) of NaN and x gives whichever comparison order
+    favours, so a NaN on rank 1 only came back finite on both ranks. NaN therefore travels
+    as a second element of the same all-reduce, a flag; inf is ordered and needs no flag.
+    """
+    if not math.isinf(p):
+        if communicator is not None:
+            communicator.all_reduce(part).wait()
+        else:
+            dist.all_reduce(part, op=dist.ReduceOp.SUM, group=group)
+        return part
+    is_nan = torch.isnan(part)
+    packed = torch.cat([torch.where(is_nan, torch.zeros_like(part), part), is_nan.to(part.dtype)])
+    dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=group)
+    return torch.where(packed[1:] > 0, torch.full_like(part, math.nan), packed[:1])
 
 
 @torch.no_grad()

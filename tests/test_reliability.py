@@ -200,8 +200,12 @@ def _run_matrix_row(world, op, crash_kind):
     plan.append(("crash", {"op": op, "kind": crash_kind}))
     outcomes, codes = run_scenarios(world, __name__, plan, timeout_s=TIMEOUT_S)
     everyone, survivors = range(world), [r for r in range(world) if r != VICTIM]
-    _expect(outcomes, "shape_differs", everyone, "InconsistentCallError", f"rank {VICTIM} has ")
-    _expect(outcomes, "dtype_differs", everyone, "InconsistentCallError", "float64")
+    if op == "parallelize":  # caught without FUSEDPAR_DEBUG: the ranks' agreement checks (agreement.py)
+        _expect(outcomes, "shape_differs", everyone, "RanksDisagreeError", f"on rank {VICTIM}")
+        _expect(outcomes, "dtype_differs", everyone, "RanksDisagreeError", "float64")
+    else:
+        _expect(outcomes, "shape_differs", everyone, "InconsistentCallError", f"rank {VICTIM} has ")
+        _expect(outcomes, "dtype_differs", everyone, "InconsistentCallError", "float64")
     if op in ("all_gather_matmul", "matmul_all_reduce"):
         _expect(outcomes, "not_divisible", everyone, None)
     else:

@@ -18,6 +18,12 @@ the kernels be tested on GPU-less machines, with two differences from compiled T
    first round each value onto the fp8 grid in fp32 arithmetic (:func:`round_to_fp8_grid`,
    exact round-to-nearest-even) when :func:`fp8_cast_rounds_wrongly` says so; the cast then
    has nothing left to round.
+   Its cast also writes NaN wrongly (measured with triton 3.9): as 0x7C in e4m3, the
+   finite 384, and as 0x7E in e5m2; :func:`cast_to_fp8` writes 0x7F there instead. The
+   reverse conversion (and so ``tl.dot`` on fp8 tiles) reads e4m3's NaN 0x7F as 480 and
+   e5m2's NaN and inf as finite values: interpreted fp8 GEMMs turn a NaN operand value into
+   a finite one (not worked around; a NaN or inf row's scale still makes its output row
+   non-finite).
 4. Triton 3.6's interpreter turns a scalar tensor into a Python index (``range(tl.program_id(0),
    ...)`` in the persistent loops) with ``int()`` of a one-element 1-D numpy array, which
    numpy 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars");
@@ -32,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["INTERPRETER_BLOCKS", "fp8_cast_rounds_wrongly", "is_interpreting", "round_to_fp8_grid",
+__all__ = ["INTERPRETER_BLOCKS", "cast_to_fp8", "fp8_cast_rounds_wrongly", "is_interpreting", "round_to_fp8_grid",
            "upcast_to_fp32"]
 
 # Triton reads TRITON_INTERPRET once, when `@triton.jit` decorates a function. This module is
@@ -107,3 +113,12 @@ def round_to_fp8_grid(v, MANTISSA_BITS: tl.constexpr, MIN_NORMAL_EXP: tl.constex
     r = (a + c) - c
     # the sign back by a product, so -0.0 stays -0.0 (triton 3.6 interprets `-r` as `0 - r`)
     return tl.where(bits < 0, r * -1.0, r)
+
+
+@triton.jit
+def cast_to_fp8(v, out_dtype: tl.constexpr):
+    """``v`` (fp32, on the fp8 grid: :func:`round_to_fp8_grid`) cast to ``out_dtype``, NaN
+    written as 0x7F (NaN in e4m3fn and e5m2, what torch and the GPU's cast write for a
+    positive NaN) where the interpreter's cast writes a finite value (3.)."""
+    nan = tl.full(v.shape, 0x7F, tl.uint8).to(out_dtype, bitcast=True)
+    return tl.where(v != v, nan, v.to(out_dtype))

@@ -14,8 +14,15 @@ The scale rules (dynamic scaling: every call measures the tensor it quantizes):
   once, in the GEMM epilogue, where their own rounding (2**-24) is far below fp8's.
 * **cast**: ``q = round_to_nearest_even(clamp(x * (FP8_MAX / amax), -FP8_MAX, FP8_MAX))``,
   so ``q * scale`` reproduces ``x`` to fp8's relative precision (2**-4 for e4m3, 2**-3 for
-  e5m2) down to the subnormals. Non-finite inputs give non-finite scales or values; they
-  are not clamped into finite ones.
+  e5m2) down to the subnormals.
+* **non-finite input** stays non-finite, as in an fp32 GEMM: a NaN makes its group's amax
+  and scale NaN, so every value of the group becomes NaN; an inf makes the scale inf and
+  the group's other values 0 (``x * FP8_MAX / inf``) with NaN where the inf was
+  (``inf * 0``), so ``q * scale`` is NaN across the group either way and a GEMM's output
+  row (row-wise) or whole output (tensor-wise) is NaN. The clamp never turns NaN into
+  ``-FP8_MAX``. Every NaN is written as the positive one (``0x7F`` in both formats; NaN's
+  sign is whatever the hardware makes, x86 makes ``inf * 0`` negative), so kernels and
+  references agree bit for bit on non-finite input too.
 
 Fused where possible: row-wise quantization is one launch per tensor (a program owns whole
 rows: it finds their amax, writes their scales and casts them, from registers when a row fits
@@ -27,6 +34,8 @@ as a tensor division, not ``scalar / tensor``, which torch evaluates as a recipr
 a scalar and rounds differently), so kernels and references agree bit for bit.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -52,11 +61,24 @@ _FORMAT = {torch.float8_e4m3fn: (3, -6), torch.float8_e5m2: (2, -14)}
 @triton.jit
 def _cast(v, inv, FP8_MAX: tl.constexpr, GRID_ROUND: tl.constexpr, MANTISSA_BITS: tl.constexpr,
           MIN_NORMAL_EXP: tl.constexpr, out_dtype: tl.constexpr):
-    """fp32 values times their reciprocal scale, saturated to the format's range, cast."""
-    v = tl.clamp(v * inv, -FP8_MAX, FP8_MAX)
+    """fp32 values times their reciprocal scale, saturated to the format's range, cast;
+    NaN stays NaN (the positive one)."""
+    # PropagateNan.ALL: the default lets a compiled clamp (and the interpreter's) turn NaN
+    # into -FP8_MAX, a finite value from a NaN token
+    v = tl.clamp(v * inv, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
+    v = tl.where(v != v, float("nan"), v)  # one NaN, whatever sign the arithmetic gave it
     if GRID_ROUND:  # interpreter only: its fp32 -> fp8 cast rounds wrongly (interpreter.py)
         v = interpreter.round_to_fp8_grid(v, MANTISSA_BITS, MIN_NORMAL_EXP)
+        return interpreter.cast_to_fp8(v, out_dtype)
     return v.to(out_dtype)
+
+
+@triton.jit
+def _nanmax(t, axis: tl.constexpr):
+    """``tl.max`` along ``axis``, NaN where the slice holds a NaN: ``tl.max`` itself ignores
+    NaN (compiled, a maxnum; interpreted, numpy's nanmax), which hid a NaN token's NaN."""
+    has_nan = tl.max((t != t).to(tl.int32), axis=axis)
+    return tl.where(has_nan > 0, float("nan"), tl.max(t, axis=axis))
 
 
 @triton.jit
@@ -81,14 +103,14 @@ def _quantize_rows_kernel(
     # -- amax of each row (of x * col_scale); a row that fits one block stays in registers --
     if ONE_BLOCK:
         x = _load_tile(x_ptr, rows, cols, R, C, stride_xr, stride_xc, cs_ptr, stride_cs, COL_SCALED)
-        amax = tl.max(tl.abs(x), axis=1)
+        amax = _nanmax(tl.abs(x), 1)
     else:
         amax = tl.zeros((BLOCK_R,), dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
             x = _load_tile(x_ptr, rows, c0 + cols, R, C, stride_xr, stride_xc, cs_ptr, stride_cs, COL_SCALED)
-            amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+            amax = tl.maximum(amax, _nanmax(tl.abs(x), 1), propagate_nan=tl.PropagateNan.ALL)
     # -- the scale rule (module docstring); IEEE divisions, as the torch reference's ---------
-    amax = tl.maximum(amax, EPS)
+    amax = tl.maximum(amax, EPS, propagate_nan=tl.PropagateNan.ALL)
     tl.store(scale_ptr + rows, tl.div_rn(amax, FP8_MAX), mask=rows < R)
     inv = tl.div_rn(tl.full(amax.shape, FP8_MAX, tl.float32), amax)[:, None]
     # -- cast ----------------------------------------------------------------------------
@@ -113,8 +135,8 @@ def _amax_kernel(x_ptr, partial_ptr, R, C, stride_xr, stride_xc, BLOCK_R: tl.con
         rows = rb * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
         for c0 in range(0, C, BLOCK_C):
             x = _load_tile(x_ptr, rows, c0 + cols, R, C, stride_xr, stride_xc, x_ptr, 0, False)
-            amax = tl.maximum(amax, tl.abs(x))
-    tl.store(partial_ptr + tl.program_id(0), tl.max(tl.max(amax, axis=1), axis=0))
+            amax = tl.maximum(amax, tl.abs(x), propagate_nan=tl.PropagateNan.ALL)
+    tl.store(partial_ptr + tl.program_id(0), _nanmax(_nanmax(amax, 1), 0))
 
 
 @triton.jit
@@ -127,7 +149,7 @@ def _quantize_tensor_kernel(
 ):
     # -- the tensor's amax from the partial maxima (each program reduces them itself) -------
     partials = tl.load(partial_ptr + tl.arange(0, BLOCK_P), mask=tl.arange(0, BLOCK_P) < NUM_PARTIALS, other=0.0)
-    amax = tl.maximum(tl.max(partials, axis=0), EPS)
+    amax = tl.maximum(_nanmax(partials, 0), EPS, propagate_nan=tl.PropagateNan.ALL)
     if tl.program_id(0) == 0:
         tl.store(scale_ptr, tl.div_rn(amax, FP8_MAX))
     inv = tl.div_rn(FP8_MAX, amax)
@@ -238,9 +260,12 @@ def quantize_tensorwise(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3f
 
 def _cast_reference(xf: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     fmax = FP8_MAX[dtype]
-    amax = amax.clamp_min(EPS)
+    amax = amax.clamp_min(EPS)  # keeps NaN, as the kernels' maximum(..., PropagateNan.ALL)
+    amax = amax.masked_fill(amax.isnan(), math.nan)  # the kernels' one NaN (any payload in x)
     inv = torch.full_like(amax, fmax) / amax  # a tensor division: IEEE, like the kernels' div_rn
-    return (xf * inv).clamp(-fmax, fmax).to(dtype), amax / fmax
+    v = (xf * inv).clamp(-fmax, fmax)
+    v = v.masked_fill_(v.isnan(), math.nan)  # positive NaN: x86 makes inf * 0 a negative one
+    return v.to(dtype), amax / fmax
 
 
 def quantize_rowwise_reference(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn, *,

@@ -63,6 +63,7 @@ from .linear import (
     gather_from_shard,
     split_to_shard,
 )
+from .agreement import check_parallelize_agrees, install_input_check
 from .fp8 import as_recipe, enable_fp8
 from .norm import all_reduce_grads
 from . import embedding
@@ -283,6 +284,9 @@ def parallelize(
     """
     group = check_group(group, arg="parallelize: group")
     recipe = as_recipe(fp8, where="parallelize: fp8")
+    check_parallelize_agrees(model, plan, group=group, settings=dict(  # ranks agree (agreement.py)
+        sequence_parallel=sequence_parallel, loss_parallel=loss_parallel, fp8=recipe, chunks=chunks, kernel=kernel,
+        comm=comm, save_gathered_input=save_gathered_input))
     world = dist.get_world_size(group)
     resolved = resolve_plan(model, plan)
     if loss_parallel:
@@ -367,7 +371,8 @@ def parallelize(
     # 5. Sequence parallelism: split the residual stream inside the decoder layers.
     if sequence_parallel:
         assert region is not None and state is not None
-        _install_sequence_region(region, region_name, group=group, comm=comm, state=state)
+        entry_check = install_input_check(model, region_name, group=group, planned=set(matches))
+        _install_sequence_region(region, region_name, group=group, comm=comm, state=state, entry_check=entry_check)
         planned = set(matches)
         for i, layer in enumerate(region):
             for path, child in layer_blocks(layer, f"{region_name}.{i}"):  # lists opened: LongCat's two norms
@@ -469,13 +474,14 @@ def _install_group(parent: nn.Module, layers: list[nn.Module], parent_path: str)
 
 
 def _install_sequence_region(region: nn.ModuleList, name: str, *, group: Any, comm: str,
-                             state: SequenceRegion) -> None:
+                             state: SequenceRegion, entry_check: Any) -> None:
     """Split the residual stream on the sequence dim before the first decoder layer and
     gather it after the last one, when the length divides by the world size; otherwise the
     region runs unsplit for this forward (`state.split`, read by its layers and norms)."""
 
     def split(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         x, put = _first_input(args, kwargs)
+        entry_check(x)  # lengths agree across ranks, or every rank raises (agreement.py)
         if x.ndim < 2:
             raise ValueError(f"parallelize(sequence_parallel=True): {name}.0 input: expected [.., seq, hidden], "
                              f"got shape {list(x.shape)}")

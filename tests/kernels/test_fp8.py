@@ -253,3 +253,63 @@ def test_tensorwise_amax_spans_many_programs():
 def test_quantize_bad_input_raises_naming_the_argument(make_call, error, match):
     with pytest.raises(error, match=match):
         make_call(torch.randn(4, 8))
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits (NaN == NaN only when the bits are the same)."""
+    return t.contiguous().view({1: torch.uint8, 4: torch.int32}[t.element_size()])
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [E4M3, E5M2], ids=str)
+def test_quantize_keeps_nan_and_inf_rows_non_finite_bit_equal_to_the_reference(dtype, x_dtype, kernel):
+    """A row holding NaN or ±inf dequantizes to NaN across the row (NaN: scale NaN; inf:
+    scale inf, the other values 0), the other rows are untouched, and the kernel writes
+    the same bits as the reference, NaN included (0x7F, whatever NaN's sign was)."""
+    gen = torch.Generator().manual_seed(11)
+    for width in (40, 20000):  # one block per row, and rows over two interpreted blocks
+        x = torch.randn(7, width, generator=gen)
+        bad = {1: math.nan, 2: -math.nan, 3: math.inf, 4: -math.inf}
+        for row, v in bad.items():
+            x[row, width - 3 if width > 16384 else row] = v  # in the last block
+        x[5, :3] = torch.tensor([math.nan, math.inf, -math.inf])
+        x = x.to(x_dtype)
+        rows_bad = torch.zeros(7, dtype=torch.bool)
+        rows_bad[[1, 2, 3, 4, 5]] = True
+        for col_scale in (None, torch.rand(width, generator=gen) + 0.5):
+            what = f"width {width} {x_dtype} -> {dtype} col_scale={col_scale is not None} {kernel}"
+            q, s = quantize_rowwise(x, dtype, col_scale=col_scale, kernel=kernel)
+            q_ref, s_ref = quantize_rowwise_reference(x, dtype, col_scale=col_scale)
+            assert torch.equal(_bits(q), _bits(q_ref)), f"{what}: q differs from the reference"
+            assert torch.equal(_bits(s), _bits(s_ref)), f"{what}: scales differ: {s.flatten()} vs {s_ref.flatten()}"
+            deq = dequantize(q, s, torch.float32)
+            assert deq[rows_bad].isnan().all(), f"{what}: a non-finite row dequantizes to finite values"
+            assert deq[~rows_bad].isfinite().all(), f"{what}: a finite row became non-finite"
+            assert s[[1, 2]].isnan().all() and torch.isposinf(s[[3, 4]]).all(), f"{what}: scales {s.flatten()}"
+            assert not (q[rows_bad].float().abs() == FP8_MAX[dtype]).any(), f"{what}: NaN or inf clamped to FP8_MAX"
+        q, s = quantize_tensorwise(x, dtype, kernel=kernel)
+        q_ref, s_ref = quantize_tensorwise_reference(x, dtype)
+        assert torch.equal(_bits(q), _bits(q_ref)) and torch.equal(_bits(s), _bits(s_ref)), f"tensorwise {width}"
+        assert s.isnan() and dequantize(q, s, torch.float32).isnan().all(), f"tensorwise {width}: not NaN"
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_fp8_matmul_of_a_nan_token_is_nan_in_that_row_as_in_fp32(kernel):
+    """fp8 row-wise: a NaN (or inf) token's output row is non-finite, as the fp32 product's
+    is, and no other row changes. The torch backend gives NaN across the row; interpreted
+    Triton reads an fp8 NaN as ±480 in its fp8 upcast (interpreter.py, 3.), so an inf row
+    (scale inf) comes out ±inf there, where a GPU's fp8 MMA gives NaN."""
+    gen = torch.Generator().manual_seed(12)
+    x, w = torch.randn(6, 64, generator=gen), torch.randn(32, 64, generator=gen)
+    x[1, 5], x[4, 9] = math.nan, math.inf
+    xq, xs = quantize_rowwise(x, E4M3, kernel=kernel)
+    wq, ws = quantize_rowwise(w, E4M3, kernel=kernel)
+    y = matmul(xq, wq.t(), a_scale=xs, b_scale=ws.view(1, -1), out_dtype=torch.float32, kernel=kernel)
+    y32 = x @ w.t()
+    for row in (1, 4):
+        assert not y32[row].isfinite().any() and not y[row].isfinite().any(), f"row {row}: fp8 {y[row]}, fp32 {y32[row]}"
+        assert y[row].isnan().all() or (kernel == "triton" and row == 4), f"row {row}: fp8 {y[row]} is not NaN"
+    finite = [0, 2, 3, 5]
+    ref = _dequant(xq[finite], xs[finite]) @ _dequant(wq, ws).T
+    assert_close(y[finite], ref, TOL_OUT[torch.float32], f"finite rows {kernel}")
