@@ -12,7 +12,7 @@ Every candidate is compile-checked for sm_90a and sm_80 in the test suite
 wgmma and TMA on Hopper; those that failed were dropped, and the comments say so. The rules
 are tile arithmetic (biggest tile that still gives every SM a tile, short wide-K tiles for
 decode) that no GPU has checked yet: bench/gpu/gemm_sweep.py times every candidate against
-cuBLAS on the lent GPU, and its results are what the rules are to be fitted to.
+cuBLAS on a GPU machine, and its results are what the rules are to be fitted to.
 """
 from __future__ import annotations
 

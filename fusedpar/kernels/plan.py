@@ -24,7 +24,7 @@ from fusedpar.kernels.common import logger
 from fusedpar.kernels.configs import GemmConfig
 from fusedpar.kernels.fp8 import is_fp8
 
-try:  # host-side TMA descriptors: triton >= 3.3 (3.6 on the lent GPU machine, 3.9 here)
+try:  # host-side TMA descriptors: triton >= 3.3 (3.6 on the GPU machine, 3.9 on CI)
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover - older triton: the pointer kernel serves everything
     TensorDescriptor = None
