@@ -57,6 +57,11 @@ def _run_two_d(group, dp_kind: str, sp: bool):
     ref = build("llama")
     model = parallelize(copy.deepcopy(ref), "auto", group=mesh["tp"], sequence_parallel=sp, kernel="torch")
     if dp_kind == "ddp":
+        # DDP takes plain tensors: torch's own transform turns the TP DTensor parameters into
+        # their local tensors for DDP (and back around each forward), as for DTensor TP
+        from torch.distributed.tensor.parallel.ddp import _pre_dp_module_transform
+
+        _pre_dp_module_transform(model)
         wrapped = DDP(model, process_group=mesh["dp"].get_group())
         inner = model
     else:  # torchtitan's recipe: each decoder layer a unit, then the root
