@@ -29,6 +29,7 @@ def as_local(got, ref=None):
 
 
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    ref = as_local(ref)
     got = as_local(got, ref)
     got, ref = got.detach().double(), ref.detach().double()
     if torch.isnan(got).any():
@@ -40,6 +41,7 @@ def check(name: str, got: torch.Tensor | None, ref: torch.Tensor | None, dtype: 
           tol: float | None = None) -> None:
     assert got is not None, f"{name} {case}: got None (no gradient?)"
     assert ref is not None, f"{name} {case}: reference is None"
+    ref = as_local(ref)
     got = as_local(got, ref)
     assert tuple(got.shape) == tuple(ref.shape), f"{name} {case}: shape {list(got.shape)} != {list(ref.shape)}"
     if ref.detach().double().norm() < ZERO[dtype]:  # a gradient that is zero in exact arithmetic (key bias)
