@@ -4,7 +4,7 @@ as the plain local tensors they were before (the same layer, its parameters swap
 
 Host time only: torch's fake process group makes every collective a no-op (FACTS.md), so what
 is timed is the work of issuing kernels and collectives, which bounds a decode step on a GPU.
-Variants alternate round by round; medians of ROUNDS rounds of CALLS calls each. Run:
+Variants alternate round by round; medians over rounds (SHAPES says how many). Run:
 
     python bench/dtensor_params.py            # writes bench/results/cpu/dtensor-params-<date>.json
 """
@@ -22,8 +22,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-ROUNDS, CALLS = 40, 50
-SHAPES = {"decode (1 token, H=1024)": (1, 1024), "block (2x256 tokens, H=1024)": (512, 1024)}
+# (tokens, hidden, rounds, calls per round): the decode shape is the one host time bounds
+# (hidden 256, as the tiny Llama of the decode benchmarks); the block one is GEMM-bound
+SHAPES = {"decode (1 token, H=256)": (1, 256, 40, 50), "block (64 tokens, H=512)": (64, 512, 15, 10)}
 
 
 def _plain(layer: nn.Module) -> nn.Module:
@@ -69,18 +70,18 @@ def main() -> None:
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
     group = dist.group.WORLD
     results: dict[str, dict[str, float]] = {}
-    for shape_name, (tokens, hidden) in SHAPES.items():
+    for shape_name, (tokens, hidden, rounds, n_calls) in SHAPES.items():
         calls = {**_calls("column", tokens, hidden, group), **_calls("row", tokens, hidden, group)}
         for f in calls.values():  # warm up (caches, first-call allocations)
             for _ in range(5):
                 f()
         times: dict[str, list[float]] = {k: [] for k in calls}
-        for _ in range(ROUNDS):
+        for _ in range(rounds):
             for key, f in calls.items():
                 t0 = time.perf_counter()
-                for _ in range(CALLS):
+                for _ in range(n_calls):
                     f()
-                times[key].append((time.perf_counter() - t0) / CALLS * 1e6)
+                times[key].append((time.perf_counter() - t0) / n_calls * 1e6)
         for key, ts in times.items():
             call, variant = key.split("|")
             results.setdefault(f"{shape_name}: {call}", {})[variant] = statistics.median(ts)
@@ -94,7 +95,8 @@ def main() -> None:
     print("\n".join(rows))
     meta = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "python": sys.version.split()[0],
             "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "threads": 1,
-            "rounds": ROUNDS, "calls_per_round": CALLS, "group": "fake (collectives are no-ops), world 2",
+            "shapes": {k: dict(zip(("tokens", "hidden", "rounds", "calls_per_round"), v)) for k, v in SHAPES.items()},
+            "group": "fake (collectives are no-ops), world 2",
             "kernel": "torch"}
     out_dir = os.path.join(os.path.dirname(__file__), "results", "cpu")
     os.makedirs(out_dir, exist_ok=True)

@@ -178,7 +178,7 @@ def _materialize(target: Tensor, value: Tensor, *, key: str, device: torch.devic
         new = DTensor.from_local(new.reshape(target._local_tensor.shape), target.device_mesh, target.placements,
                                  run_check=False, shape=target.shape, stride=target.stride())
     new = nn.Parameter(new, requires_grad=target.requires_grad) if is_param else new
-    if packed is not None:
+    if _is_dtensor(target):
         new._fusedpar_packed = packed  # the packed layout travels with the parameter (sharding.py)
     return new
 

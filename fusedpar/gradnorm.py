@@ -57,8 +57,20 @@ def _dtensor_local(g: Tensor) -> tuple[Tensor, tuple[Any, ...]]:
         return g, ()
     if any(p.is_partial() for p in g.placements):  # a pending reduction: settle it first
         g = g.redistribute(g.device_mesh, [Replicate() if p.is_partial() else p for p in g.placements])
-    groups = tuple(g.device_mesh.get_group(dim) for dim, p in enumerate(g.placements) if p.is_shard())
+    groups = tuple(g.device_mesh.get_group(dim) for dim, p in enumerate(g.placements) if _is_shard(p))
     return g._local_tensor, groups
+
+
+def _is_shard(placement: Any) -> bool:
+    """Shard, or FSDP2's _StridedShard (dp over a dim TP already splits), which is no Shard
+    subclass in torch 2.13 and answers is_shard() False."""
+    if placement.is_shard():
+        return True
+    try:
+        from torch.distributed.tensor.placement_types import _StridedShard
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(placement, _StridedShard)
 
 
 def _same_group(a: Any, b: Any) -> bool:

@@ -30,9 +30,9 @@ The model's state dict still shows the packed tensor in its own shape (state-dic
 gather it, `packed_state_dict_hooks`), so a checkpoint loads into a plain model.
 
 The compute path never dispatches through DTensor: kernels read `local_tensor(p)`, and modules read
-`local_param(p)` in forward, a view of the local tensor made by one autograd node per
-parameter that is cached across forwards (it saves nothing, so backward can run through it
-again), whose backward wraps the local gradient into the DTensor `.grad`.
+`local_param(p)` in forward: the local tensor itself under no_grad (decode: nothing added),
+else a view of it made by one small autograd node whose backward wraps the local gradient
+into the DTensor `.grad`.
 """
 from __future__ import annotations
 
@@ -193,9 +193,24 @@ def tp_parameter(local_value: Tensor, shard: ParamShard | None, *, group: dist.P
     dt = DTensor.from_local(dt_local.detach(), mesh, [placement], run_check=False, shape=torch.Size(global_shape),
                             stride=_contiguous_stride(tuple(global_shape)))
     param = nn.Parameter(dt, requires_grad=requires_grad)
-    if packed is not None:
-        param._fusedpar_packed = packed  # local_tensor(p) flattens dims (packed, packed + 1) back
+    _OWNERS[id(param._local_tensor)] = weakref.ref(param)
+    # local_tensor(p) flattens dims (packed, packed + 1) back; set also when None: a missing
+    # attribute on a tensor costs a raised AttributeError on every lookup (hot path)
+    param._fusedpar_packed = packed
     return param
+
+
+# id(local tensor) -> the DTensor parameter holding it: in-place writes through the DTensor
+# (`p.mul_(2)` under no_grad, an optimizer step) bump the DTensor's version, not the local's
+_OWNERS: dict[int, weakref.ref] = {}
+
+
+def version_of(t: Tensor) -> int:
+    """A counter that moves whenever `t`'s values are written in place, also through the
+    DTensor parameter whose local tensor it is (caches keyed on a weight's version use it)."""
+    owner = _OWNERS.get(id(t))
+    p = owner() if owner is not None else None
+    return t._version + (p._version if p is not None and p._local_tensor is t else 0)
 
 
 def local_tensor(t: Tensor) -> Tensor:
@@ -215,7 +230,6 @@ class _LocalView(torch.autograd.Function):
     backward  the local gradient wrapped as a DTensor with `p`'s placement (the `.grad`
               DTensor torch's tools expect); no comm: reductions of partial gradients
               are the layers' business, as before
-    Saves no tensor, so one node serves every forward until the parameter changes.
     """
 
     @staticmethod
@@ -233,18 +247,10 @@ class _LocalView(torch.autograd.Function):
         return DTensor(grad, ctx.spec, requires_grad=False)
 
 
-# id(parameter) -> (weakref to it, its local tensor then, the cached view)
-_VIEWS: dict[int, tuple[weakref.ref, Tensor, Tensor]] = {}
-
-
-def _forget_view(key: int) -> None:
-    _VIEWS.pop(key, None)
-
-
 def local_param(p: Tensor | None) -> Tensor | None:
     """What a module computes with in forward: `p` itself when it is a plain tensor; for a
     DTensor parameter, its local tensor, linked to `p` by autograd when a gradient is wanted
-    (a cached `_LocalView`; under torch.compile, `to_local()`, which the compiler traces)."""
+    (`_LocalView`; under torch.compile, `to_local()`, which the compiler traces)."""
     if p is None or not isinstance(p, DTensor):
         return p
     if not (p.requires_grad and torch.is_grad_enabled()):
@@ -253,21 +259,22 @@ def local_param(p: Tensor | None) -> Tensor | None:
         packed = getattr(p, "_fusedpar_packed", None)
         lt = p.to_local()
         return lt.flatten(packed, packed + 1) if packed is not None else lt
-    key = id(p)
-    found = _VIEWS.get(key)
-    if found is not None and found[0]() is p and found[1] is p._local_tensor:
-        return found[2]
-    view = _LocalView.apply(p)
-    if found is None or found[0]() is None:
-        weakref.finalize(p, _forget_view, key)
-    _VIEWS[key] = (weakref.ref(p), p._local_tensor, view)
-    return view
+    # one node per call, not one cached across forwards: FSDP2 re-registers its unsharded
+    # parameters every step, and a node reused from an earlier step left them without .grad
+    return _LocalView.apply(p)
 
 
 def _push_views(mod: nn.Module) -> None:
     # refreshed on every push: FSDP2 swaps a module's parameters for unsharded ones before
-    # its forward, and the views must be of what the module holds now
-    for name, p in mod._parameters.items():
+    # its forward, and the views must be of what the module holds now. DTensors held as
+    # plain attributes are shown too: torch's DDP transform (`_pre_dp_module_transform`)
+    # re-creates TP parameters as non-leaf DTensor attributes around each forward; they are
+    # put back when the views go.
+    stash = mod.__dict__.setdefault("_fusedpar_view_stash", {})
+    for name, value in list(mod.__dict__.items()):
+        if isinstance(value, DTensor):
+            stash[name] = value
+    for name, p in [*mod._parameters.items(), *stash.items()]:
         if isinstance(p, DTensor):
             mod.__dict__[name] = local_param(p)
     mod.__dict__["_fusedpar_view_depth"] = mod.__dict__.get("_fusedpar_view_depth", 0) + 1
@@ -279,6 +286,9 @@ def _pop_views(mod: nn.Module) -> None:
     if depth <= 0:  # the outermost forward that showed them is over
         for name in mod._parameters:
             mod.__dict__.pop(name, None)
+        stash = mod.__dict__.get("_fusedpar_view_stash", {})
+        for name in list(stash):
+            mod.__dict__[name] = stash.pop(name)
 
 
 def install_local_views(module: nn.Module, *, subtree: list[nn.Module] | None = None) -> None:
