@@ -10,8 +10,12 @@ Schedules:   all_gather_matmul, matmul_reduce_scatter, matmul_all_reduce (+ *_re
 Kernels:     matmul, gated_matmul, grouped_matmul (+ _wgrad), resolve_kernel
 Comm:        get_communicator, init_distributed, new_group, CollectiveError, RanksDisagreeError
 Cost model:  predict, choose_chunks, calibrate, device_spec_for, set_device_spec
-Training:    grad_norm, clip_grad_norm_ (the global norm under TP)
-Checkpoints: from_pretrained, load_checkpoint (each rank reads its slices), save_pretrained
+Parameters:  every parameter of a parallelized model is a DTensor on the TP mesh (Shard or
+             Replicate), so torch.distributed.checkpoint, get_state_dict / set_state_dict,
+             torch.nn.utils.clip_grad_norm_ and FSDP2 see shards as shards
+Training:    grad_norm, clip_grad_norm_ (the global norm under TP; also plain shards, FSDP2 2-D)
+Checkpoints: from_pretrained, load_checkpoint (each rank reads its slices), save_pretrained (Hugging
+             Face files); DCP for model + optimizer at any world size
 """
 from __future__ import annotations
 

@@ -112,8 +112,11 @@ def _is_dtensor(t: Tensor) -> bool:
 
 
 def _local(t: Tensor) -> Tensor:
-    """This rank's tensor: a DTensor's local shard, anything else itself."""
-    return t._local_tensor if _is_dtensor(t) else t
+    """This rank's tensor: a DTensor's local shard in the layout the checkpoint slices use
+    (packed parts flattened back, layers/sharding.py), anything else itself."""
+    from .layers.sharding import local_tensor
+
+    return local_tensor(t)
 
 
 def _local_shape(t: Tensor) -> torch.Size:
@@ -168,12 +171,16 @@ def _materialize(target: Tensor, value: Tensor, *, key: str, device: torch.devic
     """A real tensor for a meta `target`, holding `value` in `dtype` on `device` (a DTensor
     keeps its mesh and placements)."""
     new = _cast(value, dtype, key=key).to(device)
+    packed = getattr(target, "_fusedpar_packed", None)
     if _is_dtensor(target):
         from torch.distributed.tensor import DTensor
 
-        new = DTensor.from_local(new, target.device_mesh, target.placements, run_check=False,
-                                 shape=target.shape, stride=target.stride())
-    return nn.Parameter(new, requires_grad=target.requires_grad) if is_param else new
+        new = DTensor.from_local(new.reshape(target._local_tensor.shape), target.device_mesh, target.placements,
+                                 run_check=False, shape=target.shape, stride=target.stride())
+    new = nn.Parameter(new, requires_grad=target.requires_grad) if is_param else new
+    if _is_dtensor(target):
+        new._fusedpar_packed = packed  # the packed layout travels with the parameter (sharding.py)
+    return new
 
 
 # --------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ __all__ = [
     "init_distributed",
     "new_group",
     "DEFAULT_TIMEOUT",
+    "device_mesh",
 ]
 
 # torch's default collective timeout is 30 minutes: a stalled peer would look like a hang.
@@ -58,7 +59,27 @@ def _mesh_group(mesh: Any, arg: str) -> dist.ProcessGroup:
             f"{arg}: expected a ProcessGroup or a 1-D DeviceMesh (the tensor-parallel dim, {pick}), "
             f"got a {mesh.ndim}-D DeviceMesh of shape {tuple(mesh.shape)} with dims ({dims})"
         )
-    return mesh.get_group()
+    group = mesh.get_group()
+    _MESHES[(id(group), mesh.device_type)] = (group, mesh)
+    return group
+
+
+# (id(group), device type) -> (group, the DeviceMesh sharded parameters live on). A mesh the
+# user passed is kept as is: FSDP2 over a 2-D mesh needs the TP parameters on `mesh["tp"]`
+# itself (the same root mesh as `mesh["dp"]`), not on a new mesh made from its group.
+_MESHES: dict[tuple[int, str], tuple[dist.ProcessGroup, Any]] = {}
+
+
+def device_mesh(group: dist.ProcessGroup, device_type: str) -> Any:
+    """The 1-D DeviceMesh over `group` for tensors on `device_type` ("cpu", "cuda"): the mesh
+    the user passed for this group if any, else one made once from the group."""
+    key = (id(group), device_type)
+    found = _MESHES.get(key)
+    if found is None or found[0] is not group:
+        from torch.distributed.device_mesh import DeviceMesh
+
+        found = _MESHES[key] = (group, DeviceMesh.from_group(group, device_type))
+    return found[1]
 
 
 def check_group(group: Any, *, arg: str = "group") -> dist.ProcessGroup:

@@ -13,8 +13,11 @@ Here each parameter counts once over the TP group:
 
 A module says which of its parameters are sharded over its group with a class attribute
 `tp_shard_dims` ({name: the dim split across ranks}); everything else is replicated.
-Gradients that are DTensors (FSDP2's `fully_shard` over a data-parallel mesh dim) contribute
-their local shard and are also summed over the mesh dims they are sharded on; DDP's
+Gradients that are DTensors (every parameter of a parallelized model; FSDP2's `fully_shard`
+over a data-parallel mesh dim) contribute their local shard: a shard placement on the TP
+group's mesh dim makes them sharded, and they are also summed over the other mesh dims they
+are sharded on. `torch.nn.utils.clip_grad_norm_` gets the same norm from the DTensors; this
+one also covers plain shards and mixes torch refuses. DDP's
 gradients are plain tensors, equal on every data-parallel rank after its all-reduce, so
 nothing more is needed there.
 """
@@ -45,7 +48,7 @@ def sharded_parameters(model: nn.Module) -> set[int]:
 
 
 def _dtensor_local(g: Tensor) -> tuple[Tensor, tuple[Any, ...]]:
-    """(local tensor, process groups its norm must also be summed over) for a gradient."""
+    """(local tensor, process groups of the mesh dims it is sharded on) for a gradient."""
     try:
         from torch.distributed.tensor import DTensor, Replicate
     except ImportError:  # pragma: no cover
@@ -54,8 +57,24 @@ def _dtensor_local(g: Tensor) -> tuple[Tensor, tuple[Any, ...]]:
         return g, ()
     if any(p.is_partial() for p in g.placements):  # a pending reduction: settle it first
         g = g.redistribute(g.device_mesh, [Replicate() if p.is_partial() else p for p in g.placements])
-    groups = tuple(g.device_mesh.get_group(dim) for dim, p in enumerate(g.placements) if p.is_shard())
-    return g.to_local(), groups
+    groups = tuple(g.device_mesh.get_group(dim) for dim, p in enumerate(g.placements) if _is_shard(p))
+    return g._local_tensor, groups
+
+
+def _is_shard(placement: Any) -> bool:
+    """Shard, or FSDP2's _StridedShard (dp over a dim TP already splits), which is no Shard
+    subclass in torch 2.13 and answers is_shard() False."""
+    if placement.is_shard():
+        return True
+    try:
+        from torch.distributed.tensor.placement_types import _StridedShard
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(placement, _StridedShard)
+
+
+def _same_group(a: Any, b: Any) -> bool:
+    return a is b or dist.get_process_group_ranks(a) == dist.get_process_group_ranks(b)
 
 
 def _check_norm_type(norm_type: float, where: str) -> float:
@@ -105,8 +124,13 @@ def grad_norm(model: nn.Module, *, group: Any, norm_type: float = 2.0, foreach: 
     for param in model.parameters():
         if param.grad is None:
             continue
-        local, extra = _dtensor_local(param.grad)
-        buckets.setdefault((id(param) in sharded, extra), []).append(local)
+        local, groups = _dtensor_local(param.grad)
+        # sharded over the TP group: a DTensor placement on it (fusedpar's parameters), or a
+        # plain shard a module declares (tp_shard_dims); the other mesh dims it is sharded on
+        # (FSDP2's data-parallel dim) are summed over separately
+        on_tp = [g for g in groups if _same_group(g, group)]
+        extra = tuple(g for g in groups if not _same_group(g, group))
+        buckets.setdefault((bool(on_tp) or id(param) in sharded, extra), []).append(local)
     device = next((g.device for gs in buckets.values() for g in gs), torch.device("cpu"))
     communicator = get_communicator(group)
     total = torch.zeros((), dtype=torch.float32, device=device)

@@ -35,24 +35,26 @@ def _backward(model: torch.nn.Module, seq: int = 8) -> None:
 def s_nonfinite_grad(group, rank, world, *, victim: int, value: str, where: str):
     """NaN / inf in one gradient on `victim` only: every norm type must see it on every rank,
     and clipping with error_if_nonfinite must raise on every rank."""
+    from fusedpar.layers.sharding import local_tensor
+
     model = parallelize(build("llama"), "auto", group=group, kernel="torch")
     _backward(model)
     # a sharded weight (each rank's shard differs) or a replicated one (counted once)
     target = model.model.layers[0].self_attn.q_proj.weight if where == "sharded" else model.model.norm.weight
-    if rank == victim:
-        target.grad.view(-1)[3] = float(value)
+    if rank == victim:  # this rank's piece of the DTensor gradient (an index into the DTensor would gather)
+        local_tensor(target.grad).view(-1)[3] = float(value)
     norms, raised = {}, []
     for p in NORM_TYPES:
         norm = fusedpar.grad_norm(model, group=group, norm_type=p)
         norms[p] = norm.item()
         want = math.isnan if value == "nan" else (lambda v: v == math.inf)
         assert want(norm.item()), f"rank {rank}: grad_norm(norm_type={p}) = {norm.item()}, expected {value}"
-        before = [q.grad.clone() for q in model.parameters() if q.grad is not None]
+        before = [local_tensor(q.grad).clone() for q in model.parameters() if q.grad is not None]
         try:
             fusedpar.clip_grad_norm_(model, 1.0, group=group, norm_type=p, error_if_nonfinite=True)
         except RuntimeError as e:
             raised.append(str(e))
-        after = [q.grad for q in model.parameters() if q.grad is not None]
+        after = [local_tensor(q.grad) for q in model.parameters() if q.grad is not None]
         assert all(torch.allclose(a, b, rtol=0, atol=0, equal_nan=True) for a, b in zip(before, after)), (
             f"rank {rank}: clip_grad_norm_ changed gradients before raising")
     assert len(raised) == len(NORM_TYPES), f"rank {rank}: error_if_nonfinite raised for {len(raised)} of {NORM_TYPES}"

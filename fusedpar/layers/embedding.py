@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from ..comm import check_group, get_communicator
 from .linear import gather_from_shard
 from .partial import reduce_partial
-from .sharding import ParamShard, shard_parameter
+from .sharding import ParamShard, local_tensor, shard_parameter
 
 __all__ = ["shard_embedding", "vocab_parallel_cross_entropy", "install_loss_parallel", "loss_parallel_plan",
            "EMBEDDING_STYLES"]
@@ -68,7 +68,7 @@ def shard_embedding(module: nn.Embedding, style: str, *, group: dist.ProcessGrou
     rows = module.weight.shape[0]
     shard_parameter(module, "weight", ParamShard(dim), group=group, where=name)
     if dim == 1:
-        module.embedding_dim = module.weight.shape[1]
+        module.embedding_dim = local_tensor(module.weight).shape[1]
         module.register_forward_hook(lambda mod, args, y: gather_from_shard(y, group=group, dim=-1, comm=comm))
         return
     _vocab_parallel_hooks(module, start=dist.get_rank(group) * (rows // world), rows=rows // world, group=group,

@@ -57,6 +57,7 @@ from .. import overlap
 from ..kernels import gated_matmul, matmul, resolve_kernel
 from ..kernels.plan import _fp8_device_reason
 from ..kernels.quantize import dequantize, quantize_rowwise, quantize_tensorwise
+from .sharding import version_of
 from .linear import (
     ColumnParallelLinear, LinearSpec, ReplicatedColumnLinear, RowParallelLinear, _all_gather_dim, _autocast_off,
     _autocast_operands, _ColumnParallelFn, _RowParallelFn, _sum_rows)
@@ -201,7 +202,7 @@ def _quantize_weight(w: Tensor, scaling: str, kernel: str) -> _QuantizedWeight:
     key = copies = None
     if not w.requires_grad:
         base = w._base if w._base is not None else w
-        key = (base._version, w.storage_offset(), tuple(w.shape), tuple(w.stride()), scaling)
+        key = (version_of(base), w.storage_offset(), tuple(w.shape), tuple(w.stride()), scaling)
         copies = _frozen_copies(base)
         if key in copies:
             return copies[key]

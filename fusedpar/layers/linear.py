@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from .. import overlap
 from ..comm import Communicator, check_group, get_communicator
 from ..kernels import matmul, resolve_kernel
+from .sharding import ParamShard, local_param, local_tensor, register_state_dict_hooks, tp_parameter
 
 __all__ = [
     "ColumnParallelLinear",
@@ -401,11 +402,13 @@ def _rank_world(spec: LinearSpec) -> tuple[int, int]:
     return dist.get_rank(spec.group), dist.get_world_size(spec.group)
 
 
-def _init_uniform(t: Tensor, fan_in: int) -> None:
+def _init_uniform(t: Tensor, fan_in: int) -> Tensor:
     """nn.Linear's default init (kaiming_uniform with a=√5 ⇒ U(±1/√fan_in)) with the *full* fan-in."""
     bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
     with torch.no_grad():
-        t.uniform_(-bound, bound)
+        if t.device.type != "meta":
+            t.uniform_(-bound, bound)
+    return t
 
 
 def _take_precomputed(layer: nn.Module, x: Tensor) -> Tensor | None:
@@ -484,11 +487,12 @@ class ColumnParallelLinear(_ParallelLinearBase):
         self.in_features, self.out_features = in_features, out_features
         self.gather_output = gather_output
         kw = {"dtype": dtype, "device": device}
-        self.weight = nn.Parameter(torch.empty(out_features // world, in_features, **kw))
-        self.bias = nn.Parameter(torch.empty(out_features // world, **kw)) if bias else None
-        _init_uniform(self.weight, in_features)
-        if self.bias is not None:
-            _init_uniform(self.bias, in_features)
+        group = self.spec.group
+        self.weight = tp_parameter(_init_uniform(torch.empty(out_features // world, in_features, **kw), in_features),
+                                   ParamShard(0), group=group)
+        self.bias = tp_parameter(_init_uniform(torch.empty(out_features // world, **kw), in_features), ParamShard(0),
+                                 group=group) if bias else None
+        register_state_dict_hooks(self)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, group: dist.ProcessGroup, name: str = "linear", **kwargs: Any) -> ColumnParallelLinear:
@@ -500,22 +504,24 @@ class ColumnParallelLinear(_ParallelLinearBase):
                     dtype=w.dtype, device=w.device, _name=name, **kwargs)
         rank, world = _rank_world(layer.spec)
         with torch.no_grad():
-            layer.weight.copy_(w.chunk(world, 0)[rank])
+            local_tensor(layer.weight).copy_(local_tensor(w).chunk(world, 0)[rank])
             if linear.bias is not None:
-                layer.bias.copy_(linear.bias.chunk(world, 0)[rank])
+                local_tensor(layer.bias).copy_(local_tensor(linear.bias).chunk(world, 0)[rank])
         _keep_frozen(layer, linear)
         return layer
 
     def column_operands(self) -> tuple[Tensor, Tensor | None]:
-        """The local `(weight [N/world, K], bias [N/world] | None)` this layer multiplies by."""
-        return self.weight, self.bias
+        """The local `(weight [N/world, K], bias [N/world] | None)` this layer multiplies by
+        (plain tensors whose gradients reach the DTensor parameters)."""
+        return local_param(self.weight), local_param(self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         precomputed = _take_precomputed(self, x)
         if precomputed is not None:
             return precomputed
         spec = effective_spec(self)
-        y = _column_apply(x, [self.weight], self.bias, spec, None)
+        w, b = self.column_operands()
+        y = _column_apply(x, [w], b, spec, None)
         if self.gather_output:
             y = _GatherFn.apply(y, spec, -1)
         return y
@@ -523,14 +529,14 @@ class ColumnParallelLinear(_ParallelLinearBase):
     def full_state_dict(self) -> dict[str, Tensor]:
         """The unsharded `{"weight", "bias"}` (a collective: every rank of the group must call it)."""
         comm = self.spec.communicator()
-        out = {"weight": _all_gather_dim(self.weight.detach(), comm, 0)}
+        out = {"weight": _all_gather_dim(local_tensor(self.weight).detach(), comm, 0)}
         if self.bias is not None:
-            out["bias"] = _all_gather_dim(self.bias.detach(), comm, 0)
+            out["bias"] = _all_gather_dim(local_tensor(self.bias).detach(), comm, 0)
         return out
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features} "
-                f"(local {self.weight.shape[0]}), bias={self.bias is not None}, gather_output={self.gather_output}, "
+                f"(local {local_tensor(self.weight).shape[0]}), bias={self.bias is not None}, gather_output={self.gather_output}, "
                 f"save_gathered_input={self.spec.save_gathered_input}, " + self._knobs_repr())
 
 
@@ -577,11 +583,12 @@ class ReplicatedColumnLinear(_ParallelLinearBase):
         self.block = rank // (world // parts)
         self.gather_output = False
         kw = {"dtype": dtype, "device": device}
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, **kw))
-        self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
-        _init_uniform(self.weight, in_features)
-        if self.bias is not None:
-            _init_uniform(self.bias, in_features)
+        group = self.spec.group
+        self.weight = tp_parameter(_init_uniform(torch.empty(out_features, in_features, **kw), in_features), None,
+                                   group=group)
+        self.bias = tp_parameter(_init_uniform(torch.empty(out_features, **kw), in_features), None,
+                                 group=group) if bias else None
+        register_state_dict_hooks(self)
         from .norm import all_reduce_grads  # late: norm imports this module
 
         all_reduce_grads(self, group=self.spec.group, comm=self.spec.comm)
@@ -595,16 +602,17 @@ class ReplicatedColumnLinear(_ParallelLinearBase):
         layer = cls(linear.in_features, linear.out_features, group=group, parts=parts,
                     bias=linear.bias is not None, dtype=w.dtype, device=w.device, _name=name, **kwargs)
         with torch.no_grad():
-            layer.weight.copy_(w)
+            local_tensor(layer.weight).copy_(local_tensor(w))
             if linear.bias is not None:
-                layer.bias.copy_(linear.bias)
+                local_tensor(layer.bias).copy_(local_tensor(linear.bias))
         _keep_frozen(layer, linear)
         return layer
 
     def column_operands(self) -> tuple[Tensor, Tensor | None]:
         n = self.out_features // self.parts
         s = slice(self.block * n, (self.block + 1) * n)
-        return self.weight[s], (self.bias[s] if self.bias is not None else None)
+        w, b = local_param(self.weight), local_param(self.bias)
+        return w[s], (b[s] if b is not None else None)
 
     def forward(self, x: Tensor) -> Tensor:
         precomputed = _take_precomputed(self, x)
@@ -614,9 +622,9 @@ class ReplicatedColumnLinear(_ParallelLinearBase):
         return _column_apply(x, [w], b, effective_spec(self), None)
 
     def full_state_dict(self) -> dict[str, Tensor]:
-        out = {"weight": self.weight.detach().clone()}
+        out = {"weight": local_tensor(self.weight).detach().clone()}
         if self.bias is not None:
-            out["bias"] = self.bias.detach().clone()
+            out["bias"] = local_tensor(self.bias).detach().clone()
         return out
 
     def extra_repr(self) -> str:
@@ -665,11 +673,12 @@ class RowParallelLinear(_ParallelLinearBase):
         self.in_features, self.out_features = in_features, out_features
         self.input_is_parallel = input_is_parallel
         kw = {"dtype": dtype, "device": device}
-        self.weight = nn.Parameter(torch.empty(out_features, in_features // world, **kw))
-        self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
-        _init_uniform(self.weight, in_features)
-        if self.bias is not None:
-            _init_uniform(self.bias, in_features)
+        group = self.spec.group
+        self.weight = tp_parameter(_init_uniform(torch.empty(out_features, in_features // world, **kw), in_features),
+                                   ParamShard(1), group=group)
+        self.bias = tp_parameter(_init_uniform(torch.empty(out_features, **kw), in_features), None,
+                                 group=group) if bias else None
+        register_state_dict_hooks(self)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, group: dist.ProcessGroup, name: str = "linear", **kwargs: Any) -> RowParallelLinear:
@@ -681,9 +690,9 @@ class RowParallelLinear(_ParallelLinearBase):
                     dtype=w.dtype, device=w.device, _name=name, **kwargs)
         rank, world = _rank_world(layer.spec)
         with torch.no_grad():
-            layer.weight.copy_(w.chunk(world, 1)[rank])
+            local_tensor(layer.weight).copy_(local_tensor(w).chunk(world, 1)[rank])
             if linear.bias is not None:
-                layer.bias.copy_(linear.bias)
+                local_tensor(layer.bias).copy_(local_tensor(linear.bias))
         _keep_frozen(layer, linear)
         return layer
 
@@ -695,17 +704,17 @@ class RowParallelLinear(_ParallelLinearBase):
         if spec.sequence_parallel:
             _check_divisible(x, spec.sequence_dim, _rank_world(spec)[1],
                              what="RowParallelLinear (sequence_parallel=True)")
-        return _row_apply(x, self.weight, self.bias, spec)
+        return _row_apply(x, local_param(self.weight), local_param(self.bias), spec)
 
     def full_state_dict(self) -> dict[str, Tensor]:
         """The unsharded `{"weight", "bias"}` (a collective: every rank of the group must call it)."""
-        out = {"weight": _all_gather_dim(self.weight.detach(), self.spec.communicator(), 1)}
+        out = {"weight": _all_gather_dim(local_tensor(self.weight).detach(), self.spec.communicator(), 1)}
         if self.bias is not None:
-            out["bias"] = self.bias.detach().clone()
+            out["bias"] = local_tensor(self.bias).detach().clone()
         return out
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features} (local {self.weight.shape[1]}), out_features={self.out_features}, "
+        return (f"in_features={self.in_features} (local {local_tensor(self.weight).shape[1]}), out_features={self.out_features}, "
                 f"bias={self.bias is not None}, input_is_parallel={self.input_is_parallel}, " + self._knobs_repr())
 
 

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from ..kernels import gated_matmul
 from .linear import ColumnParallelLinear, RowParallelLinear, column_parallel_group
+from .sharding import local_tensor
 
 __all__ = ["ParallelMLP"]
 
@@ -105,14 +106,14 @@ class ParallelMLP(nn.Module):
         act = _ACTS[self.activation]
         if self._fused_gated_ok():
             spec = self.up_proj.spec
+            gate, up = local_tensor(self.gate_proj.weight), local_tensor(self.up_proj.weight)  # no_grad: no link
             h = None
             if spec.fp8 is not None:  # the fp8 gated kernel; None when fp8 cannot serve it
                 from .fp8 import gated_fp8
 
-                h = gated_fp8(x, self.gate_proj.weight, self.up_proj.weight, self.activation, spec)
+                h = gated_fp8(x, gate, up, self.activation, spec)
             if h is None:
-                h = gated_matmul(x, self.gate_proj.weight.t(), self.up_proj.weight.t(), activation=self.activation,
-                                 kernel=spec.kernel)
+                h = gated_matmul(x, gate.t(), up.t(), activation=self.activation, kernel=spec.kernel)
         elif self.gated:
             (g, u), _ = column_parallel_group([self.gate_proj, self.up_proj], x)
             h = act(g) * u

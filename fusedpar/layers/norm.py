@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ..comm import check_group, get_communicator
+from ..comm import Communicator, check_group, get_communicator
+from .sharding import is_dtensor, local_tensor
 
 __all__ = ["SequenceParallelLayerNorm", "SequenceParallelRMSNorm", "all_reduce_grads", "grad_all_reduce"]
 
@@ -45,6 +46,17 @@ class _GradAllReduceFn(torch.autograd.Function):
         dw = dw.contiguous().clone()
         get_communicator(ctx.group, ctx.comm).all_reduce(dw).wait()
         return dw, None, None
+
+
+def all_reduced_grad(grad: Tensor, communicator: Communicator) -> Tensor:
+    """A new `grad` summed over the group (a DTensor gradient: its local tensor, rewrapped)."""
+    summed = local_tensor(grad).contiguous().clone()
+    communicator.all_reduce(summed).wait()
+    if is_dtensor(grad):
+        from torch.distributed.tensor import DTensor
+
+        return DTensor(summed.view(grad._local_tensor.shape), grad._spec, requires_grad=False)
+    return summed
 
 
 def grad_all_reduce(w: Tensor, *, group: dist.ProcessGroup, comm: str = "torch") -> Tensor:
@@ -70,9 +82,7 @@ def all_reduce_grads(module: nn.Module, *, group: dist.ProcessGroup, comm: str =
     def hook(grad: Tensor) -> Tensor:
         if region is not None and not region.split:
             return grad
-        grad = grad.contiguous().clone()
-        communicator.all_reduce(grad).wait()
-        return grad
+        return all_reduced_grad(grad, communicator)
 
     hooked: dict[int, weakref.ref] = {}  # id -> the tensor (weakly): tensors compare elementwise
 

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..comm import check_group
 from .linear import ColumnParallelLinear, RowParallelLinear
-from .sharding import ParamShard
+from .sharding import ParamShard, local_tensor, tp_parameter
 
 __all__ = ["PackedColumnParallelLinear", "PackedRowParallelLinear"]
 
@@ -46,6 +46,16 @@ def _packed_copy(linear: nn.Linear, dim: int, parts: int, *, group: dist.Process
     return stand_in
 
 
+def _as_packed(layer: nn.Module, names: tuple[str, ...], dim: int, parts: int) -> None:
+    """Re-describe the layer's DTensor parameters as packed (sharding.py: the parts unflattened),
+    same local tensors: the plain column / row split it was built with says the wrong rows."""
+    for name in names:
+        p = layer._parameters.get(name)
+        if p is not None:
+            layer._parameters[name] = tp_parameter(local_tensor(p), ParamShard(dim, parts), group=layer.spec.group,
+                                                   requires_grad=p.requires_grad)
+
+
 class PackedColumnParallelLinear(ColumnParallelLinear):
     """ColumnParallelLinear over a weight of `parts` packed output blocks, each split across ranks."""
 
@@ -62,14 +72,15 @@ class PackedColumnParallelLinear(ColumnParallelLinear):
                                     **kwargs)
         layer.parts = parts
         layer.tp_shard_parts = {"weight": parts, "bias": parts}  # read with tp_shard_dims by the checkpoint code
+        _as_packed(layer, ("weight", "bias"), 0, parts)
         return layer
 
     def full_state_dict(self) -> dict[str, Tensor]:
         """The unsharded `{"weight", "bias"}` in the packed order (a collective)."""
         comm = self.spec.communicator()
-        out = {"weight": ParamShard(0, self.parts).gather(self.weight, comm)}
+        out = {"weight": ParamShard(0, self.parts).gather(local_tensor(self.weight), comm)}
         if self.bias is not None:
-            out["bias"] = ParamShard(0, self.parts).gather(self.bias, comm)
+            out["bias"] = ParamShard(0, self.parts).gather(local_tensor(self.bias), comm)
         return out
 
     def extra_repr(self) -> str:
@@ -92,13 +103,14 @@ class PackedRowParallelLinear(RowParallelLinear):
                                     **kwargs)
         layer.parts = parts
         layer.tp_shard_parts = {"weight": parts}
+        _as_packed(layer, ("weight",), 1, parts)
         return layer
 
     def full_state_dict(self) -> dict[str, Tensor]:
         """The unsharded `{"weight", "bias"}` in the packed order (a collective)."""
-        out = {"weight": ParamShard(1, self.parts).gather(self.weight, self.spec.communicator())}
+        out = {"weight": ParamShard(1, self.parts).gather(local_tensor(self.weight), self.spec.communicator())}
         if self.bias is not None:
-            out["bias"] = self.bias.detach().clone()
+            out["bias"] = local_tensor(self.bias).detach().clone()
         return out
 
     def extra_repr(self) -> str:

@@ -70,7 +70,7 @@ from . import embedding
 from .block_reduction import install_block_reductions
 from .islands import check_layer_inputs, install_islands, install_per_token_splits, layer_blocks, sequence_islands
 from .packed import PackedColumnParallelLinear, PackedRowParallelLinear
-from .sharding import ParamShard, gather_shard, param_shards
+from .sharding import ParamShard, gather_shard, local_tensor, param_shards, replicate_parameters
 from .styles import check_row_inputs, inside_experts, plan_styles
 from .ties import complete_tied_plan, retie
 from .unplanned import unplanned_modules, watch_unplanned
@@ -346,13 +346,18 @@ def parallelize(
     for apply in others:
         apply(group)
     retie(model, split_ties)
+    # Every parameter a DTensor on the TP mesh (sharding.py): torch's tools see the shards.
+    # Before any gradient hook below is registered: hooks hold on to parameter objects.
+    replicate_parameters(model, group=group, owned=_PARALLEL_LINEARS)
 
     # 3. Replicated parameters whose gradients are per-rank partial sums: per-head norms
     #    always; sequence-parallel norms only while their region runs split.
     for path, (style, _) in matches.items():
         if style == "replicated_with_grad_allreduce":
             all_reduce_grads(model.get_submodule(path), group=group, comm=comm)
-        elif style == "sequence_parallel" and sequence_parallel:
+        elif style == "sequence_parallel" and sequence_parallel and in_region(path):
+            # only inside the split region: a norm outside it (the final norm, torch's
+            # SequenceParallel() on the root) sees every token, so its gradient is already whole
             all_reduce_grads(model.get_submodule(path), group=group, comm=comm, region=state)
     if unplanned:
         watch_unplanned(model, unplanned, group=group, comm=comm)
@@ -397,6 +402,7 @@ def parallelize(
         for module in model.modules():  # the grouped expert GEMMs (layers/moe.py)
             if getattr(module, "_fusedpar_experts", None) == "grouped":
                 enable_fp8(module, recipe)
+    replicate_parameters(model, group=group, owned=_PARALLEL_LINEARS)  # any made since (idempotent)
     model._fusedpar_parallel = {"group": group, "sequence_parallel": sequence_parallel, "plan": dict(matches),
                                 "region": state}
     return model
@@ -524,7 +530,7 @@ def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
     A collective: every rank of the group must call it. The keys are the original model's,
     so the result loads into a fresh single-process model.
     """
-    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    sd = {k: local_tensor(v).detach().clone() for k, v in model.state_dict().items()}
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
         if isinstance(module, _PARALLEL_LINEARS):

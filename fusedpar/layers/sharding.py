@@ -11,17 +11,46 @@ split evenly across the ranks, so rank r holds `[block_0[r]; block_1[r]; ...]` a
 `shard_parameter` replaces a module's parameter by its local piece and records the layout on
 the module, so `full_state_dict` can gather it back and tests can slice a reference to
 compare with (`local_shard`).
+
+How torch sees a sharded parameter: as a DTensor (`tp_parameter`). Every parameter of a
+parallelized model is an `nn.Parameter` wrapping a DTensor on the TP mesh, so DCP,
+`get_state_dict`, `clip_grad_norm_`, the optimizers and FSDP2 know each rank holds a piece:
+
+    replicated            Replicate()                  global shape = local shape
+    ParamShard(dim)       Shard(dim)                   global = local with dim x world
+    ParamShard(dim, P)    Shard(dim + 1) of the global tensor with `dim` unflattened to
+                          (P, size / P): rank r's [block_0[r]; block_1[r]] is then one
+                          contiguous box [:, r*m:(r+1)*m] of a [P, size/P] view
+
+The packed case is why the unflattened shape: the two (or three) pieces a rank holds are
+not one contiguous box of the packed `[gate; up]`, and torch's `_StridedShard` that
+describes them is refused by DCP ("overlapping chunks", torch 2.13). In the unflattened
+view they are one box, so optimizer state saved at one world size loads exactly at another.
+The model's state dict still shows the packed tensor in its own shape (state-dict hooks
+gather it, `packed_state_dict_hooks`), so a checkpoint loads into a plain model.
+
+The compute path never dispatches through DTensor: kernels read `local_tensor(p)`, and modules read
+`local_param(p)` in forward: the local tensor itself under no_grad (decode: nothing added),
+else a view of it made by one small autograd node whose backward wraps the local gradient
+into the DTensor `.grad`.
 """
 from __future__ import annotations
 
+import math
+import weakref
 from dataclasses import dataclass
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from ..comm import Communicator, check_group, get_communicator
+from ..comm import Communicator, check_group, device_mesh, get_communicator
 
-__all__ = ["ParamShard", "shard_parameter", "param_shards", "local_shard", "gather_shard"]
+__all__ = ["ParamShard", "shard_parameter", "param_shards", "local_shard", "gather_shard", "tp_parameter",
+           "local_tensor", "local_param", "install_local_views", "replicate_parameters", "is_dtensor",
+           "register_state_dict_hooks"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +78,7 @@ class ParamShard:
     def gather(self, local: Tensor, comm: Communicator) -> Tensor:
         """The unsharded tensor from every rank's piece (a collective)."""
         world = comm.world_size
+        local = local_tensor(local)  # a DTensor parameter's piece
         dim = self.dim % local.ndim
         moved = local.detach().movedim(dim, 0).contiguous()
         flat = moved.new_empty(world * moved.numel())
@@ -68,8 +98,10 @@ def shard_parameter(module: nn.Module, name: str, shard: ParamShard, *, group: d
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     shard.check(param.shape, world, where=where)
     with torch.no_grad():
-        local = shard.local(param.detach(), rank, world)
-    module._parameters[name] = nn.Parameter(local, requires_grad=param.requires_grad)
+        local = shard.local(local_tensor(param).detach(), rank, world)
+    module._parameters[name] = tp_parameter(local, shard, group=group, requires_grad=param.requires_grad)
+    register_state_dict_hooks(module)
+    install_local_views(module)
     shards = module.__dict__.setdefault("_fusedpar_shards", {})
     shards[name] = (shard, group)
     # declared like the parallel linears' class attributes, which grad_norm and the checkpoint
@@ -114,3 +146,267 @@ def local_shard(model: nn.Module, name: str, full: Tensor | None) -> Tensor | No
     shard, group = found
     return shard.local(full, dist.get_rank(group), dist.get_world_size(group))
 
+
+
+# --------------------------------------------------------------------------------------------
+# Parameters as DTensors
+# --------------------------------------------------------------------------------------------
+
+
+def is_dtensor(t: Any) -> bool:
+    return isinstance(t, DTensor)
+
+
+def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
+    stride, acc = [], 1
+    for n in reversed(shape):
+        stride.append(acc)
+        acc *= max(n, 1)
+    return tuple(reversed(stride))
+
+
+def tp_parameter(local_value: Tensor, shard: ParamShard | None, *, group: dist.ProcessGroup,
+                 requires_grad: bool = True) -> nn.Parameter:
+    """An `nn.Parameter` wrapping a DTensor on `group`'s mesh whose local tensor is
+    `local_value` (this rank's piece, in the layout the kernels use; no copy) and whose
+    placement says which piece: `shard` None is Replicate(); see the module docstring for
+    packed parts. `local_tensor(p)` gives `local_value` back."""
+    world = dist.get_world_size(group)
+    mesh = device_mesh(group, "cuda" if local_value.is_cuda else "cpu")
+    shape = list(local_value.shape)
+    packed = None
+    if shard is None:
+        placement: Any = Replicate()
+        dt_local, global_shape = local_value, shape
+    else:
+        dim = shard.dim % local_value.ndim
+        if shard.parts > 1:
+            packed = dim
+            dt_local = local_value.unflatten(dim, (shard.parts, shape[dim] // shard.parts))
+            global_shape = list(dt_local.shape)
+            global_shape[dim + 1] *= world
+            placement = Shard(dim + 1)
+        else:
+            dt_local, global_shape = local_value, shape
+            global_shape[dim] *= world
+            placement = Shard(dim)
+    dt = DTensor.from_local(dt_local.detach(), mesh, [placement], run_check=False, shape=torch.Size(global_shape),
+                            stride=_contiguous_stride(tuple(global_shape)))
+    param = nn.Parameter(dt, requires_grad=requires_grad)
+    _OWNERS[id(param._local_tensor)] = weakref.ref(param)
+    # local_tensor(p) flattens dims (packed, packed + 1) back; set also when None: a missing
+    # attribute on a tensor costs a raised AttributeError on every lookup (hot path)
+    param._fusedpar_packed = packed
+    return param
+
+
+# id(local tensor) -> the DTensor parameter holding it: in-place writes through the DTensor
+# (`p.mul_(2)` under no_grad, an optimizer step) bump the DTensor's version, not the local's
+_OWNERS: dict[int, weakref.ref] = {}
+
+
+def version_of(t: Tensor) -> int:
+    """A counter that moves whenever `t`'s values are written in place, also through the
+    DTensor parameter whose local tensor it is (caches keyed on a weight's version use it)."""
+    owner = _OWNERS.get(id(t))
+    p = owner() if owner is not None else None
+    return t._version + (p._version if p is not None and p._local_tensor is t else 0)
+
+
+def local_tensor(t: Tensor) -> Tensor:
+    """This rank's piece of `t` as a plain tensor in the kernels' layout (no autograd link):
+    the local tensor of a DTensor (packed parts flattened back), `t` itself otherwise."""
+    if not isinstance(t, DTensor):
+        return t
+    lt = t._local_tensor
+    packed = getattr(t, "_fusedpar_packed", None)
+    return lt.flatten(packed, packed + 1) if packed is not None else lt
+
+
+class _LocalView(torch.autograd.Function):
+    """`p` (a DTensor parameter) → its local tensor in the kernels' layout, as a view.
+
+    forward   the local tensor (a view; packed parts flattened)     no comm
+    backward  the local gradient wrapped as a DTensor with `p`'s placement (the `.grad`
+              DTensor torch's tools expect); no comm: reductions of partial gradients
+              are the layers' business, as before
+    """
+
+    @staticmethod
+    def forward(ctx: Any, p: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.spec = p._spec
+        ctx.packed = getattr(p, "_fusedpar_packed", None)
+        ctx.local_shape = p._local_tensor.shape
+        lt = p._local_tensor
+        return lt.flatten(ctx.packed, ctx.packed + 1) if ctx.packed is not None else lt.view_as(lt)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:  # type: ignore[override]
+        if ctx.packed is not None:
+            grad = grad.reshape(ctx.local_shape)
+        return DTensor(grad, ctx.spec, requires_grad=False)
+
+
+def local_param(p: Tensor | None) -> Tensor | None:
+    """What a module computes with in forward: `p` itself when it is a plain tensor; for a
+    DTensor parameter, its local tensor, linked to `p` by autograd when a gradient is wanted
+    (`_LocalView`; under torch.compile, `to_local()`, which the compiler traces)."""
+    if p is None or not isinstance(p, DTensor):
+        return p
+    if not (p.requires_grad and torch.is_grad_enabled()):
+        return local_tensor(p)
+    if torch.compiler.is_compiling():
+        packed = getattr(p, "_fusedpar_packed", None)
+        lt = p.to_local()
+        return lt.flatten(packed, packed + 1) if packed is not None else lt
+    # one node per call, not one cached across forwards: FSDP2 re-registers its unsharded
+    # parameters every step, and a node reused from an earlier step left them without .grad
+    return _LocalView.apply(p)
+
+
+def _push_views(mod: nn.Module) -> None:
+    # refreshed on every push: FSDP2 swaps a module's parameters for unsharded ones before
+    # its forward, and the views must be of what the module holds now. DTensors held as
+    # plain attributes are shown too: torch's DDP transform (`_pre_dp_module_transform`)
+    # re-creates TP parameters as non-leaf DTensor attributes around each forward; they are
+    # put back when the views go.
+    stash = mod.__dict__.setdefault("_fusedpar_view_stash", {})
+    for name, value in list(mod.__dict__.items()):
+        if isinstance(value, DTensor):
+            stash[name] = value
+    for name, p in [*mod._parameters.items(), *stash.items()]:
+        if isinstance(p, DTensor):
+            mod.__dict__[name] = local_param(p)
+    mod.__dict__["_fusedpar_view_depth"] = mod.__dict__.get("_fusedpar_view_depth", 0) + 1
+
+
+def _pop_views(mod: nn.Module) -> None:
+    depth = mod.__dict__.get("_fusedpar_view_depth", 1) - 1
+    mod.__dict__["_fusedpar_view_depth"] = depth
+    if depth <= 0:  # the outermost forward that showed them is over
+        for name in mod._parameters:
+            mod.__dict__.pop(name, None)
+        stash = mod.__dict__.get("_fusedpar_view_stash", {})
+        for name in list(stash):
+            mod.__dict__[name] = stash.pop(name)
+
+
+def install_local_views(module: nn.Module, *, subtree: list[nn.Module] | None = None) -> None:
+    """Make `module`'s forward see DTensor parameters as local tensors (`local_param`): a
+    pre-hook puts them in the instance dict, where attribute lookup finds them before
+    `_parameters`, and a hook that always runs takes them out again, so outside forward
+    `module.weight` is the DTensor parameter. For modules whose forward fusedpar does not own
+    (a Hugging Face norm, an embedding, an MoE experts block). With `subtree`, the views of
+    those modules' parameters too, for code that reads a child's parameter itself or calls a
+    child's method other than forward (a Mamba mixer's `self.conv1d.weight`, Gemma 3n's
+    `self.altup.correct(...)`): installed on blocks (decoder layers). Nested pushes are
+    counted, so an inner module's hook never takes away what an outer one showed. Idempotent."""
+    if module.__dict__.get("_fusedpar_local_views"):
+        return
+    mods = [module] if subtree is None else subtree
+
+    def pre_hook(mod: nn.Module, args: Any) -> None:
+        for m in mods:
+            _push_views(m)
+
+    def hook(mod: nn.Module, args: Any, out: Any) -> None:
+        for m in mods:
+            _pop_views(m)
+
+    module.register_forward_pre_hook(pre_hook, prepend=True)
+    module.register_forward_hook(hook, always_call=True)
+    module.__dict__["_fusedpar_local_views"] = True
+
+
+def replicate_parameters(model: nn.Module, *, group: dist.ProcessGroup,
+                         owned: tuple[type, ...] = ()) -> None:
+    """Every plain parameter of `model` becomes a Replicate() DTensor on `group`'s mesh (a
+    model is all DTensors or none to torch: `clip_grad_norm_` refuses a mix), and every
+    module holding DTensor parameters whose forward is not one of `owned` (fusedpar's layers,
+    which read `local_param` themselves) gets `install_local_views`. Ties survive: a
+    parameter shared by several modules is converted once."""
+    converted: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is None or isinstance(p, DTensor):
+                continue
+            if id(p) not in converted:
+                converted[id(p)] = tp_parameter(p.detach(), None, group=group, requires_grad=p.requires_grad)
+            module._parameters[name] = converted[id(p)]
+    def holds(m: nn.Module) -> bool:
+        return any(isinstance(p, DTensor) for p in m._parameters.values())
+
+    for module in model.modules():
+        if holds(module):
+            register_state_dict_hooks(module)
+    # blocks (the entries of a ModuleList / ModuleDict: decoder layers, expert lists) show
+    # their whole subtree; every other module holding parameters shows its own
+    for container in model.modules():
+        if isinstance(container, (nn.ModuleList, nn.ModuleDict)):
+            for block in container.children():
+                inner = [m for m in block.modules() if holds(m) and not isinstance(m, owned)]
+                if inner and not isinstance(block, owned):
+                    install_local_views(block, subtree=inner)
+    for module in model.modules():
+        if holds(module) and not isinstance(module, owned):
+            install_local_views(module)
+
+
+def _placement_shard(p: DTensor) -> ParamShard | None:
+    """The ParamShard a DTensor parameter made by `tp_parameter` stands for (None: replicated)."""
+    placement = p.placements[0]
+    if not isinstance(placement, Shard):
+        return None
+    packed = getattr(p, "_fusedpar_packed", None)
+    if packed is not None:
+        return ParamShard(packed, p.shape[packed])
+    return ParamShard(placement.dim)
+
+
+def _full_shape(p: DTensor) -> list[int]:
+    """The unsharded tensor's shape in the model's own layout (packed parts flattened)."""
+    shape = list(p.shape)
+    packed = getattr(p, "_fusedpar_packed", None)
+    if packed is not None:
+        shape[packed:packed + 2] = [shape[packed] * shape[packed + 1]]
+    return shape
+
+
+def _state_dict_hook(module: nn.Module, state: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    # packed parameters are shown whole, in the model's own [gate; up] layout: one rank's
+    # pieces are two boxes of it, which no DTensor placement DCP accepts can say (module docstring)
+    for name, p in module._parameters.items():
+        if isinstance(p, DTensor) and getattr(p, "_fusedpar_packed", None) is not None and prefix + name in state:
+            group = p.device_mesh.get_group()
+            state[prefix + name] = _placement_shard(p).gather(p, get_communicator(group))
+
+
+def _load_pre_hook(module: nn.Module, state: dict[str, Any], prefix: str, *args: Any) -> None:
+    # a plain (unsharded) tensor for a DTensor parameter: keep this rank's piece, as a DTensor
+    # of the parameter's placement, so the default copy_ runs locally
+    for name, p in module._parameters.items():
+        key = prefix + name
+        value = state.get(key)
+        if not isinstance(p, DTensor) or value is None or isinstance(value, DTensor):
+            continue
+        full = _full_shape(p)
+        if list(value.shape) != full:
+            raise ValueError(f"load_state_dict: {key}: expected the unsharded tensor of shape {full} (this rank "
+                             f"holds {list(local_tensor(p).shape)}), got {list(value.shape)}")
+        shard = _placement_shard(p)
+        group = p.device_mesh.get_group()
+        piece = value if shard is None else shard.local(value, dist.get_rank(group), dist.get_world_size(group))
+        if getattr(p, "_fusedpar_packed", None) is not None:
+            piece = piece.reshape(p._local_tensor.shape)
+        state[key] = DTensor(piece.to(device=p.device, dtype=p.dtype), p._spec, requires_grad=False)
+
+
+def register_state_dict_hooks(module: nn.Module) -> None:
+    """State-dict hooks for a module holding DTensor parameters (idempotent): `state_dict()`
+    shows packed parameters whole (a collective), and `load_state_dict` takes unsharded
+    plain tensors (each rank keeps its piece) as well as DTensors."""
+    if module.__dict__.get("_fusedpar_state_hooks"):
+        return
+    module._register_state_dict_hook(_state_dict_hook)
+    module._register_load_state_dict_pre_hook(_load_pre_hook, with_module=True)
+    module.__dict__["_fusedpar_state_hooks"] = True

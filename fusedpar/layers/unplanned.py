@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..comm import get_communicator
+from .norm import all_reduced_grad
 from .sharding import param_shards
 
 __all__ = ["watch_unplanned", "reads_split", "unplanned_modules"]
@@ -120,9 +121,7 @@ def watch_unplanned(model: nn.Module, modules: dict[str, nn.Module], *, group: d
         def grad_hook(grad: Tensor, state: dict = state) -> Tensor:
             if not state["split"]:
                 return grad
-            grad = grad.contiguous().clone()
-            communicator.all_reduce(grad).wait()
-            return grad
+            return all_reduced_grad(grad, communicator)
 
         module.register_forward_pre_hook(pre_hook, with_kwargs=True)
         for p in module.parameters(recurse=False):

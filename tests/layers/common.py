@@ -13,7 +13,24 @@ ZERO = {torch.float64: 1e-10, torch.float32: 1e-4}
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
+def as_local(got, ref=None):
+    """A parameter or gradient as this rank's plain piece: DTensors (every parameter of a
+    parallelized model) give their local tensor, in the reference's shape where the element
+    counts match (packed parameters are DTensors over a [parts, size/parts] view)."""
+    from torch.distributed.tensor import DTensor
+
+    from fusedpar.layers.sharding import local_tensor
+
+    if isinstance(got, DTensor):
+        got = local_tensor(got)
+    if ref is not None and got is not None and got.shape != ref.shape and got.numel() == ref.numel():
+        got = got.reshape(ref.shape)
+    return got
+
+
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    ref = as_local(ref)
+    got = as_local(got, ref)
     got, ref = got.detach().double(), ref.detach().double()
     if torch.isnan(got).any():
         return float("inf")
@@ -24,6 +41,8 @@ def check(name: str, got: torch.Tensor | None, ref: torch.Tensor | None, dtype: 
           tol: float | None = None) -> None:
     assert got is not None, f"{name} {case}: got None (no gradient?)"
     assert ref is not None, f"{name} {case}: reference is None"
+    ref = as_local(ref)
+    got = as_local(got, ref)
     assert tuple(got.shape) == tuple(ref.shape), f"{name} {case}: shape {list(got.shape)} != {list(ref.shape)}"
     if ref.detach().double().norm() < ZERO[dtype]:  # a gradient that is zero in exact arithmetic (key bias)
         diff = (got.detach().double() - ref.detach().double()).norm().item()
@@ -52,6 +71,12 @@ def check_grads(model, ref, world: int, rank: int, case: str, tol: float) -> Non
     single-process `ref`'s (the key bias's gradient is ~0 in exact arithmetic: 10x looser)."""
     ref_params = dict(ref.named_parameters())
     for pname, p in model.named_parameters():
-        grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad  # FSDP2: a DTensor
-        check(f"grad {pname}", grad, local_slice(model, pname, ref_params[pname].grad, world, rank),
+        ref_grad = ref_params[pname].grad
+        if hasattr(p.grad, "device_mesh") and p.grad.device_mesh.ndim > 1:  # FSDP2 over TP: a 2-D DTensor
+            grad = p.grad.full_tensor()
+        elif hasattr(p.grad, "device_mesh") and p.grad.device_mesh.mesh_dim_names == ("dp",):  # FSDP2 only
+            grad, ref_grad = p.grad.full_tensor(), local_slice(model, pname, ref_grad, world, rank)
+        else:
+            grad, ref_grad = p.grad, local_slice(model, pname, ref_grad, world, rank)
+        check(f"grad {pname}", grad, ref_grad,
               torch.float32, case, tol * 10 if pname.endswith("k_proj.bias") else tol)

@@ -1,6 +1,6 @@
 """DeviceMesh wherever a group is taken, and 2-D parallelism: a 2x2 ("dp", "tp") mesh on 4
-gloo ranks, tensor parallelism by fusedpar inside, data parallelism by DDP or FSDP2
-`fully_shard` outside, against one process training on the full batch."""
+gloo ranks, tensor parallelism by fusedpar inside, data parallelism by FSDP2 `fully_shard`
+outside, against one process training on the full batch (DDP refuses DTensor parameters)."""
 from __future__ import annotations
 
 import copy
@@ -46,7 +46,7 @@ def test_device_mesh_is_a_group(dist4):
     assert dist4.run(_run_one_d_mesh) == [True] * 4
 
 
-def _run_two_d(group, dp_kind: str, sp: bool):
+def _run_two_d(group, dp_kind: str, sp: bool, ckpt: str | None = None):
     """TP=2 by fusedpar over mesh["tp"], DP=2 by DDP or FSDP2 over mesh["dp"]; each dp rank
     takes half of the batch the single process trains on."""
     from torch.distributed.fsdp import fully_shard
@@ -57,8 +57,15 @@ def _run_two_d(group, dp_kind: str, sp: bool):
     ref = build("llama")
     model = parallelize(copy.deepcopy(ref), "auto", group=mesh["tp"], sequence_parallel=sp, kernel="torch")
     if dp_kind == "ddp":
-        wrapped = DDP(model, process_group=mesh["dp"].get_group())
-        inner = model
+        # DDP does not take DTensor parameters (torch's limitation, DTensor TP alike; its
+        # _pre_dp_module_transform leaves named_parameters() empty after a forward): it
+        # refuses at construction, loudly. Data parallelism over fusedpar is FSDP2's.
+        try:
+            DDP(model, process_group=mesh["dp"].get_group())
+        except RuntimeError as e:
+            assert "DTensor" in str(e), str(e)
+            return True
+        raise AssertionError("DDP took DTensor parameters without an error")
     else:  # torchtitan's recipe: each decoder layer a unit, then the root
         for layer in model.model.layers:
             fully_shard(layer, mesh=mesh["dp"])
@@ -84,13 +91,45 @@ def _run_two_d(group, dp_kind: str, sp: bool):
         assert abs(got.item() - want.item()) <= 1e-5 * want.item(), f"{name}: grad norm {got.item()} vs {want.item()}"
         opt_ref.step(); opt.step()  # noqa: E702
         opt_ref.zero_grad(); opt.zero_grad()  # noqa: E702
+    if ckpt is not None:  # DCP of the 2-D model and its optimizer: into a fresh one, exactly
+        _dcp_round_trip(model, opt, ckpt, mesh, sp)
     return True
 
 
-def test_tp_inside_ddp_on_a_2x2_mesh(dist4):
+def _fsdp_model(mesh, sp: bool, seed: int):
+    from torch.distributed.fsdp import fully_shard
+
+    model = parallelize(build("llama", seed=seed), "auto", group=mesh["tp"], sequence_parallel=sp, kernel="torch")
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh["dp"])
+    return fully_shard(model, mesh=mesh["dp"])
+
+
+def _dcp_round_trip(model, opt, ckpt: str, mesh, sp: bool) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                         set_state_dict)
+
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt)
+    fresh = _fsdp_model(mesh, sp, seed=5)
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
+    msd2, osd2 = get_state_dict(fresh, fresh_opt)
+    dcp.load({"model": msd2, "optim": osd2}, checkpoint_id=ckpt)
+    set_state_dict(fresh, fresh_opt, model_state_dict=msd2, optim_state_dict=osd2)
+    full = StateDictOptions(full_state_dict=True)
+    want, got = get_model_state_dict(model, options=full), get_model_state_dict(fresh, options=full)
+    for k, v in want.items():
+        assert torch.equal(got[k], v), f"2-D DCP round trip: {k} differs"
+
+
+def test_ddp_refuses_dtensor_parameters_loudly(dist4):
     assert dist4.run(_run_two_d, "ddp", True) == [True] * 4
 
 
 def test_tp_inside_fsdp2_on_a_2x2_mesh(dist4):
+    import tempfile
+
     assert dist4.run(_run_two_d, "fsdp", False) == [True] * 4
-    assert dist4.run(_run_two_d, "fsdp", True) == [True] * 4
+    with tempfile.TemporaryDirectory() as tmp:
+        assert dist4.run(_run_two_d, "fsdp", True, tmp + "/ckpt") == [True] * 4
