@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The one command for a lent GPU machine (the device tool's `run`): run_all.sh into a local
-# folder, then pack it for the trip back, which takes at most 8 files, 2 folders deep.
+# The GPU run in one command: run_all.sh into a local folder, then its results packed into
+# at most 8 files, 2 folders deep, in $OUT (for a machine whose results are copied back).
 #
-#   bash bench/gpu/lease.sh [run_all.sh options]     # $OUT: the tool's folder that comes back
+#   OUT=/path/to/results bash bench/gpu/pack_run.sh [run_all.sh options]
 #
 # Brings back: run.tgz (everything but traces), traces.tgz (torch.profiler traces),
 # summary.md and run.log, unpacked here with `tar xzf` into bench/results/<device>/.
