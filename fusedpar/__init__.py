@@ -62,6 +62,7 @@ from fusedpar.layers import (
     full_state_dict,
     local_shard,
     parallelize,
+    parallelize_module,
     vocab_parallel_cross_entropy,
 )
 from fusedpar.overlap import (
@@ -99,6 +100,7 @@ __all__ = [
     "full_state_dict",
     "local_shard",
     "parallelize",
+    "parallelize_module",
     "vocab_parallel_cross_entropy",
     "CollectiveError",
     "Communicator",

@@ -73,6 +73,7 @@ from .packed import PackedColumnParallelLinear, PackedRowParallelLinear
 from .sharding import ParamShard, gather_shard, local_tensor, param_shards, replicate_parameters
 from .styles import check_row_inputs, inside_experts, plan_styles
 from .ties import complete_tied_plan, retie
+from .torch_styles import string_plan
 from .unplanned import unplanned_modules, watch_unplanned
 
 __all__ = ["parallelize", "full_state_dict", "STYLES", "resolve_plan"]
@@ -109,7 +110,7 @@ def resolve_plan(model: nn.Module, plan: Mapping[str, str] | str) -> dict[str, s
         return {prefix + key: style for key, style in base_plan.items()}
     if not isinstance(plan, Mapping):
         raise TypeError(f"parallelize: plan: expected a dict of {{path: style}} or 'auto', got {type(plan).__name__}")
-    return dict(plan)
+    return string_plan(model, plan)[0]  # torch's ParallelStyle objects read as strings (torch_styles.py)
 
 
 def _base_prefix(model: nn.Module) -> str:
@@ -288,6 +289,9 @@ def parallelize(
         sequence_parallel=sequence_parallel, loss_parallel=loss_parallel, fp8=recipe, chunks=chunks, kernel=kernel,
         comm=comm, save_gathered_input=save_gathered_input))
     world = dist.get_world_size(group)
+    if isinstance(plan, Mapping) and string_plan(model, plan)[1] and not sequence_parallel:
+        raise ValueError("parallelize: plan: its torch styles split the sequence (Shard(1) layouts or "
+                         "SequenceParallel), expected sequence_parallel=True, got False")
     resolved = resolve_plan(model, plan)
     if loss_parallel:
         resolved = embedding.loss_parallel_plan(model, resolved)
@@ -540,3 +544,16 @@ def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
             if prefix + leaf in sd:
                 sd[prefix + leaf] = gather_shard(module, leaf)
     return sd
+
+
+def parallelize_module(module: nn.Module, device_mesh: Any, parallelize_plan: Mapping[str, Any], **kwargs: Any) -> nn.Module:
+    """torch's `parallelize_module(module, device_mesh, parallelize_plan)` signature on
+    fusedpar's overlapped layers: a plan of torch ParallelStyles (or fusedpar strings) over a
+    1-D mesh (or `mesh["tp"]`). Sequence parallelism is on when the plan's styles say so
+    (Shard(1) layouts, SequenceParallel); `kwargs` go to `parallelize`. Styles fusedpar cannot
+    map are refused naming them (layers/torch_styles.py)."""
+    if not isinstance(parallelize_plan, Mapping):
+        raise TypeError(f"parallelize_module: parallelize_plan: expected a dict of {{module path: style}}, "
+                        f"got {type(parallelize_plan).__name__}")
+    kwargs.setdefault("sequence_parallel", string_plan(module, parallelize_plan)[1])
+    return parallelize(module, parallelize_plan, group=device_mesh, **kwargs)
