@@ -73,8 +73,8 @@ def _is_shard(placement: Any) -> bool:
     return isinstance(placement, _StridedShard)
 
 
-def _same_group(a: Any, b: Any) -> bool:
-    return a is b or dist.get_process_group_ranks(a) == dist.get_process_group_ranks(b)
+def _same_group(a: Any, b: Any, b_ranks: list[int]) -> bool:
+    return a is b or dist.get_process_group_ranks(a) == b_ranks
 
 
 def _check_norm_type(norm_type: float, where: str) -> float:
@@ -119,6 +119,7 @@ def grad_norm(model: nn.Module, *, group: Any, norm_type: float = 2.0, foreach: 
     p = _check_norm_type(norm_type, where)
     world = dist.get_world_size(group)
     sharded = sharded_parameters(model)
+    tp_ranks = dist.get_process_group_ranks(group)
     # bucket by (sharded over TP?, the extra groups a DTensor shard is summed over)
     buckets: dict[tuple[bool, tuple[Any, ...]], list[Tensor]] = {}
     for param in model.parameters():
@@ -128,8 +129,8 @@ def grad_norm(model: nn.Module, *, group: Any, norm_type: float = 2.0, foreach: 
         # sharded over the TP group: a DTensor placement on it (fusedpar's parameters), or a
         # plain shard a module declares (tp_shard_dims); the other mesh dims it is sharded on
         # (FSDP2's data-parallel dim) are summed over separately
-        on_tp = [g for g in groups if _same_group(g, group)]
-        extra = tuple(g for g in groups if not _same_group(g, group))
+        on_tp = [g for g in groups if _same_group(g, group, tp_ranks)]
+        extra = tuple(g for g in groups if not _same_group(g, group, tp_ranks))
         buckets.setdefault((bool(on_tp) or id(param) in sharded, extra), []).append(local)
     device = next((g.device for gs in buckets.values() for g in gs), torch.device("cpu"))
     communicator = get_communicator(group)

@@ -213,14 +213,17 @@ def version_of(t: Tensor) -> int:
     return t._version + (p._version if p is not None and p._local_tensor is t else 0)
 
 
+def _kernel_layout(lt: Tensor, packed: int | None) -> Tensor:
+    """A DTensor's local tensor in the kernels' layout: packed parts flattened back."""
+    return lt.flatten(packed, packed + 1) if packed is not None else lt
+
+
 def local_tensor(t: Tensor) -> Tensor:
     """This rank's piece of `t` as a plain tensor in the kernels' layout (no autograd link):
     the local tensor of a DTensor (packed parts flattened back), `t` itself otherwise."""
     if not isinstance(t, DTensor):
         return t
-    lt = t._local_tensor
-    packed = getattr(t, "_fusedpar_packed", None)
-    return lt.flatten(packed, packed + 1) if packed is not None else lt
+    return _kernel_layout(t._local_tensor, getattr(t, "_fusedpar_packed", None))
 
 
 class _LocalView(torch.autograd.Function):
@@ -238,7 +241,7 @@ class _LocalView(torch.autograd.Function):
         ctx.packed = getattr(p, "_fusedpar_packed", None)
         ctx.local_shape = p._local_tensor.shape
         lt = p._local_tensor
-        return lt.flatten(ctx.packed, ctx.packed + 1) if ctx.packed is not None else lt.view_as(lt)
+        return _kernel_layout(lt, ctx.packed) if ctx.packed is not None else lt.view_as(lt)  # a new tensor
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:  # type: ignore[override]
@@ -256,9 +259,7 @@ def local_param(p: Tensor | None) -> Tensor | None:
     if not (p.requires_grad and torch.is_grad_enabled()):
         return local_tensor(p)
     if torch.compiler.is_compiling():
-        packed = getattr(p, "_fusedpar_packed", None)
-        lt = p.to_local()
-        return lt.flatten(packed, packed + 1) if packed is not None else lt
+        return _kernel_layout(p.to_local(), getattr(p, "_fusedpar_packed", None))
     # one node per call, not one cached across forwards: FSDP2 re-registers its unsharded
     # parameters every step, and a node reused from an earlier step left them without .grad
     return _LocalView.apply(p)
@@ -266,15 +267,8 @@ def local_param(p: Tensor | None) -> Tensor | None:
 
 def _push_views(mod: nn.Module) -> None:
     # refreshed on every push: FSDP2 swaps a module's parameters for unsharded ones before
-    # its forward, and the views must be of what the module holds now. DTensors held as
-    # plain attributes are shown too: torch's DDP transform (`_pre_dp_module_transform`)
-    # re-creates TP parameters as non-leaf DTensor attributes around each forward; they are
-    # put back when the views go.
-    stash = mod.__dict__.setdefault("_fusedpar_view_stash", {})
-    for name, value in list(mod.__dict__.items()):
-        if isinstance(value, DTensor):
-            stash[name] = value
-    for name, p in [*mod._parameters.items(), *stash.items()]:
+    # its forward, and the views must be of what the module holds now
+    for name, p in mod._parameters.items():
         if isinstance(p, DTensor):
             mod.__dict__[name] = local_param(p)
     mod.__dict__["_fusedpar_view_depth"] = mod.__dict__.get("_fusedpar_view_depth", 0) + 1
@@ -286,9 +280,6 @@ def _pop_views(mod: nn.Module) -> None:
     if depth <= 0:  # the outermost forward that showed them is over
         for name in mod._parameters:
             mod.__dict__.pop(name, None)
-        stash = mod.__dict__.get("_fusedpar_view_stash", {})
-        for name in list(stash):
-            mod.__dict__[name] = stash.pop(name)
 
 
 def install_local_views(module: nn.Module, *, subtree: list[nn.Module] | None = None) -> None:
