@@ -67,6 +67,11 @@ def parameter_checksums(model: nn.Module) -> dict[str, tuple[int, int] | None]:
     names, sums = [], []
     for name, p in model.named_parameters():
         names.append(name)
+        if hasattr(p, "placements"):  # a DTensor from an earlier parallelize: replicas agree, shards differ
+            if not all(pl.is_replicate() for pl in p.placements):
+                sums.append(None)
+                continue
+            p = p.to_local()
         if p.is_meta or p.element_size() not in _INT_OF_SIZE or p.is_complex():
             sums.append(None)
             continue
@@ -272,7 +277,7 @@ def install_input_check(model: nn.Module, region_name: str, *, group: Any,
     def post_hook(module: nn.Module, args: tuple, output: Any) -> None:
         settle()  # a forward that never reached the layers still completes its check
 
-    if model.get_submodule(region_name)[0] is not model:
+    if next(iter(model.get_submodule(region_name).children())) is not model:  # a ModuleList or ModuleDict
         model.register_forward_pre_hook(pre_hook, with_kwargs=True)
         model.register_forward_hook(post_hook)
     return at_first_layer

@@ -43,6 +43,7 @@ shards (MoE, latent attention, gathered-output styles) run on the gathered seque
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections.abc import Mapping
@@ -73,7 +74,8 @@ from .packed import PackedColumnParallelLinear, PackedRowParallelLinear
 from .sharding import ParamShard, gather_shard, local_tensor, param_shards, replicate_parameters
 from .styles import check_row_inputs, inside_experts, plan_styles
 from .ties import complete_tied_plan, retie
-from .torch_styles import string_plan
+from . import layouts
+from .torch_styles import TorchPlan, is_torch_style, read_plan, string_plan
 from .unplanned import unplanned_modules, watch_unplanned
 
 __all__ = ["parallelize", "full_state_dict", "STYLES", "resolve_plan"]
@@ -191,30 +193,53 @@ class _NoDecoderLayers(ValueError):
     """The plan's modules do not sit in one ModuleList of decoder layers."""
 
 
-def _decoder_layers(model: nn.Module, matches: dict[str, tuple[str, str]]) -> tuple[str, nn.ModuleList]:
-    """The ModuleList the plan's wildcards run over (e.g. `model.layers`): the sequence-parallel region."""
+def _decoder_layers(model: nn.Module, matches: dict[str, tuple[str, str]]) -> tuple[str, list[nn.Module]]:
+    """The decoder layers the plan's wildcards run over (e.g. `model.layers`), in order: the
+    sequence-parallel region. A ModuleList, or a ModuleDict keyed "0", "1", ... in the order
+    the model calls them (torchtitan's `for layer in self.layers.values()`)."""
     lists = set()
     for path in matches:
         parts = path.split(".")
         for i in range(1, len(parts)):
             if parts[i].isdigit():
                 prefix = ".".join(parts[:i])
-                if isinstance(model.get_submodule(prefix), nn.ModuleList):
+                container = model.get_submodule(prefix)
+                if isinstance(container, nn.ModuleList) or (
+                        isinstance(container, nn.ModuleDict) and list(container) == [str(j) for j in range(len(container))]):
                     lists.add(prefix)
                 break
     if len(lists) != 1:
         raise _NoDecoderLayers(
             f"parallelize(sequence_parallel=True): expected the plan's modules to sit in exactly one "
-            f"ModuleList of decoder layers (the sequence-parallel region), got {sorted(lists) or 'none'}"
+            f"ModuleList (or ModuleDict keyed 0, 1, ...) of decoder layers (the sequence-parallel region), "
+            f"got {sorted(lists) or 'none'}"
         )
     name = lists.pop()
-    return name, model.get_submodule(name)
+    container = model.get_submodule(name)
+    return name, list(container.values() if isinstance(container, nn.ModuleDict) else container)
+
+
+def _has_decoder_layers(model: nn.Module, matches: dict[str, tuple[str, str]]) -> bool:
+    try:
+        _decoder_layers(model, matches)
+    except _NoDecoderLayers:
+        return False
+    return True
 
 
 def _plan_linear(model: nn.Module, path: str, style: str, key: str, world: int) -> dict[str, Any]:
     """Check one planned linear (no comm); return what to build for it."""
     module = model.get_submodule(path)
     where = f"parallelize: {path} (plan key {key!r}, style {style!r})"
+    if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+        # converted by an earlier call (torch's plans come module by module; a tied LM head
+        # is split with its embedding): the style sets its output / input layout again
+        col = isinstance(module, ColumnParallelLinear)
+        if (style in _COLWISE) != col or style in _PACKED or dist.get_process_group_ranks(module.spec.group) != \
+                dist.get_process_group_ranks(check_group(model._fusedpar_group_arg, arg="group")):
+            raise TypeError(f"{where}: expected an nn.Linear (or a fusedpar layer of this style on this group), "
+                            f"got {type(module).__name__} on ranks {dist.get_process_group_ranks(module.spec.group)}")
+        return {"kind": "keep", "gather_output": _COLWISE.get(style), "input_is_parallel": _ROWWISE.get(style)}
     if not isinstance(module, nn.Linear):
         raise TypeError(f"{where}: expected an nn.Linear, got {type(module).__name__}")
     if style in _PACKED:  # [gate; up] halves split on their own (packed.py)
@@ -284,12 +309,14 @@ def parallelize(
     (layers/moe.py); layers the plan leaves alone are untouched.
     """
     group = check_group(group, arg="parallelize: group")
+    model._fusedpar_group_arg = group  # for _plan_linear's check of layers converted before
     recipe = as_recipe(fp8, where="parallelize: fp8")
     check_parallelize_agrees(model, plan, group=group, settings=dict(  # ranks agree (agreement.py)
         sequence_parallel=sequence_parallel, loss_parallel=loss_parallel, fp8=recipe, chunks=chunks, kernel=kernel,
         comm=comm, save_gathered_input=save_gathered_input))
     world = dist.get_world_size(group)
-    if isinstance(plan, Mapping) and string_plan(model, plan)[1] and not sequence_parallel:
+    torch_plan = read_plan(model, plan) if isinstance(plan, Mapping) else TorchPlan()
+    if torch_plan.sequence and not sequence_parallel:
         raise ValueError("parallelize: plan: its torch styles split the sequence (Shard(1) layouts or "
                          "SequenceParallel), expected sequence_parallel=True, got False")
     resolved = resolve_plan(model, plan)
@@ -305,9 +332,15 @@ def parallelize(
     builds = {p: _plan_linear(model, p, s, k, world) for p, (s, k) in linears.items()}
     check_row_inputs(builds, matches)
     others = plan_styles(model, matches, params, world, kernel=kernel, comm=comm)  # styles.py
-    region_name, region = _decoder_layers(model, matches) if sequence_parallel else ("", None)
+    # A torch plan applied module by module (no decoder layers in its keys: torchtitan calls
+    # parallelize_module per block) means its layouts literally: the sequence is split where
+    # a style's output is Shard(1) and gathered where an input is (torch_layouts). Otherwise
+    # sequence parallelism is fusedpar's region over the decoder layers, whatever the layouts.
+    literal = sequence_parallel and torch_plan.has_torch and not _has_decoder_layers(model, matches)
+    literal_sp = layouts.literal_sequence_layers(model, matches, torch_plan, builds) if literal else set()
+    region_name, region = _decoder_layers(model, matches) if sequence_parallel and not literal else ("", None)
     islands: set[str] = set()  # blocks run on the whole sequence inside the region (islands.py)
-    if sequence_parallel:
+    if region is not None:
         check_layer_inputs(region[0], region_name)
         islands = sequence_islands(matches, set(params), region_name, region)
 
@@ -318,17 +351,26 @@ def parallelize(
     unplanned: dict[str, nn.Module] = {}
     try:  # decoder-layer models: unplanned modules with parameters in blocks with split layers
         unplanned = unplanned_modules(matches, *_decoder_layers(model, matches))
-        if sequence_parallel:
+        if region is not None:
             unplanned = {p: m for p, m in unplanned.items() if not in_region(p)}
     except _NoDecoderLayers:
         pass  # other models: a parameter next to parallel layers may see replicated inputs
 
     # 2. Convert the linears.
-    state = SequenceRegion(world) if sequence_parallel else None
+    state = SequenceRegion(world) if region is not None else None
     knobs = dict(chunks=chunks, kernel=kernel, comm=comm, sequence_dim=-2)
     for path, b in builds.items():
         linear = model.get_submodule(path)
-        sp = in_region(path)
+        sp = path in literal_sp if literal else in_region(path)
+        if b["kind"] == "keep":
+            kept = model.get_submodule(path)
+            kept.spec = dataclasses.replace(kept.spec, sequence_parallel=sp)
+            if isinstance(kept, ColumnParallelLinear):
+                kept.gather_output = b["gather_output"]
+            else:
+                kept.input_is_parallel = b["input_is_parallel"]
+            b["kind"] = "col" if isinstance(kept, ColumnParallelLinear) else "row"
+            continue
         if b["kind"] == "row":
             row_cls = PackedRowParallelLinear if b.get("parts", 1) > 1 else RowParallelLinear
             new = row_cls.from_linear(linear, group=group, name=path, input_is_parallel=b["input_is_parallel"],
@@ -359,26 +401,31 @@ def parallelize(
     for path, (style, _) in matches.items():
         if style == "replicated_with_grad_allreduce":
             all_reduce_grads(model.get_submodule(path), group=group, comm=comm)
-        elif style == "sequence_parallel" and sequence_parallel and in_region(path):
-            # only inside the split region: a norm outside it (the final norm, torch's
+        elif style == "sequence_parallel" and sequence_parallel and (literal or in_region(path)):
+            # only on shards: a norm outside fusedpar's region (the final norm, torch's
             # SequenceParallel() on the root) sees every token, so its gradient is already whole
             all_reduce_grads(model.get_submodule(path), group=group, comm=comm, region=state)
+    if torch_plan.has_torch:  # DTensors and sequence shards at the modules' edges (layouts.py)
+        layouts.install_torch_layouts(model, matches, builds, torch_plan, literal, group=group, comm=comm)
     if unplanned:
         watch_unplanned(model, unplanned, group=group, comm=comm)
     if loss_parallel:
         embedding.install_loss_parallel(model, group=group, comm=comm)
 
     # 4. Attention modules: local head counts; fused column groups under each parent.
-    _set_local_heads(model, builds, world)
+    _set_local_heads(model, {p: b for p, b in builds.items() if matches[p][1] not in torch_plan.dtensor_out}, world)
     by_parent: dict[str, list[str]] = {}
     for path, b in builds.items():
         if b["kind"] in ("col", "rep") and not b.get("gather_output") and _reads_hidden(model, path):
             by_parent.setdefault(_parent(path), []).append(path)
     for parent_path, paths in by_parent.items():
-        _install_group(model.get_submodule(parent_path), [model.get_submodule(p) for p in paths], parent_path)
+        layers = [model.get_submodule(p) for p in paths]
+        for sp in sorted({layer.spec.sequence_parallel for layer in layers}):  # one fused GEMM per layout
+            _install_group(model.get_submodule(parent_path), [l for l in layers if l.spec.sequence_parallel == sp],
+                           parent_path)
 
     # 5. Sequence parallelism: split the residual stream inside the decoder layers.
-    if sequence_parallel:
+    if region is not None:
         assert region is not None and state is not None
         entry_check = install_input_check(model, region_name, group=group, planned=set(matches))
         _install_sequence_region(region, region_name, group=group, comm=comm, state=state, entry_check=entry_check)
@@ -424,8 +471,17 @@ def _reads_hidden(model: nn.Module, path: str) -> bool:
     return not isinstance(hidden, int) or model.get_submodule(path).in_features == hidden
 
 
+# attributes attention modules keep their head counts in: Hugging Face's, torch's example
+# Transformer's and torchtitan's; the groups (q heads per kv head) are set from the two
+_Q_HEAD_ATTRS = ("num_heads", "n_heads", "n_head", "num_attention_heads", "n_local_heads")
+_KV_HEAD_ATTRS = ("num_key_value_heads", "n_kv_heads", "num_kv_heads", "n_local_kv_heads")
+_GROUP_ATTRS = ("num_key_value_groups", "n_rep")
+
+
 def _set_local_heads(model: nn.Module, builds: dict[str, dict[str, Any]], world: int) -> None:
-    """Tell attention modules their local head counts (only the attributes they already have)."""
+    """Tell attention modules their local head counts: every head-count attribute they
+    already have whose value is a planned projection's global head count (from the model's
+    config, else from the projection's width over the module's `head_dim`)."""
     config = getattr(model, "config", None)
     n_q, n_kv = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)
     parents: dict[str, dict[str, int]] = {}
@@ -434,28 +490,43 @@ def _set_local_heads(model: nn.Module, builds: dict[str, dict[str, Any]], world:
             continue
         local = 1 if b["kind"] == "rep" else b["heads"] // world
         counts = parents.setdefault(_parent(path), {})
-        if b["heads"] == n_q:
-            counts["q"] = local
-        if b["heads"] == n_kv:
-            counts["kv"] = local
+        leaf = path.rpartition(".")[2]
+        if b["heads"] == n_q or (n_q is None and leaf in ("q_proj", "wq", "query")):
+            counts["q"], counts["q_global"] = local, b["heads"]
+        if b["heads"] == n_kv or (n_kv is None and leaf in ("k_proj", "wk", "key")):
+            counts["kv"], counts["kv_global"] = local, b["heads"]
     for parent_path, counts in parents.items():
         attn = model.get_submodule(parent_path)
         q, kv = counts.get("q"), counts.get("kv")
-        if q is not None and hasattr(attn, "num_heads"):
-            attn.num_heads = q
-        if kv is not None and hasattr(attn, "num_key_value_heads"):
-            attn.num_key_value_heads = kv
-        if q is not None and kv is not None and hasattr(attn, "num_key_value_groups"):
-            attn.num_key_value_groups = q // kv
+        for attrs, glob, loc in ((_Q_HEAD_ATTRS, counts.get("q_global"), q), (_KV_HEAD_ATTRS, counts.get("kv_global"), kv)):
+            for attr in attrs:
+                value = getattr(attn, attr, None)
+                if loc is not None and type(value) is int and (value == glob or (config is not None and attr in (
+                        "num_heads", "num_key_value_heads"))):
+                    setattr(attn, attr, loc)
+        if q is not None and kv is not None:
+            for attr in _GROUP_ATTRS:
+                if type(getattr(attn, attr, None)) is int:
+                    setattr(attn, attr, q // kv)
 
 
-def _first_input(args: tuple, kwargs: dict) -> tuple[Tensor, Any]:
-    """The module's first input and a function putting a replacement back in its place."""
+def _first_input(args: tuple, kwargs: dict, name: str = "hidden_states") -> tuple[Tensor, Any]:
+    """The module's first input (by position, or by keyword as `name`) and a function
+    putting a replacement back in its place."""
     if args and isinstance(args[0], Tensor):
         return args[0], lambda t: ((t, *args[1:]), kwargs)
-    if isinstance(kwargs.get("hidden_states"), Tensor):
-        return kwargs["hidden_states"], lambda t: (args, {**kwargs, "hidden_states": t})
-    raise TypeError("parallelize: expected the module's first argument (or hidden_states=) to be a Tensor")
+    for key in dict.fromkeys((name, "hidden_states")):
+        if isinstance(kwargs.get(key), Tensor):
+            return kwargs[key], lambda t, key=key: (args, {**kwargs, key: t})
+    raise TypeError(f"parallelize: expected the module's first argument (or {name}=) to be a Tensor")
+
+
+def _first_parameter(module: nn.Module) -> str:
+    """The name of `module.forward`'s first parameter (the residual stream of a decoder layer)."""
+    import inspect
+
+    names = [p for p in inspect.signature(type(module).forward).parameters if p != "self"]
+    return names[0] if names else "hidden_states"
 
 
 def _install_group(parent: nn.Module, layers: list[nn.Module], parent_path: str) -> None:
@@ -483,14 +554,16 @@ def _install_group(parent: nn.Module, layers: list[nn.Module], parent_path: str)
     parent.register_forward_hook(post_hook, with_kwargs=True)
 
 
-def _install_sequence_region(region: nn.ModuleList, name: str, *, group: Any, comm: str,
+def _install_sequence_region(region: list[nn.Module], name: str, *, group: Any, comm: str,
                              state: SequenceRegion, entry_check: Any) -> None:
     """Split the residual stream on the sequence dim before the first decoder layer and
     gather it after the last one, when the length divides by the world size; otherwise the
     region runs unsplit for this forward (`state.split`, read by its layers and norms)."""
 
+    first = _first_parameter(region[0])
+
     def split(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        x, put = _first_input(args, kwargs)
+        x, put = _first_input(args, kwargs, first)
         entry_check(x)  # lengths agree across ranks, or every rank raises (agreement.py)
         if x.ndim < 2:
             raise ValueError(f"parallelize(sequence_parallel=True): {name}.0 input: expected [.., seq, hidden], "
@@ -546,14 +619,46 @@ def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return sd
 
 
-def parallelize_module(module: nn.Module, device_mesh: Any, parallelize_plan: Mapping[str, Any], **kwargs: Any) -> nn.Module:
-    """torch's `parallelize_module(module, device_mesh, parallelize_plan)` signature on
-    fusedpar's overlapped layers: a plan of torch ParallelStyles (or fusedpar strings) over a
-    1-D mesh (or `mesh["tp"]`). Sequence parallelism is on when the plan's styles say so
-    (Shard(1) layouts, SequenceParallel); `kwargs` go to `parallelize`. Styles fusedpar cannot
-    map are refused naming them (layers/torch_styles.py)."""
+def parallelize_module(module: nn.Module, device_mesh: Any, parallelize_plan: Any, **kwargs: Any) -> nn.Module:
+    """torch's `parallelize_module(module, device_mesh, parallelize_plan)` on fusedpar's
+    overlapped layers: a plan of torch ParallelStyles (or fusedpar strings) keyed by module
+    path, or one style for `module` itself (converted in place, as torch does), over a 1-D
+    mesh (or `mesh["tp"]`). Sequence parallelism is on when the plan's styles say so
+    (Shard(1) layouts, SequenceParallel); `kwargs` go to `parallelize`. Called module by
+    module (torchtitan's `parallelize_llama`), the layouts mean what torch means: the
+    sequence is split where an output is Shard(1) and gathered where an input is. Styles
+    fusedpar cannot map are refused naming them (layers/torch_styles.py)."""
     if not isinstance(parallelize_plan, Mapping):
-        raise TypeError(f"parallelize_module: parallelize_plan: expected a dict of {{module path: style}}, "
-                        f"got {type(parallelize_plan).__name__}")
+        if not is_torch_style(parallelize_plan) and not isinstance(parallelize_plan, str):
+            raise TypeError(f"parallelize_module: parallelize_plan: expected a ParallelStyle or a dict of "
+                            f"{{module path: style}}, got {type(parallelize_plan).__name__}")
+        return _parallelize_self(module, device_mesh, parallelize_plan, **kwargs)
     kwargs.setdefault("sequence_parallel", string_plan(module, parallelize_plan)[1])
     return parallelize(module, parallelize_plan, group=device_mesh, **kwargs)
+
+
+class _Holder(nn.Module):
+    """A parent for a module given one style for itself: fusedpar converts a planned child."""
+
+    def __init__(self, target: nn.Module) -> None:
+        super().__init__()
+        self.target = target
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover - never called
+        return self.target(*args, **kwargs)
+
+
+def _parallelize_self(module: nn.Module, device_mesh: Any, style: Any, **kwargs: Any) -> nn.Module:
+    """`parallelize_module(linear, mesh, ColwiseParallel())`: convert `module` itself. The
+    caller holds `module` (its parent's attribute, torch's weight-tying code after it), so
+    the converted layer takes its place in the same object: its class and state move into
+    `module`, and hooks registered on the new layer see the same state."""
+    holder = _Holder(module)
+    kwargs.setdefault("sequence_parallel", string_plan(holder, {"target": style})[1])
+    parallelize(holder, {"target": style}, group=device_mesh, **kwargs)
+    new = holder.target
+    if new is not module:
+        module.__class__ = new.__class__
+        module.__dict__ = new.__dict__  # one dict for both objects: closures over `new` stay right
+    module._fusedpar_parallel = holder.__dict__.get("_fusedpar_parallel")
+    return module

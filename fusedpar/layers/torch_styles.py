@@ -2,27 +2,52 @@
 
     ColwiseParallel()                                   "colwise"
     ColwiseParallel(output_layouts=Replicate())         "colwise_gather_output"
-    ColwiseParallel(input_layouts=Shard(1))             "colwise", sequence parallel
+    ColwiseParallel(input_layouts=Shard(1))             "colwise" gathering a sequence shard
     RowwiseParallel()                                   "rowwise"
-    RowwiseParallel(output_layouts=Shard(1))            "rowwise", sequence parallel
+    RowwiseParallel(output_layouts=Shard(1))            "rowwise" reduce-scattering to a sequence shard
     RowwiseParallel(input_layouts=Replicate())          "rowwise_split_input"
-    Rowwise / ColwiseParallel on an nn.Embedding        "embedding_rowwise" / "embedding_colwise"
+    Rowwise / ColwiseParallel on an nn.Embedding        "embedding_rowwise" / "embedding_colwise",
+                                                        output Replicate() or a sequence shard
     SequenceParallel()                                  "sequence_parallel"
+    PrepareModuleInput(input_layouts=Shard(1),          the module's column-parallel children
+        desired_input_layouts=Replicate())              gather the sequence (in their fused GEMM)
+    use_local_output=False                              the output is a DTensor, as torch returns it
 
-Shard(1) is the sequence dim of a `[batch, seq, hidden]` activation, the one fusedpar splits
-when `sequence_parallel=True`. Anything else (DTensor outputs with `use_local_output=False`,
-PrepareModuleInput / PrepareModuleOutput, layouts other than these) is refused naming the
-style, its arguments and why, before anything is converted.
+Shard(1) is the sequence dim of a `[batch, seq, hidden]` activation (Shard(0) of a `[seq,
+hidden]` one, e.g. position embeddings), the one fusedpar splits with sequence parallelism.
+What the layouts mean when the plan's modules sit in decoder layers is parallelize's to
+decide (parallelize.py: its sequence region, or the layouts taken literally when the plan
+is applied module by module, as torchtitan does). Anything else (PrepareModuleOutput, a
+PrepareModuleInput that is not a sequence gather, layouts other than these, torch's Float8
+styles, which fusedpar's `fp8=` replaces) is refused naming the style, its arguments and
+why, before anything is converted.
 """
 from __future__ import annotations
 
 import fnmatch
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
-__all__ = ["is_torch_style", "string_plan"]
+__all__ = ["is_torch_style", "string_plan", "read_plan", "TorchPlan"]
+
+_SEQ = ("shard(1)", "shard(-2)")
+
+
+@dataclass
+class TorchPlan:
+    """A plan with torch styles read: `strings` (key → fusedpar style, for every key but
+    PrepareModuleInput's), and what the strings cannot say, per plan key."""
+
+    strings: dict[str, str] = field(default_factory=dict)
+    sequence: bool = False  # some style splits the sequence
+    has_torch: bool = False  # some style was a torch ParallelStyle
+    seq_in: set[str] = field(default_factory=set)  # column styles whose input is a sequence shard
+    seq_out: dict[str, int] = field(default_factory=dict)  # rowwise / embedding keys → the sequence dim split at exit
+    gathers: set[str] = field(default_factory=set)  # PrepareModuleInput keys: their input is gathered
+    dtensor_out: dict[str, str] = field(default_factory=dict)  # key → "replicate" / "shard(d)" for DTensor outputs
 
 
 def is_torch_style(style: Any) -> bool:
@@ -55,63 +80,113 @@ def _describe(style: Any) -> str:
 
 
 def _is_embedding(model: nn.Module, key: str) -> bool:
+    if key == "":
+        return isinstance(model, nn.Embedding)
     names = [n for n, _ in model.named_modules() if n and fnmatch.fnmatchcase(n, key)]
     return bool(names) and all(isinstance(model.get_submodule(n), nn.Embedding) for n in names)
 
 
-def _one(model: nn.Module, key: str, style: Any) -> tuple[str, bool]:
-    """(fusedpar style string, whether it means sequence parallelism) for one torch style."""
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel
+def _prepare_input(key: str, style: Any, out: TorchPlan) -> str | None:
+    """Read a PrepareModuleInput into `out`; the reason it cannot be, or None."""
+    if getattr(style, "with_kwargs", False) and style.input_kwarg_layouts:
+        return "input_kwarg_layouts: fusedpar gathers the module's first positional input only"
+    ins = tuple(style.input_layouts or ())
+    wants = tuple(style.desired_input_layouts or ())
+    if not ins or len(ins) != len(wants):
+        return "expected input_layouts and desired_input_layouts of the same length"
+    first_in, first_want = _layout(ins[0]), _layout(wants[0])
+    rest_same = all((a is None and b is None) or (a is not None and b is not None and _layout(a) == _layout(b))
+                    for a, b in zip(ins[1:], wants[1:]))
+    if not rest_same:
+        return "inputs after the first must keep their layout (fusedpar gathers the first input only)"
+    if first_in in _SEQ and first_want == "replicate":
+        out.gathers.add(key)
+        out.sequence = True
+        return None
+    if first_in == first_want:
+        return None  # nothing to move
+    return (f"input {first_in} -> {first_want}: fusedpar gathers a sequence shard (Shard(1) -> Replicate()) "
+            f"into a module's column-parallel layers only")
+
+
+def _one(model: nn.Module, key: str, style: Any, out: TorchPlan) -> None:
+    """Read one torch style into `out`, or raise naming it and why."""
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel,
+    )
 
     name = type(style).__name__
     why = None
-    if getattr(style, "use_local_output", True) is False and not isinstance(style, SequenceParallel):
-        why = ("use_local_output=False asks for DTensor outputs; fusedpar's layers return local tensors "
-               "(pass use_local_output=True)")
-    elif isinstance(style, SequenceParallel):
+    local = getattr(style, "use_local_output", True) is not False
+    if isinstance(style, SequenceParallel):
         seq = _layout(style.sequence_sharding)
-        if seq not in ("shard(1)", "shard(-2)"):
+        if seq not in _SEQ:
             why = f"sequence_sharding={seq}: fusedpar splits the sequence dim of [batch, seq, hidden] only"
         else:
-            return "sequence_parallel", True
-    elif isinstance(style, (ColwiseParallel, RowwiseParallel)) and name in ("ColwiseParallel", "RowwiseParallel"):
-        inp, out = _layout(style.input_layouts), _layout(style.output_layouts)
-        seq = ("shard(1)", "shard(-2)")
+            # fusedpar's norms return local shards; torch's default use_local_output=False only
+            # wraps them for the DTensor modules that follow, which fusedpar's layers do not need
+            out.strings[key], out.sequence = "sequence_parallel", True
+            return
+    elif type(style) is PrepareModuleInput:
+        why = _prepare_input(key, style, out)
+        if why is None:
+            return
+    elif name in ("ColwiseParallel", "RowwiseParallel") and isinstance(style, (ColwiseParallel, RowwiseParallel)):
+        inp, outp = _layout(style.input_layouts), _layout(style.output_layouts)
         embedding = _is_embedding(model, key)
+        seq_out = {"shard(1)": -2, "shard(-2)": -2, "shard(0)": 0}.get(outp)
         if isinstance(style, ColwiseParallel):
-            if embedding and inp == "replicate" and out in ("replicate", *seq):
-                return "embedding_colwise", out in seq
-            if inp in ("replicate", *seq) and out == "shard(-1)":
-                return "colwise", inp in seq
-            if inp == "replicate" and out == "replicate":
-                return "colwise_gather_output", False
-            why = (f"input_layouts={inp}, output_layouts={out}: expected input Replicate() or Shard(1) "
-                   f"and output Shard(-1), or Replicate() in and out")
+            if embedding and inp == "replicate" and (outp == "replicate" or seq_out is not None):
+                out.strings[key] = "embedding_colwise"
+            elif inp in ("replicate", *_SEQ) and outp == "shard(-1)":
+                out.strings[key] = "colwise"
+            elif inp in ("replicate", *_SEQ) and outp == "replicate":
+                out.strings[key] = "colwise_gather_output"
+            else:
+                why = (f"input_layouts={inp}, output_layouts={outp}: expected input Replicate() or Shard(1) "
+                       f"and output Shard(-1) or Replicate()")
+            if why is None and inp in _SEQ:
+                out.seq_in.add(key)
         else:
-            if embedding and inp == "replicate" and out in ("replicate", *seq):
-                return "embedding_rowwise", out in seq
-            if inp == "shard(-1)" and out in ("replicate", *seq):
-                return "rowwise", out in seq
-            if inp == "replicate" and out == "replicate":
-                return "rowwise_split_input", False
-            why = (f"input_layouts={inp}, output_layouts={out}: expected input Shard(-1) and output "
-                   f"Replicate() or Shard(1), or Replicate() in and out")
+            if embedding and inp == "replicate" and (outp == "replicate" or seq_out is not None):
+                out.strings[key] = "embedding_rowwise"
+            elif inp == "shard(-1)" and (outp == "replicate" or seq_out == -2):
+                out.strings[key] = "rowwise"
+            elif inp == "replicate" and outp == "replicate":
+                out.strings[key] = "rowwise_split_input"
+            else:
+                why = (f"input_layouts={inp}, output_layouts={outp}: expected input Shard(-1) and output "
+                       f"Replicate() or Shard(1), or Replicate() in and out")
+        if why is None:
+            if seq_out is not None and key not in out.seq_in:
+                out.seq_out[key] = seq_out
+            out.sequence = out.sequence or key in out.seq_in or seq_out is not None
+            if not local:
+                out.dtensor_out[key] = outp
+            return
+    elif "Float8" in name:
+        why = ("torch's Float8 styles need torchao's Float8Linear; fusedpar runs its own fp8 GEMMs: give the "
+               "plain style and parallelize(..., fp8=True)")
     else:
-        why = ("not a style fusedpar maps onto its layers (ColwiseParallel, RowwiseParallel and "
-               "SequenceParallel are)")
+        why = ("not a style fusedpar maps onto its layers (ColwiseParallel, RowwiseParallel, SequenceParallel "
+               "and a sequence-gathering PrepareModuleInput are)")
     raise ValueError(f"parallelize: plan[{key!r}]: {_describe(style)}: {why}")
 
 
-def string_plan(model: nn.Module, plan: Mapping[str, Any]) -> tuple[dict[str, str], bool]:
-    """The plan with every torch ParallelStyle replaced by its fusedpar string (strings and
-    None kept), and whether any style means sequence parallelism. Raises on the first
-    style that has no fusedpar meaning, naming it."""
-    out: dict[str, str] = {}
-    sequence = False
+def read_plan(model: nn.Module, plan: Mapping[str, Any]) -> TorchPlan:
+    """The plan with every torch ParallelStyle read (strings and None kept as they are).
+    Raises on the first style that has no fusedpar meaning, naming it."""
+    out = TorchPlan()
     for key, style in plan.items():
         if is_torch_style(style):
-            out[key], sp = _one(model, key, style)
-            sequence = sequence or sp
+            out.has_torch = True
+            _one(model, key, style, out)
         else:
-            out[key] = style
-    return out, sequence
+            out.strings[key] = style
+    return out
+
+
+def string_plan(model: nn.Module, plan: Mapping[str, Any]) -> tuple[dict[str, str], bool]:
+    """`(strings, whether any style splits the sequence)` of `read_plan`."""
+    read = read_plan(model, plan)
+    return read.strings, read.sequence
