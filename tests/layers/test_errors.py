@@ -10,8 +10,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fusedpar.layers import (ColumnParallelLinear, ParallelAttention, ParallelMLP, RowParallelLinear, parallelize,
-                             resolve_plan)
+from fusedpar.layers import ColumnParallelLinear, ParallelAttention, ParallelMLP, RowParallelLinear
+from fusedpar.plan import parallelize, resolve_plan
 from tests.layers.test_models import build
 
 

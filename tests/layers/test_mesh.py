@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 import fusedpar
-from fusedpar.layers import parallelize
+from fusedpar.plan import parallelize
 from tests.layers.common import check, check_grads
 from tests.layers.test_models import MODEL_TOL, build
 

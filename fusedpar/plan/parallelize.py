@@ -12,15 +12,15 @@ raises on every rank alike and no collective is ever left waiting.
 
 Styles (a key may name a module or a parameter):
     colwise                          ColumnParallelLinear (output split on features); on a
-                                     bare parameter: split dim ndim-2 (sharding.py)
+                                     bare parameter: split dim ndim-2 (layers/sharding.py)
     colwise_rep, colwise_gather_output   ColumnParallelLinear(gather_output=True)
     rowwise                          RowParallelLinear (input split on features); on a bare
                                      parameter: split its last dim
     rowwise_rep, rowwise_split_input RowParallelLinear(input_is_parallel=False)
-    packed_colwise, packed_rowwise   fused [gate; up] weights split per part (packed.py)
-    embedding_rowwise / _colwise     vocab- / hidden-parallel embedding (embedding.py)
-    moe_tp_experts                   experts split on their intermediate dim, grouped GEMMs (moe.py)
-    moe_identity_expert, all_reduce, mla_kv_a_proj   partial-sum hooks (partial.py)
+    packed_colwise, packed_rowwise   fused [gate; up] weights split per part (layers/packed.py)
+    embedding_rowwise / _colwise     vocab- / hidden-parallel embedding (layers/embedding.py)
+    moe_tp_experts                   experts split on their intermediate dim, grouped GEMMs (layers/moe.py)
+    moe_identity_expert, all_reduce, mla_kv_a_proj   partial-sum hooks (layers/partial.py)
     replicated_with_grad_allreduce   unchanged module, gradients all-reduced (per-head norms)
     sequence_parallel                unchanged norm on sequence shards, gradients all-reduced
     replicate, local_params          unchanged
@@ -30,11 +30,11 @@ blocks with a shared expert reduce both partial sums once where exact (block_red
 
 Column-parallel siblings that read their parent's input (q/k/v in attention, gate/up in
 the MLP) run as one fused GEMM (`column_parallel_group`), computed in a pre-hook of the
-parent: one gather and one backward reduction for the group. With
+parent: one gather and one backward reduction for the group (groups.py). With
 `sequence_parallel=True` the residual stream inside the decoder layers is split on the
 sequence dim: a pre-hook on the first decoder layer splits it (after the model has built
 its causal mask and rotary embeddings from the full length) and a hook on the last one
-gathers it back, so the final norm and the head see the whole sequence. The parent
+gathers it back, so the final norm and the head see the whole sequence (region.py). The parent
 pre-hook hands the attention / MLP module the gathered input, so modules that take shapes
 from their input (`view(*input_shape, -1, head_dim)`) work unchanged; norms directly inside
 each decoder layer run on shards with their gradients all-reduced. Blocks that cannot take
@@ -49,33 +49,26 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..comm import check_group
-from .linear import (
-    ColumnParallelLinear,
-    ReplicatedColumnLinear,
-    RowParallelLinear,
-    SequenceRegion,
-    column_parallel_group,
-    effective_spec,
-    gather_from_shard,
-    split_to_shard,
-)
+from ..layers import embedding
+from ..layers.fp8 import as_recipe, enable_fp8
+from ..layers.linear import ColumnParallelLinear, ReplicatedColumnLinear, RowParallelLinear, SequenceRegion
+from ..layers.norm import all_reduce_grads
+from ..layers.packed import PackedColumnParallelLinear, PackedRowParallelLinear
+from ..layers.sharding import ParamShard, gather_shard, local_tensor, param_shards, replicate_parameters
+from . import layouts
 from .agreement import check_parallelize_agrees, install_input_check
-from .fp8 import as_recipe, enable_fp8
-from .norm import all_reduce_grads
-from . import embedding
 from .block_reduction import install_block_reductions
-from .islands import check_layer_inputs, install_islands, install_per_token_splits, layer_blocks, sequence_islands
-from .packed import PackedColumnParallelLinear, PackedRowParallelLinear
-from .sharding import ParamShard, gather_shard, local_tensor, param_shards, replicate_parameters
+from .groups import install_column_group, reads_hidden
+from .heads import set_local_heads
+from .islands import check_layer_inputs, install_islands, layer_blocks, sequence_islands
+from .region import NoDecoderLayers, decoder_layers, has_decoder_layers, install_sequence_region
 from .styles import check_row_inputs, inside_experts, plan_styles
 from .ties import complete_tied_plan, retie
-from . import layouts
-from .torch_styles import TorchPlan, is_torch_style, read_plan, string_plan
+from .torch_styles import TorchPlan, read_plan
 from .unplanned import unplanned_modules, watch_unplanned
 
 __all__ = ["parallelize", "full_state_dict", "STYLES", "resolve_plan"]
@@ -112,7 +105,7 @@ def resolve_plan(model: nn.Module, plan: Mapping[str, str] | str) -> dict[str, s
         return {prefix + key: style for key, style in base_plan.items()}
     if not isinstance(plan, Mapping):
         raise TypeError(f"parallelize: plan: expected a dict of {{path: style}} or 'auto', got {type(plan).__name__}")
-    return string_plan(model, plan)[0]  # torch's ParallelStyle objects read as strings (torch_styles.py)
+    return read_plan(model, plan).strings  # torch's ParallelStyle objects read as strings (torch_styles.py)
 
 
 def _base_prefix(model: nn.Module) -> str:
@@ -189,46 +182,9 @@ def _head_dim(model: nn.Module, parent: nn.Module) -> int | None:
     return hd if isinstance(hd, int) and hd > 0 else None
 
 
-class _NoDecoderLayers(ValueError):
-    """The plan's modules do not sit in one ModuleList of decoder layers."""
-
-
-def _decoder_layers(model: nn.Module, matches: dict[str, tuple[str, str]]) -> tuple[str, list[nn.Module]]:
-    """The decoder layers the plan's wildcards run over (e.g. `model.layers`), in order: the
-    sequence-parallel region. A ModuleList, or a ModuleDict keyed "0", "1", ... in the order
-    the model calls them (torchtitan's `for layer in self.layers.values()`)."""
-    lists = set()
-    for path in matches:
-        parts = path.split(".")
-        for i in range(1, len(parts)):
-            if parts[i].isdigit():
-                prefix = ".".join(parts[:i])
-                container = model.get_submodule(prefix)
-                if isinstance(container, nn.ModuleList) or (
-                        isinstance(container, nn.ModuleDict) and list(container) == [str(j) for j in range(len(container))]):
-                    lists.add(prefix)
-                break
-    if len(lists) != 1:
-        raise _NoDecoderLayers(
-            f"parallelize(sequence_parallel=True): expected the plan's modules to sit in exactly one "
-            f"ModuleList (or ModuleDict keyed 0, 1, ...) of decoder layers (the sequence-parallel region), "
-            f"got {sorted(lists) or 'none'}"
-        )
-    name = lists.pop()
-    container = model.get_submodule(name)
-    return name, list(container.values() if isinstance(container, nn.ModuleDict) else container)
-
-
-def _has_decoder_layers(model: nn.Module, matches: dict[str, tuple[str, str]]) -> bool:
-    try:
-        _decoder_layers(model, matches)
-    except _NoDecoderLayers:
-        return False
-    return True
-
-
-def _plan_linear(model: nn.Module, path: str, style: str, key: str, world: int) -> dict[str, Any]:
+def _plan_linear(model: nn.Module, path: str, style: str, key: str, group: Any) -> dict[str, Any]:
     """Check one planned linear (no comm); return what to build for it."""
+    world = dist.get_world_size(group)
     module = model.get_submodule(path)
     where = f"parallelize: {path} (plan key {key!r}, style {style!r})"
     if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
@@ -236,7 +192,7 @@ def _plan_linear(model: nn.Module, path: str, style: str, key: str, world: int) 
         # is split with its embedding): the style sets its output / input layout again
         col = isinstance(module, ColumnParallelLinear)
         if (style in _COLWISE) != col or style in _PACKED or dist.get_process_group_ranks(module.spec.group) != \
-                dist.get_process_group_ranks(check_group(model._fusedpar_group_arg, arg="group")):
+                dist.get_process_group_ranks(group):
             raise TypeError(f"{where}: expected an nn.Linear (or a fusedpar layer of this style on this group), "
                             f"got {type(module).__name__} on ranks {dist.get_process_group_ranks(module.spec.group)}")
         return {"kind": "keep", "gather_output": _COLWISE.get(style), "input_is_parallel": _ROWWISE.get(style)}
@@ -309,11 +265,10 @@ def parallelize(
     (layers/moe.py); layers the plan leaves alone are untouched.
     """
     group = check_group(group, arg="parallelize: group")
-    model._fusedpar_group_arg = group  # for _plan_linear's check of layers converted before
     recipe = as_recipe(fp8, where="parallelize: fp8")
     check_parallelize_agrees(model, plan, group=group, settings=dict(  # ranks agree (agreement.py)
         sequence_parallel=sequence_parallel, loss_parallel=loss_parallel, fp8=recipe, chunks=chunks, kernel=kernel,
-        comm=comm, save_gathered_input=save_gathered_input))
+        comm=comm, save_gathered_input=save_gathered_input), resolve=resolve_plan)
     world = dist.get_world_size(group)
     torch_plan = read_plan(model, plan) if isinstance(plan, Mapping) else TorchPlan()
     if torch_plan.sequence and not sequence_parallel:
@@ -329,16 +284,16 @@ def parallelize(
     # 1. Check everything (no comm), so a bad plan raises on every rank before any collective.
     linears = {p: m for p, m in matches.items() if p not in params and m[0] in (*_COLWISE, *_ROWWISE, *_PACKED)
                and not inside_experts(p, matches)}
-    builds = {p: _plan_linear(model, p, s, k, world) for p, (s, k) in linears.items()}
+    builds = {p: _plan_linear(model, p, s, k, group) for p, (s, k) in linears.items()}
     check_row_inputs(builds, matches)
     others = plan_styles(model, matches, params, world, kernel=kernel, comm=comm)  # styles.py
     # A torch plan applied module by module (no decoder layers in its keys: torchtitan calls
     # parallelize_module per block) means its layouts literally: the sequence is split where
     # a style's output is Shard(1) and gathered where an input is (torch_layouts). Otherwise
     # sequence parallelism is fusedpar's region over the decoder layers, whatever the layouts.
-    literal = sequence_parallel and torch_plan.has_torch and not _has_decoder_layers(model, matches)
+    literal = sequence_parallel and torch_plan.has_torch and not has_decoder_layers(model, matches)
     literal_sp = layouts.literal_sequence_layers(model, matches, torch_plan, builds) if literal else set()
-    region_name, region = _decoder_layers(model, matches) if sequence_parallel and not literal else ("", None)
+    region_name, region = decoder_layers(model, matches) if sequence_parallel and not literal else ("", None)
     islands: set[str] = set()  # blocks run on the whole sequence inside the region (islands.py)
     if region is not None:
         check_layer_inputs(region[0], region_name)
@@ -350,10 +305,10 @@ def parallelize(
 
     unplanned: dict[str, nn.Module] = {}
     try:  # decoder-layer models: unplanned modules with parameters in blocks with split layers
-        unplanned = unplanned_modules(matches, *_decoder_layers(model, matches))
+        unplanned = unplanned_modules(matches, *decoder_layers(model, matches))
         if region is not None:
             unplanned = {p: m for p, m in unplanned.items() if not in_region(p)}
-    except _NoDecoderLayers:
+    except NoDecoderLayers:
         pass  # other models: a parameter next to parallel layers may see replicated inputs
 
     # 2. Convert the linears.
@@ -413,22 +368,22 @@ def parallelize(
         embedding.install_loss_parallel(model, group=group, comm=comm)
 
     # 4. Attention modules: local head counts; fused column groups under each parent.
-    _set_local_heads(model, {p: b for p, b in builds.items() if matches[p][1] not in torch_plan.dtensor_out}, world)
+    set_local_heads(model, {p: b for p, b in builds.items() if matches[p][1] not in torch_plan.dtensor_out}, world)
     by_parent: dict[str, list[str]] = {}
     for path, b in builds.items():
-        if b["kind"] in ("col", "rep") and not b.get("gather_output") and _reads_hidden(model, path):
+        if b["kind"] in ("col", "rep") and not b.get("gather_output") and reads_hidden(model, path):
             by_parent.setdefault(_parent(path), []).append(path)
     for parent_path, paths in by_parent.items():
         layers = [model.get_submodule(p) for p in paths]
         for sp in sorted({layer.spec.sequence_parallel for layer in layers}):  # one fused GEMM per layout
-            _install_group(model.get_submodule(parent_path), [l for l in layers if l.spec.sequence_parallel == sp],
+            install_column_group(model.get_submodule(parent_path), [l for l in layers if l.spec.sequence_parallel == sp],
                            parent_path)
 
     # 5. Sequence parallelism: split the residual stream inside the decoder layers.
     if region is not None:
         assert region is not None and state is not None
         entry_check = install_input_check(model, region_name, group=group, planned=set(matches))
-        _install_sequence_region(region, region_name, group=group, comm=comm, state=state, entry_check=entry_check)
+        install_sequence_region(region, region_name, group=group, comm=comm, state=state, entry_check=entry_check)
         planned = set(matches)
         for i, layer in enumerate(region):
             for path, child in layer_blocks(layer, f"{region_name}.{i}"):  # lists opened: LongCat's two norms
@@ -438,9 +393,9 @@ def parallelize(
                     all_reduce_grads(child, group=group, comm=comm, region=state)
         install_islands(model, islands, region, group=group, comm=comm, state=state)
     try:  # MoE blocks with a shared expert: one reduction where exact (block_reduction.py)
-        install_block_reductions(model, matches, builds, islands, *_decoder_layers(model, matches), group=group,
+        install_block_reductions(model, matches, builds, islands, *decoder_layers(model, matches), group=group,
                                  comm=comm)
-    except _NoDecoderLayers:
+    except NoDecoderLayers:
         pass
     if recipe is not None:
         # The LM head stays high precision, as the recipe says, also when loss_parallel made
@@ -457,147 +412,6 @@ def parallelize(
     model._fusedpar_parallel = {"group": group, "sequence_parallel": sequence_parallel, "plan": dict(matches),
                                 "region": state}
     return model
-
-
-def _reads_hidden(model: nn.Module, path: str) -> bool:
-    """Whether a column-parallel child can read its parent's input (the residual stream), so
-    it may join the parent's fused group: DeepSeek's q_b_proj / kv_b_proj read latents, and a
-    vocab-split LM head's parent, the whole model, reads token ids."""
-    if "." not in path:
-        return False
-    config = getattr(model, "config", None)
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    hidden = getattr(config, "hidden_size", None)
-    return not isinstance(hidden, int) or model.get_submodule(path).in_features == hidden
-
-
-# attributes attention modules keep their head counts in: Hugging Face's, torch's example
-# Transformer's and torchtitan's; the groups (q heads per kv head) are set from the two
-_Q_HEAD_ATTRS = ("num_heads", "n_heads", "n_head", "num_attention_heads", "n_local_heads")
-_KV_HEAD_ATTRS = ("num_key_value_heads", "n_kv_heads", "num_kv_heads", "n_local_kv_heads")
-_GROUP_ATTRS = ("num_key_value_groups", "n_rep")
-
-
-def _set_local_heads(model: nn.Module, builds: dict[str, dict[str, Any]], world: int) -> None:
-    """Tell attention modules their local head counts: every head-count attribute they
-    already have whose value is a planned projection's global head count (from the model's
-    config, else from the projection's width over the module's `head_dim`)."""
-    config = getattr(model, "config", None)
-    n_q, n_kv = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)
-    parents: dict[str, dict[str, int]] = {}
-    for path, b in builds.items():
-        if "heads" not in b:
-            continue
-        local = 1 if b["kind"] == "rep" else b["heads"] // world
-        counts = parents.setdefault(_parent(path), {})
-        leaf = path.rpartition(".")[2]
-        if b["heads"] == n_q or (n_q is None and leaf in ("q_proj", "wq", "query")):
-            counts["q"], counts["q_global"] = local, b["heads"]
-        if b["heads"] == n_kv or (n_kv is None and leaf in ("k_proj", "wk", "key")):
-            counts["kv"], counts["kv_global"] = local, b["heads"]
-    for parent_path, counts in parents.items():
-        attn = model.get_submodule(parent_path)
-        q, kv = counts.get("q"), counts.get("kv")
-        for attrs, glob, loc in ((_Q_HEAD_ATTRS, counts.get("q_global"), q), (_KV_HEAD_ATTRS, counts.get("kv_global"), kv)):
-            for attr in attrs:
-                value = getattr(attn, attr, None)
-                if loc is not None and type(value) is int and (value == glob or (config is not None and attr in (
-                        "num_heads", "num_key_value_heads"))):
-                    setattr(attn, attr, loc)
-        if q is not None and kv is not None:
-            for attr in _GROUP_ATTRS:
-                if type(getattr(attn, attr, None)) is int:
-                    setattr(attn, attr, q // kv)
-
-
-def _first_input(args: tuple, kwargs: dict, name: str = "hidden_states") -> tuple[Tensor, Any]:
-    """The module's first input (by position, or by keyword as `name`) and a function
-    putting a replacement back in its place."""
-    if args and isinstance(args[0], Tensor):
-        return args[0], lambda t: ((t, *args[1:]), kwargs)
-    for key in dict.fromkeys((name, "hidden_states")):
-        if isinstance(kwargs.get(key), Tensor):
-            return kwargs[key], lambda t, key=key: (args, {**kwargs, key: t})
-    raise TypeError(f"parallelize: expected the module's first argument (or {name}=) to be a Tensor")
-
-
-def _first_parameter(module: nn.Module) -> str:
-    """The name of `module.forward`'s first parameter (the residual stream of a decoder layer)."""
-    import inspect
-
-    names = [p for p in inspect.signature(type(module).forward).parameters if p != "self"]
-    return names[0] if names else "hidden_states"
-
-
-def _install_group(parent: nn.Module, layers: list[nn.Module], parent_path: str) -> None:
-    """Run `layers` (column-parallel children reading the parent's input) as one fused GEMM."""
-
-    def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        x, put = _first_input(args, kwargs)
-        outs, x_full = column_parallel_group(layers, x)
-        for layer, y in zip(layers, outs):
-            layer._fusedpar_precomputed = (x_full, y)
-        return put(x_full)
-
-    def post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        unused = [type(l).__name__ for l in layers if l.__dict__.pop("_fusedpar_precomputed", None) is not None]
-        if unused and effective_spec(layers[0]).sequence_parallel:
-            raise RuntimeError(
-                f"parallelize: {parent_path}: expected each column-parallel child to be called on the "
-                f"module's input (they are computed together, sequence-parallel), but {len(unused)} were not"
-            )
-        return output
-
-    for layer in layers:
-        layer._fusedpar_grouped = True
-    parent.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    parent.register_forward_hook(post_hook, with_kwargs=True)
-
-
-def _install_sequence_region(region: list[nn.Module], name: str, *, group: Any, comm: str,
-                             state: SequenceRegion, entry_check: Any) -> None:
-    """Split the residual stream on the sequence dim before the first decoder layer and
-    gather it after the last one, when the length divides by the world size; otherwise the
-    region runs unsplit for this forward (`state.split`, read by its layers and norms)."""
-
-    first = _first_parameter(region[0])
-
-    def split(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        x, put = _first_input(args, kwargs, first)
-        entry_check(x)  # lengths agree across ranks, or every rank raises (agreement.py)
-        if x.ndim < 2:
-            raise ValueError(f"parallelize(sequence_parallel=True): {name}.0 input: expected [.., seq, hidden], "
-                             f"got shape {list(x.shape)}")
-        mode = x.shape[-2] % state.world == 0
-        if torch.is_grad_enabled():
-            # A norm's gradient all-reduce is decided per backward: one backward over forwards
-            # of both kinds would sum some tokens' gradients world times. Raised before any comm.
-            if state.pending and mode not in state.pending:
-                raise ValueError(
-                    f"parallelize(sequence_parallel=True): {name}.0 input: sequence length {x.shape[-2]} "
-                    f"{'divides' if mode else 'does not divide'} by the world size {state.world}, unlike a forward "
-                    f"whose backward has not run yet; expected backward (or torch.no_grad()) between forwards "
-                    f"of split and unsplit lengths"
-                )
-            state.pending.add(mode)
-        state.split, state.length = mode, x.shape[-2]
-        if not mode:
-            return None
-        return put(split_to_shard(x, group=group, dim=-2, comm=comm))
-
-    def gather(module: nn.Module, args: tuple, output: Any) -> Any:
-        y = output if isinstance(output, Tensor) else output[0]
-        if y.requires_grad:  # backward through the region starts here: its forwards are consumed
-            y.register_hook(lambda g: state.pending.clear())
-        if not state.split:
-            return output
-        if isinstance(output, Tensor):
-            return gather_from_shard(output, group=group, dim=-2, comm=comm)
-        return (gather_from_shard(output[0], group=group, dim=-2, comm=comm), *output[1:])
-
-    region[0].register_forward_pre_hook(split, with_kwargs=True)  # first: the per-token splits read state.split
-    install_per_token_splits(region, name, group=group, comm=comm, state=state)
-    region[len(region) - 1].register_forward_hook(gather)
 
 
 def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
@@ -619,46 +433,3 @@ def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return sd
 
 
-def parallelize_module(module: nn.Module, device_mesh: Any, parallelize_plan: Any, **kwargs: Any) -> nn.Module:
-    """torch's `parallelize_module(module, device_mesh, parallelize_plan)` on fusedpar's
-    overlapped layers: a plan of torch ParallelStyles (or fusedpar strings) keyed by module
-    path, or one style for `module` itself (converted in place, as torch does), over a 1-D
-    mesh (or `mesh["tp"]`). Sequence parallelism is on when the plan's styles say so
-    (Shard(1) layouts, SequenceParallel); `kwargs` go to `parallelize`. Called module by
-    module (torchtitan's `parallelize_llama`), the layouts mean what torch means: the
-    sequence is split where an output is Shard(1) and gathered where an input is. Styles
-    fusedpar cannot map are refused naming them (layers/torch_styles.py)."""
-    if not isinstance(parallelize_plan, Mapping):
-        if not is_torch_style(parallelize_plan) and not isinstance(parallelize_plan, str):
-            raise TypeError(f"parallelize_module: parallelize_plan: expected a ParallelStyle or a dict of "
-                            f"{{module path: style}}, got {type(parallelize_plan).__name__}")
-        return _parallelize_self(module, device_mesh, parallelize_plan, **kwargs)
-    kwargs.setdefault("sequence_parallel", string_plan(module, parallelize_plan)[1])
-    return parallelize(module, parallelize_plan, group=device_mesh, **kwargs)
-
-
-class _Holder(nn.Module):
-    """A parent for a module given one style for itself: fusedpar converts a planned child."""
-
-    def __init__(self, target: nn.Module) -> None:
-        super().__init__()
-        self.target = target
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover - never called
-        return self.target(*args, **kwargs)
-
-
-def _parallelize_self(module: nn.Module, device_mesh: Any, style: Any, **kwargs: Any) -> nn.Module:
-    """`parallelize_module(linear, mesh, ColwiseParallel())`: convert `module` itself. The
-    caller holds `module` (its parent's attribute, torch's weight-tying code after it), so
-    the converted layer takes its place in the same object: its class and state move into
-    `module`, and hooks registered on the new layer see the same state."""
-    holder = _Holder(module)
-    kwargs.setdefault("sequence_parallel", string_plan(holder, {"target": style})[1])
-    parallelize(holder, {"target": style}, group=device_mesh, **kwargs)
-    new = holder.target
-    if new is not module:
-        module.__class__ = new.__class__
-        module.__dict__ = new.__dict__  # one dict for both objects: closures over `new` stay right
-    module._fusedpar_parallel = holder.__dict__.get("_fusedpar_parallel")
-    return module

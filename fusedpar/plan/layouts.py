@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..comm import device_mesh
-from .linear import split_to_shard
+from ..layers.linear import split_to_shard
 
 __all__ = ["dtensor_output", "accept_dtensor_input", "split_sequence_output", "placements"]
 

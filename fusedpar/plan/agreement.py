@@ -169,19 +169,18 @@ def _raise_first_difference(where: str, pieces: dict[str, Any], group: Any, hint
 
 
 def check_parallelize_agrees(model: nn.Module, plan: Mapping[str, str] | str, *, group: Any,
-                             settings: Mapping[str, Any]) -> None:
+                             settings: Mapping[str, Any], resolve: Callable[[nn.Module, Any], dict]) -> None:
     """Raise `RanksDisagreeError` on every rank unless all ranks of ``group`` call
     `parallelize` with the same world, plan, settings and model (structure and weights).
 
     A plan that fails to resolve on a rank takes part as its error message, so ranks whose
-    plans fail alike re-raise that error together afterwards and no rank is left waiting."""
+    plans fail alike re-raise that error together afterwards and no rank is left waiting.
+    `resolve(model, plan)` is parallelize's `resolve_plan` (passed in: parallelize imports this)."""
     if not agreement_enabled() or dist.get_world_size(group) == 1:
         return
-    from .parallelize import resolve_plan  # parallelize imports this module
-
     error: Exception | None = None
     try:
-        resolved: Any = sorted(resolve_plan(model, plan).items())
+        resolved: Any = sorted(resolve(model, plan).items())
     except (TypeError, ValueError) as e:
         error, resolved = e, f"fails to resolve: {type(e).__name__}: {e}"
     pieces = {

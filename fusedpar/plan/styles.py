@@ -18,8 +18,8 @@ from typing import Any, Callable
 
 from torch import nn
 
-from . import embedding, moe, partial
-from .sharding import ParamShard, shard_parameter
+from ..layers import embedding, moe, partial
+from ..layers.sharding import ParamShard, shard_parameter
 
 __all__ = ["plan_styles", "param_shard", "inside_experts", "check_row_inputs", "PARAM_STYLES"]
 

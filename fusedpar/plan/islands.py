@@ -31,8 +31,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .block_reduction import block_is_merged
-from .linear import gather_from_shard, reduce_scatter_to_shard, split_to_shard
-from .partial import reduce_partial
+from ..layers.linear import gather_from_shard, reduce_scatter_to_shard, split_to_shard
+from ..layers.partial import reduce_partial
 
 __all__ = ["PER_TOKEN_ARGS", "SP_NATIVE_STYLES", "install_per_token_splits", "sequence_islands", "install_island",
            "install_islands", "check_layer_inputs", "layer_blocks"]
