@@ -164,16 +164,16 @@ def _raise_first_difference(where: str, pieces: dict[str, Any], group: Any, hint
 
 
 def check_parallelize_agrees(model: nn.Module, plan: Mapping[str, str] | str, *, group: Any,
-                             settings: Mapping[str, Any]) -> None:
+                             settings: Mapping[str, Any],
+                             resolve_plan: Callable[[nn.Module, Any], Mapping[str, str]]) -> None:
     """Raise `RanksDisagreeError` on every rank unless all ranks of ``group`` call
     `parallelize` with the same world, plan, settings and model (structure and weights).
 
+    ``resolve_plan`` is parallelize's own (passed in: parallelize imports this module).
     A plan that fails to resolve on a rank takes part as its error message, so ranks whose
     plans fail alike re-raise that error together afterwards and no rank is left waiting."""
     if not agreement_enabled() or dist.get_world_size(group) == 1:
         return
-    from .parallelize import resolve_plan  # parallelize imports this module
-
     error: Exception | None = None
     try:
         resolved: Any = sorted(resolve_plan(model, plan).items())

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .block_reduction import block_is_merged
+from .blocks import layer_blocks
 from .linear import gather_from_shard, reduce_scatter_to_shard, split_to_shard
 from .partial import reduce_partial
 
@@ -52,18 +53,6 @@ _LAYER_ARGS = PER_TOKEN_ARGS | frozenset({
                          "past_key_values", "past_key_value", "layer_past", "cache_position", "use_cache",
                          "output_attentions", "output_router_logits", "shared_kv_states", "attention_scaling",
                          "args", "kwargs"})
-
-
-def layer_blocks(layer: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
-    """The blocks a decoder layer calls: its children, with lists of modules (LongCat's two
-    attentions in `self_attn.0`, `self_attn.1`) opened up, since a list is never called."""
-    blocks = []
-    for name, child in layer.named_children():
-        if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
-            blocks += [(f"{prefix}.{name}.{n}", c) for n, c in child.named_children()]
-        else:
-            blocks.append((f"{prefix}.{name}", child))
-    return blocks
 
 
 def check_layer_inputs(layer: nn.Module, name: str) -> None:

@@ -287,7 +287,7 @@ def parallelize(
     recipe = as_recipe(fp8, where="parallelize: fp8")
     check_parallelize_agrees(model, plan, group=group, settings=dict(  # ranks agree (agreement.py)
         sequence_parallel=sequence_parallel, loss_parallel=loss_parallel, fp8=recipe, chunks=chunks, kernel=kernel,
-        comm=comm, save_gathered_input=save_gathered_input))
+        comm=comm, save_gathered_input=save_gathered_input), resolve_plan=resolve_plan)
     world = dist.get_world_size(group)
     if isinstance(plan, Mapping) and string_plan(model, plan)[1] and not sequence_parallel:
         raise ValueError("parallelize: plan: its torch styles split the sequence (Shard(1) layouts or "

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..comm import get_communicator
+from .blocks import layer_blocks
 from .norm import all_reduced_grad
 from .sharding import param_shards
 
@@ -36,8 +37,6 @@ __all__ = ["watch_unplanned", "reads_split", "unplanned_modules"]
 def unplanned_modules(matches: dict[str, tuple[str, str]], name: str, region: nn.ModuleList) -> dict[str, nn.Module]:
     """`{path: module}` of the unplanned modules with parameters of their own inside the
     decoder-layer blocks (of `region`, at `name`) that hold a column-parallel layer."""
-    from .islands import layer_blocks
-
     planned = set(matches)
     splitting = {p for p, (style, _) in matches.items() if style in ("colwise", "packed_colwise")}
     found: dict[str, nn.Module] = {}
