@@ -21,7 +21,8 @@ from __future__ import annotations
 
 from fusedpar.checks import InconsistentCallError
 from fusedpar.plan.agreement import RanksDisagreeError
-from fusedpar.checkpoint import from_pretrained, load_checkpoint, save_pretrained
+from fusedpar.checkpoint import from_pretrained, load_checkpoint
+from fusedpar.checkpoint_save import save_pretrained
 from fusedpar.comm import (
     CollectiveError,
     Communicator,

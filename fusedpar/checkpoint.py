@@ -52,7 +52,7 @@ from .checkpoint_io import SaveError, interrupted_swap_hint
 from .comm import check_group
 from .key_conversion import converted_keys
 
-__all__ = ["load_checkpoint", "from_pretrained", "save_pretrained", "SaveError"]
+__all__ = ["load_checkpoint", "from_pretrained", "SaveError"]  # save_pretrained: checkpoint_save.py
 
 _INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
@@ -475,5 +475,3 @@ def from_pretrained(model_cls: Any, path: str | os.PathLike, *, group: Any, plan
         pass
     return model.eval()
 
-
-from .checkpoint_save import save_pretrained  # noqa: E402 - it uses the helpers above

@@ -31,7 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
-__all__ = ["Case", "Result", "TARGETS", "default_cases", "run_cases", "problems", "format_table"]
+__all__ = ["Case", "Epilogue", "Result", "TARGETS", "check_cases", "default_cases", "epilogue_cases", "epilogues",
+           "format_table", "parse_epilogue", "problems", "run_cases", "toolchain_missing"]
 
 # name -> (compute capability, SMs, shared memory a block may opt into, bytes)
 TARGETS: dict[str, tuple[tuple[int, int], int, int]] = {
@@ -47,6 +48,8 @@ FP8_DTYPES = ("float8_e4m3fn", "float8_e5m2-e4m3fn")
 LAYOUTS = ("x@w.T", "dy@w", "dy.T@x", "out_slice", "batched")
 # the grouped (MoE experts) kernels: forward/dgrad over expert weights [G, N, K], and the wgrad
 GROUPED_LAYOUTS = ("grouped", "grouped_wgrad")
+# --full's epilogues (every layout x dtype x these); the check itself compiles every epilogue
+# of :func:`epilogues` on every candidate tile (:func:`epilogue_cases`)
 EPILOGUES = ("none", "bias_silu", "bias_gelu", "accumulate_fp32", "gated_silu", "gated_preact")
 # the problem each case plans for (M, N, K): large, so the rules pick their biggest tile
 SHAPE = (4096, 4096, 4096)
@@ -95,6 +98,63 @@ class Result:
 
 
 # ----------------------------------------------------------------------------------------
+# Epilogues: a case's name for what the launcher's epilogue arguments switch on
+# ----------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Epilogue:
+    """The launcher arguments an epilogue name stands for: ``op`` "matmul" or "gated";
+    ``bias``, ``activation`` and ``accumulate`` (into an fp32 ``out``, as the wgrad adds into
+    its fp32 sum) of :func:`~fusedpar.kernels.matmul`; ``return_preact`` of
+    :func:`~fusedpar.kernels.gated_matmul`."""
+
+    op: str
+    bias: bool = False
+    activation: str | None = None
+    accumulate: bool = False
+    return_preact: bool = False
+
+
+def _activations() -> tuple[str, ...]:
+    from fusedpar.kernels.common import ACTIVATIONS
+
+    return tuple(a for a in ACTIVATIONS if a is not None)
+
+
+def parse_epilogue(name: str) -> Epilogue:
+    """``"none"``, ``"bias"``, ``"<act>"``, ``"bias_<act>"``, ``"accumulate_fp32"`` (matmul);
+    ``"gated_<act>"`` (SwiGLU is ``"gated_silu"``), ``"gated_preact"`` (silu, storing gate and up)."""
+    acts = _activations()
+    if name == "gated_preact":
+        return Epilogue("gated", activation="silu", return_preact=True)
+    if name.startswith("gated_") and name[len("gated_"):] in acts:
+        return Epilogue("gated", activation=name[len("gated_"):])
+    if name == "accumulate_fp32":
+        return Epilogue("matmul", accumulate=True)
+    if name in ("none", "bias"):
+        return Epilogue("matmul", bias=name == "bias")
+    act = name[len("bias_"):] if name.startswith("bias_") else name
+    if act in acts:
+        return Epilogue("matmul", bias=name.startswith("bias_"), activation=act)
+    raise ValueError(f"unknown epilogue {name!r}: expected one of {epilogues('matmul') + epilogues('gated')}")
+
+
+def epilogues(op: str) -> tuple[str, ...]:
+    """Every epilogue the layers and the overlap schedules can ask ``op``'s launcher for:
+    matmul's bias or none, each with no activation or any of
+    :data:`~fusedpar.kernels.common.ACTIVATIONS` (the overlap ops take both), and accumulating
+    into an fp32 ``out`` (the wgrad's sum over ring pieces); the gated kernel's activations
+    (ParallelMLP's gate: SwiGLU, GeGLU, ...). tests/kernels/test_compile_report.py derives
+    what the layers request from their calls and checks this covers it."""
+    acts = _activations()
+    if op == "gated":
+        return tuple(f"gated_{a}" for a in acts)
+    if op == "matmul":
+        return ("none", "bias", *acts, *(f"bias_{a}" for a in acts), "accumulate_fp32")
+    raise ValueError(f"op: expected 'matmul' or 'gated', got {op!r}")
+
+
+# ----------------------------------------------------------------------------------------
 # Building the library's own launch for a case (CPU tensors; nothing runs)
 # ----------------------------------------------------------------------------------------
 
@@ -107,7 +167,7 @@ def _operands(case: Case):
     else:
         dtype = b_dtype = getattr(torch, case.dtype.split("-")[0])
     M, N, K = case.shape
-    gated = case.epilogue.startswith("gated")
+    gated = parse_epilogue(case.epilogue).op == "gated"
     if case.layout == "x@w.T":  # x [M, K] @ w.T, w [N, K]: the Linear forward
         a = torch.empty(M, K, dtype=dtype)
         bs = [torch.empty(N, K, dtype=b_dtype).T for _ in range(1 + gated)]
@@ -124,7 +184,7 @@ def _operands(case: Case):
             a = torch.empty(4, M // 4 + 8, K, dtype=dtype)[:, 8:]
     else:
         raise ValueError(f"unknown layout {case.layout!r}")
-    out_dtype = torch.float32 if case.epilogue == "accumulate_fp32" else (
+    out_dtype = torch.float32 if parse_epilogue(case.epilogue).accumulate else (
         torch.bfloat16 if dtype.itemsize == 1 else dtype)
     rows = a.shape[:-1]
     if case.layout == "out_slice":  # an odd column offset: TMA cannot take it
@@ -194,17 +254,16 @@ def build_launch(case: Case):
         fp8 = a.dtype.itemsize == 1  # row-wise scales, as the layers use them
         a_scale = torch.empty((*a.shape[:-1], 1)) if fp8 else None
         b_scale = torch.empty(1, out.shape[-1]) if fp8 else None
-        if case.epilogue.startswith("gated"):
-            pre = case.epilogue == "gated_preact"
+        epi = parse_epilogue(case.epilogue)
+        if epi.op == "gated":
+            pre = epi.return_preact
             gate3 = torch.empty(out3.shape, dtype=out.dtype) if pre else out3
             up3 = torch.empty(out3.shape, dtype=out.dtype) if pre else out3
-            return gated._gated_launch(a3, bs[0], bs[1], out3, gate3, up3, "silu", pre, None, case.config,
+            return gated._gated_launch(a3, bs[0], bs[1], out3, gate3, up3, epi.activation, pre, None, case.config,
                                        scales=(a_scale, b_scale, b_scale) if fp8 else None,
                                        fast_accum=case.fast_accum)
-        has_bias = case.epilogue.startswith("bias")
-        bias = torch.empty(out.shape[-1], dtype=out.dtype) if has_bias else None
-        act = case.epilogue.split("_", 1)[1] if has_bias else None
-        return mm._matmul_launch(a3, bs[0], bias, out3, act, case.epilogue == "accumulate_fp32", None, case.config,
+        bias = torch.empty(out.shape[-1], dtype=out.dtype) if epi.bias else None
+        return mm._matmul_launch(a3, bs[0], bias, out3, epi.activation, epi.accumulate, None, case.config,
                                  scales=(a_scale, b_scale) if fp8 else None, fast_accum=case.fast_accum)
     finally:
         plan._PLAN_TARGET = None
@@ -244,6 +303,22 @@ def _cuobjdump() -> str:
     import triton
 
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+
+
+def toolchain_missing() -> str | None:
+    """Why kernels cannot be compiled and read here, or None: Triton's NVIDIA backend
+    compiles PTX with its bundled ``ptxas`` and the report reads the cubin with its
+    ``cuobjdump``."""
+    try:
+        import triton  # noqa: F401
+        from triton.backends.nvidia.compiler import get_ptxas
+    except ImportError as e:
+        return f"triton's NVIDIA backend does not import: {e}"
+    tools = {"ptxas": get_ptxas(90).path, "cuobjdump": _cuobjdump()}
+    for name, path in tools.items():
+        if not path or not os.access(path, os.X_OK):
+            return f"no executable {name} (looked for {path})"
+    return None
 
 
 def _resource_usage(cubin: bytes) -> dict[str, int]:
@@ -329,17 +404,18 @@ RULE_CASES = (("x@w.T", "bias_silu"), ("x@w.T", "gated_preact"), ("dy@w", "none"
 
 
 def default_cases(full: bool = False) -> list[Case]:
-    """The cases of a report.
+    """The kernels, layouts and dtypes of a report (``--quick``; the epilogues are
+    :func:`epilogue_cases`).
 
-    Default (what the test suite runs, ~80 s on 2 cores): every candidate tile of every
-    kernel on each target whose path it serves (TMA tiles on sm_90a, pointer tiles on both)
-    in bf16 with the heaviest epilogue (bias+SiLU; gated with its pre-activations), and the
+    Default (what tests/kernels/test_compile_report.py compiles, ~80 s on 2 cores): every
+    candidate tile of every kernel on each target whose path it serves (TMA tiles on sm_90a,
+    pointer tiles on both) in bf16 with bias+SiLU (gated: with its pre-activations), and the
     fp8 tiles (BLOCK_K doubled) in e4m3 on sm_90a; the grouped (MoE) kernels in bf16, tf32
-    and e4m3 (forward only: the wgrad stays high precision) on sm_90a, bf16 on sm_80; then the rules' pick for a large problem in
-    every dtype and layout (:data:`RULE_CASES`) on sm_90a, and in bf16 and e4m3 on sm_80
-    (where fp8 is refused: the case is reported as not applicable). The tile sets the
-    register and shared-memory budget; the
-    dtype, layout and epilogue change the code around it, which the rule cases cover.
+    and e4m3 (forward only: the wgrad stays high precision) on sm_90a, bf16 on sm_80; then
+    the rules' pick for a large problem in every dtype and layout (:data:`RULE_CASES`) on
+    sm_90a, and in bf16 and e4m3 on sm_80 (where fp8 is refused: the case is reported as not
+    applicable). The tile sets the register and shared-memory budget; the dtype, layout and
+    epilogue change the code around it, which the rule cases and :func:`epilogue_cases` cover.
     ``full``: every candidate in every dtype, layout and epilogue on both targets.
     """
     import torch
@@ -390,6 +466,83 @@ def default_cases(full: bool = False) -> list[Case]:
             for layout, epi in combos:
                 add(Case(target, dt, layout, epi))
     return cases
+
+
+# the dtypes every epilogue is compiled in: fp8 is the forward's e4m3 x e4m3 (its dgrad,
+# e5m2 x e4m3, takes no epilogue and is compiled with "none")
+EPILOGUE_DTYPES = ("bfloat16", "float16", "float32-tf32", "float8_e4m3fn")
+
+
+def epilogue_cases() -> list[Case]:
+    """Every epilogue of :func:`epilogues` on every candidate tile the rules or the
+    autotuner may pick for it (``candidate_configs``; accumulating ones from the
+    ``reads_out`` list), per target and path (TMA tiles on sm_90a, pointer tiles on both),
+    in each of :data:`EPILOGUE_DTYPES` (fp8 on sm_90a only: sm_80 has no fp8 tensor cores),
+    and the fp8 dgrad's tiles with no epilogue. Layouts as the library launches them: TMA
+    tiles on ``x @ w.T``, pointer tiles on a strided out slice (what sends a launch to them
+    on Hopper), accumulate on the wgrad's ``dy.T @ x`` (the fp8 wgrad stays high precision,
+    so fp8 has no accumulate). ~1,000 compiles: minutes on 2 cores the first time, then
+    Triton's on-disk cache serves them."""
+    import torch
+
+    from fusedpar.kernels.configs import candidate_configs
+
+    dtype_of = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32-tf32": torch.float32,
+                "float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2-e4m3fn": torch.float8_e5m2}
+    cases = []
+    for target, (capability, _, _) in TARGETS.items():
+        hopper = capability >= (9, 0)
+        for tma in ((True, False) if hopper else (False,)):
+            for op in ("matmul", "gated"):
+                for dt in (*EPILOGUE_DTYPES, "float8_e5m2-e4m3fn"):
+                    if dt in FP8_DTYPES and not hopper:
+                        continue
+                    names = ("none",) if dt == "float8_e5m2-e4m3fn" else epilogues(op)
+                    if dt == "float8_e5m2-e4m3fn" and op == "gated":
+                        continue
+                    for name in names:
+                        epi = parse_epilogue(name)
+                        if epi.accumulate and dt in FP8_DTYPES:
+                            continue
+                        layout = "dy.T@x" if epi.accumulate else "x@w.T" if tma else "out_slice"
+                        for cfg in candidate_configs(op, dtype_of[dt], tma, reads_out=epi.accumulate):
+                            cases.append(Case(target, dt, layout, name, config=cfg))
+    return cases
+
+
+def check_cases(full: bool = False) -> list[Case]:
+    """What ``--check`` compiles: :func:`default_cases` (every kernel, layout and dtype, the
+    rules' picks) and :func:`epilogue_cases` (every epilogue on every candidate tile)."""
+    return list(dict.fromkeys([*default_cases(full), *epilogue_cases()]))
+
+
+def kernel_of(r: Result) -> str:
+    """The kernel a result compiled: ``matmul/tma``, ``gated/pointer``, ``grouped``..."""
+    if r.case.layout in GROUPED_LAYOUTS:
+        return "grouped_wgrad" if r.case.layout == "grouped_wgrad" else "grouped"
+    return f"{parse_epilogue(r.case.epilogue).op}/{r.path}"
+
+
+def format_summary(results: list[Result]) -> str:
+    """Per target, kernel and dtype: the epilogues and tiles compiled, the cases not
+    applicable there, and the largest register count and stack (spill) seen."""
+    groups: dict[tuple[str, str, str], list[Result]] = {}
+    for r in results:
+        if not r.skipped:
+            groups.setdefault((r.case.target, kernel_of(r), r.case.dtype), []).append(r)
+    lines = []
+    for (target, kernel, dtype), rs in sorted(groups.items()):
+        epis = sorted({r.case.epilogue for r in rs})
+        tiles = sorted({r.config for r in rs if r.config})
+        spills = [r for r in rs if r.stack or r.local]
+        failed = [r for r in rs if not r.ok]
+        regs = max((r.registers for r in rs if r.ok), default=0)
+        lines.append(f"{target:7} {kernel:15} {dtype:19} {len(rs):4} compiles, {len(tiles):2} tiles, "
+                     f"max {regs} regs, {len(spills)} spilling, {len(failed)} failed; epilogues: {', '.join(epis)}")
+        lines.append(" " * 8 + "tiles: " + ", ".join(tiles))
+    skipped = sum(1 for r in results if r.skipped)
+    lines.append(f"{skipped} case(s) not applicable (a path or target that cannot take the layout or dtype)")
+    return "\n".join(lines)
 
 
 def problems(results: list[Result]) -> list[str]:
@@ -456,16 +609,20 @@ def add_arguments(parser) -> None:
     parser.add_argument("--check", action="store_true",
                         help="exit 1 if anything the rules or autotuner may pick fails to compile, spills, "
                              "overflows shared memory or misses wgmma/pipelining")
-    parser.add_argument("--full", action="store_true", help="every candidate x dtype x layout x epilogue")
+    parser.add_argument("--full", action="store_true", help="also every candidate x dtype x layout")
+    parser.add_argument("--quick", action="store_true",
+                        help="only default_cases (~100 compiles, what the test suite runs), not every epilogue on "
+                             "every tile")
     parser.add_argument("--jobs", type=int, default=None, help="compile processes (default: CPU count)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
 
 
 def run(args) -> int:
-    cases = default_cases(full=args.full)
+    cases = default_cases(full=args.full) if args.quick else check_cases(full=args.full)
     t0 = time.perf_counter()
     results = run_cases(cases, args.jobs)
     print(format_table(results))
+    print("\n" + format_summary(results))
     found = problems(results)
     import triton
 

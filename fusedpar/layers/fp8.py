@@ -94,6 +94,17 @@ class Float8Recipe:
     def short(self) -> str:
         return f"{self.scaling}, dgrad {self.dgrad}"
 
+    # The parallel linears call these on their spec's recipe, so linear.py needs no import
+    # of this module (which builds on linear.py's autograd functions).
+    def column_parallel(self, x: Tensor, weights: list[Tensor], bias: Tensor | None, spec: LinearSpec,
+                        holder: list | None) -> Tensor:
+        """The column-parallel product in fp8: :func:`column_parallel_fp8`."""
+        return column_parallel_fp8(x, weights, bias, spec, holder)
+
+    def row_parallel(self, x: Tensor, weight: Tensor, bias: Tensor | None, spec: LinearSpec) -> Tensor:
+        """The row-parallel product in fp8: :func:`row_parallel_fp8`."""
+        return row_parallel_fp8(x, weight, bias, spec)
+
 
 def as_recipe(fp8: Any, *, where: str = "fp8") -> Float8Recipe | None:
     """``True`` -> the default recipe, ``None``/``False`` -> None, a recipe -> itself."""

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from .. import overlap
 from ..comm import Communicator, check_group, get_communicator
 from ..kernels import matmul, resolve_kernel
+from .norm import all_reduce_grads
 from .sharding import ParamShard, local_param, local_tensor, register_state_dict_hooks, tp_parameter
 
 __all__ = [
@@ -66,7 +67,7 @@ class LinearSpec:
     kernel: str = "auto"
     comm: str = "torch"
     save_gathered_input: bool = True
-    fp8: Any = None  # a Float8Recipe: the GEMMs run in fp8 (layers/fp8.py); set by enable_fp8
+    fp8: Any = None  # a Float8Recipe: its column_parallel / row_parallel run the GEMMs in fp8 (layers/fp8.py)
     # row-parallel: leave the output a per-rank partial sum, reduced by the enclosing block
     # together with other partial sums (block_reduction.py); never with sequence_parallel
     partial_output: bool = False
@@ -269,10 +270,8 @@ def _autocast_off(method: Any) -> Any:
 def _column_apply(x: Tensor, weights: list[Tensor], b: Tensor | None, spec: LinearSpec, holder: list | None) -> Tensor:
     """The column-parallel product of ``x`` and the weights ``[N_i, K]`` (concatenated on N):
     in fp8 when the spec has a recipe (layers/fp8.py), else ``_ColumnParallelFn``."""
-    if spec.fp8 is not None:
-        from .fp8 import column_parallel_fp8  # late: fp8 imports this module
-
-        return column_parallel_fp8(x, weights, b, spec, holder)
+    if spec.fp8 is not None:  # the recipe runs it: fp8.py builds on this module, not the reverse
+        return spec.fp8.column_parallel(x, weights, b, spec, holder)
     w = weights[0] if len(weights) == 1 else torch.cat(weights, 0)
     return _ColumnParallelFn.apply(*_autocast_operands(x, w.t(), b), spec, holder)
 
@@ -280,9 +279,7 @@ def _column_apply(x: Tensor, weights: list[Tensor], b: Tensor | None, spec: Line
 def _row_apply(x: Tensor, weight: Tensor, b: Tensor | None, spec: LinearSpec) -> Tensor:
     """The row-parallel product, in fp8 when the spec has a recipe, else ``_RowParallelFn``."""
     if spec.fp8 is not None:
-        from .fp8 import row_parallel_fp8
-
-        return row_parallel_fp8(x, weight, b, spec)
+        return spec.fp8.row_parallel(x, weight, b, spec)
     return _RowParallelFn.apply(*_autocast_operands(x, weight.t(), b), spec)
 
 
@@ -589,8 +586,6 @@ class ReplicatedColumnLinear(_ParallelLinearBase):
         self.bias = tp_parameter(_init_uniform(torch.empty(out_features, **kw), in_features), None,
                                  group=group) if bias else None
         register_state_dict_hooks(self)
-        from .norm import all_reduce_grads  # late: norm imports this module
-
         all_reduce_grads(self, group=self.spec.group, comm=self.spec.comm)
 
     @classmethod

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..layers.partial import reduce_partial
+from .blocks import layer_blocks
 
 __all__ = ["install_block_reductions", "install_block_reduction", "block_is_merged", "is_linear_in_marks"]
 
@@ -165,8 +166,6 @@ def install_block_reductions(model: nn.Module, matches: dict[str, tuple[str, str
                              group: dist.ProcessGroup, comm: str = "torch") -> None:
     """Every decoder-layer block of `region` that holds moe_tp_experts and row-parallel
     linears without bias (a shared expert) and only mergeable styles: `install_block_reduction`."""
-    from .islands import layer_blocks
-
     experts = [p for p, (s, _) in matches.items() if s == "moe_tp_experts"]
     if not experts:
         return

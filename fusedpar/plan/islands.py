@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from .block_reduction import block_is_merged
 from ..layers.linear import gather_from_shard, reduce_scatter_to_shard, split_to_shard
 from ..layers.partial import reduce_partial
+from .blocks import layer_blocks
 
 __all__ = ["PER_TOKEN_ARGS", "SP_NATIVE_STYLES", "install_per_token_splits", "sequence_islands", "install_island",
            "install_islands", "check_layer_inputs", "layer_blocks"]
@@ -54,18 +55,6 @@ _LAYER_ARGS = PER_TOKEN_ARGS | frozenset({
                          "args", "kwargs",
                          # torchtitan's and torch's own model code: rotary tables and masks
                          "freqs_cis", "rope_cache", "attention_masks", "attn_mask", "mask"})
-
-
-def layer_blocks(layer: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
-    """The blocks a decoder layer calls: its children, with lists of modules (LongCat's two
-    attentions in `self_attn.0`, `self_attn.1`) opened up, since a list is never called."""
-    blocks = []
-    for name, child in layer.named_children():
-        if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
-            blocks += [(f"{prefix}.{name}.{n}", c) for n, c in child.named_children()]
-        else:
-            blocks.append((f"{prefix}.{name}", child))
-    return blocks
 
 
 def check_layer_inputs(layer: nn.Module, name: str) -> None:

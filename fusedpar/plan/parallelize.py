@@ -64,7 +64,8 @@ from .agreement import check_parallelize_agrees, install_input_check
 from .block_reduction import install_block_reductions
 from .groups import install_column_group, reads_hidden
 from .heads import set_local_heads
-from .islands import check_layer_inputs, install_islands, layer_blocks, sequence_islands
+from .blocks import layer_blocks
+from .islands import check_layer_inputs, install_islands, sequence_islands
 from .region import NoDecoderLayers, decoder_layers, has_decoder_layers, install_sequence_region
 from .styles import check_row_inputs, inside_experts, plan_styles
 from .ties import complete_tied_plan, retie

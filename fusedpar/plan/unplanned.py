@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from ..comm import get_communicator
 from ..layers.norm import all_reduced_grad
 from ..layers.sharding import param_shards
-from .islands import layer_blocks
+from .blocks import layer_blocks
 
 __all__ = ["watch_unplanned", "reads_split", "unplanned_modules"]
 
@@ -37,7 +37,6 @@ __all__ = ["watch_unplanned", "reads_split", "unplanned_modules"]
 def unplanned_modules(matches: dict[str, tuple[str, str]], name: str, region: nn.ModuleList) -> dict[str, nn.Module]:
     """`{path: module}` of the unplanned modules with parameters of their own inside the
     decoder-layer blocks (of `region`, at `name`) that hold a column-parallel layer."""
-
     planned = set(matches)
     splitting = {p for p, (style, _) in matches.items() if style in ("colwise", "packed_colwise")}
     found: dict[str, nn.Module] = {}
