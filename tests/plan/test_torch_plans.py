@@ -14,6 +14,7 @@ Each against one process: logits / loss and every gradient (gathered whole) at f
 from __future__ import annotations
 
 import copy
+import importlib.util
 from unittest import mock
 
 import pytest
@@ -23,6 +24,10 @@ import torch.distributed as dist
 from tests.layers.common import check
 from examples.torchtitan_llama.model import TitanArgs, Transformer as TitanTransformer, parallelize_llama
 
+# torch's example Transformer lives in torch.testing._internal, which imports expecttest (a
+# test extra here; a machine without it skips those tests, saying so)
+needs_torch_example = pytest.mark.skipif(importlib.util.find_spec("expecttest") is None,
+                                         reason="torch's example Transformer needs expecttest (pip install expecttest)")
 TOL = 5e-5  # fp32; after an AdamW step (lr 1e-2) rounding differences grow to ~2.5e-5
 
 
@@ -78,11 +83,13 @@ def _run_torch_example(group, sp: bool):
     return True
 
 
+@needs_torch_example
 @pytest.mark.parametrize("sp", [False, True])
 def test_torch_example_transformer_with_its_own_parallelize(dist2, sp):
     assert dist2.run(_run_torch_example, sp) == [True] * 2
 
 
+@needs_torch_example
 def test_torch_example_transformer_at_world_4(dist4):
     assert dist4.run(_run_torch_example, True) == [True] * 4
 
@@ -112,6 +119,7 @@ def _run_example_strings(group):
     return True
 
 
+@needs_torch_example
 def test_torch_example_transformer_with_fusedpar_strings(dist2):
     assert dist2.run(_run_example_strings) == [True] * 2
 
@@ -280,6 +288,7 @@ def _run_torch_example_state(group, ckpt: str):
     return True
 
 
+@needs_torch_example
 def test_torch_example_transformer_clip_and_dcp_exchange_with_torch(dist2):
     import tempfile
 
