@@ -63,7 +63,9 @@ def _run_two_d(group, dp_kind: str, sp: bool, ckpt: str | None = None):
         try:
             DDP(model, process_group=mesh["dp"].get_group())
         except RuntimeError as e:
-            assert "DTensor" in str(e), str(e)
+            # torch 2.13 names DTensor; torch 2.11 (the GPU machine's) fails flattening the
+            # sharded parameters for its buckets: loud at construction either way
+            assert "DTensor" in str(e) or "flatten multiple dimensions" in str(e), str(e)
             return True
         raise AssertionError("DDP took DTensor parameters without an error")
     else:  # torchtitan's recipe: each decoder layer a unit, then the root
