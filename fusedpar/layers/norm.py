@@ -90,6 +90,10 @@ def all_reduce_grads(module: nn.Module, *, group: dist.ProcessGroup, comm: str =
         # FSDP2 (and anything else that swaps a module's parameters for new tensors) makes
         # the forward use other Parameter objects than the ones seen here at first: hook
         # whatever the module holds when it runs, once per tensor.
+        if torch.compiler.is_compiling():
+            # traced, `id(p)` would guard each compiled block on its own parameters' ids (a
+            # recompile per decoder layer); the parameters hooked at install time are kept
+            return
         for p in module.parameters():
             seen = hooked.get(id(p))
             if p.requires_grad and (seen is None or seen() is not p):
