@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ..comm import Communicator, check_group, get_communicator
+from . import traced
 from .sharding import is_dtensor, local_tensor
 
 __all__ = ["SequenceParallelLayerNorm", "SequenceParallelRMSNorm", "all_reduce_grads", "grad_all_reduce"]
@@ -61,6 +62,8 @@ def all_reduced_grad(grad: Tensor, communicator: Communicator) -> Tensor:
 
 def grad_all_reduce(w: Tensor, *, group: dist.ProcessGroup, comm: str = "torch") -> Tensor:
     """`w` itself in forward; its gradient all-reduced over `group` in backward."""
+    if torch.compiler.is_compiling():  # the traceable path (traced.py)
+        return traced.copy_to_region(w, group)
     return _GradAllReduceFn.apply(w, group, comm)
 
 

@@ -108,3 +108,52 @@ def test_fullgraph_blocks_aot_eager(dist2):
 def test_fullgraph_blocks_inductor(dist2):
     assert dist2.run(_run, "llama", "inductor", True, timeout=600) == [True] * 2
     assert dist2.run(_run, "torch", "inductor", False, timeout=600) == [True] * 2
+
+
+def _region_ops(x_full, x_shard, y_partial, w, col, row, group):
+    from fusedpar.layers import (gather_from_shard, grad_all_reduce, reduce_partial, replicated_inputs,
+                                 split_to_shard)
+    from fusedpar.layers.linear import reduce_scatter_to_shard
+
+    (x_rep,) = replicated_inputs(x_full * 1, group=group)
+    return (split_to_shard(x_full, group=group, dim=-2), gather_from_shard(x_shard, group=group, dim=-2),
+            reduce_scatter_to_shard(y_partial, group=group, dim=-2), reduce_partial(y_partial, group=group),
+            x_rep, grad_all_reduce(w, group=group) * x_full.sum(), row(col(x_full)))
+
+
+def _run_region_ops(group) -> bool:
+    """Each op with a traced path, through its public entry point, compiled as one graph
+    (aot_eager), against the eager overlapped op: outputs and gradients, float64."""
+    from fusedpar.layers import ColumnParallelLinear, RowParallelLinear
+    from tests.layers.common import randn
+
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    torch._dynamo.reset()
+    f64 = torch.float64
+    col = ColumnParallelLinear(16, 8, group=group, gather_output=True, kernel="torch", dtype=f64)
+    row = RowParallelLinear(8, 6, group=group, input_is_parallel=False, kernel="torch", dtype=f64)
+    leaves = [randn(1, 2, 8, 16, dtype=f64), randn(2 + rank, 2, 4, 16, dtype=f64),
+              randn(3 + rank, 2, 8, 16, dtype=f64), randn(4, 16, dtype=f64)]  # x_full, x_shard, y_partial, w
+    weights = None  # per-rank weights of each output in the loss, so gradients differ per rank
+
+    def run(fn):
+        nonlocal weights
+        inputs = [t.clone().requires_grad_() for t in leaves]
+        outs = fn(*inputs, col, row, group)
+        if weights is None:
+            weights = [randn(10 + i + 10 * rank, *o.shape, dtype=f64) for i, o in enumerate(outs)]
+        sum((o * r).sum() for o, r in zip(outs, weights)).backward()
+        grads = [t.grad for t in inputs] + [p.grad.to_local().clone() for p in (*col.parameters(), *row.parameters())]
+        col.zero_grad()
+        row.zero_grad()
+        return [o.detach() for o in outs], grads
+
+    outs_ref, grads_ref = run(_region_ops)
+    outs, grads = run(torch.compile(_region_ops, backend="aot_eager", fullgraph=True))
+    for i, (got, ref) in enumerate(zip(outs + grads, outs_ref + grads_ref)):
+        check(f"output/grad {i}", got, ref, f64, f"rank {rank}/{world} traced vs eager")
+    return True
+
+
+def test_traced_region_ops_match_eager(dist2):
+    assert dist2.run(_run_region_ops) == [True] * 2
