@@ -11,7 +11,9 @@ the layers call the functions below instead: torch's functional collectives
 schedules and may overlap with GEMMs itself) and `F.linear`. The graph then holds the
 compiler's own GEMMs (inductor's, or aten's under "aot_eager") rather than fusedpar's Triton
 kernels, and the compiler's comm/compute ordering rather than fusedpar's chunked schedule;
-the results and gradients are those of the eager path (tests/layers/test_compile.py).
+the results and gradients are those of the eager path (tests/layers/test_compile_blocks.py).
+Not covered yet, so a compiled graph breaks around them: fp8 layers (layers/fp8.py), the
+grouped MoE expert GEMMs (layers/moe.py) and the vocab-parallel cross-entropy.
 
     column          y_part = x_full @ w_shard_n.T + b              dx_full = all_reduce(dy_part @ w_shard_n)
     column, SP      y_part = all_gather(x_shard) @ w_shard_n.T + b  dx_shard = reduce_scatter(dy_part @ w_shard_n)

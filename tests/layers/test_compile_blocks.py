@@ -41,7 +41,10 @@ def _run(group, family: str, backend: str, sp: bool) -> bool:
     # one layer (a parameter's or a hook's id) would recompile per layer and, past dynamo's
     # limit (8), fall back to eager or fail on a deep model. Here the second compile of one
     # frame raises.
-    with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
+    # One compile thread: a pool of compile workers per rank costs more than it saves on
+    # graphs this small (2 cores, 2 ranks).
+    with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True), \
+            torch._inductor.config.patch(compile_threads=1):
         return _run_compiled(group, family, backend, sp)
 
 
