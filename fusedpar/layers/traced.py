@@ -72,7 +72,11 @@ def _piece(x: Tensor, dim: int, group: dist.ProcessGroup) -> Tensor:
 
 
 class _Split(torch.autograd.Function):
-    """forward `x_full → x_shard = x_full.chunk(world, dim)[rank]` (no comm); dgrad all-gather."""
+    """`x_full → x_shard = x_full.chunk(world, dim)[rank]`.
+
+    forward   x_full [.., M, ..] → x_shard [.., M/world, ..]   no comm
+    dgrad     dx_full = all_gather(dx_shard, dim)               all-gather
+    """
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, dim: int, group: dist.ProcessGroup) -> Tensor:
@@ -85,8 +89,11 @@ class _Split(torch.autograd.Function):
 
 
 class _Gather(torch.autograd.Function):
-    """forward `x_shard → x_full = all_gather(x_shard, dim)` for replicated consumers;
-    dgrad keeps this rank's piece of `dx_full` (the same on every rank, no comm)."""
+    """`x_shard → x_full = all_gather(x_shard, dim)`, whose consumers are replicated.
+
+    forward   x_shard [.., m, ..] → x_full [.., world*m, ..]   all-gather
+    dgrad     dx_shard = dx_full.chunk(world, dim)[rank]        no comm (dx_full is the same on every rank)
+    """
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, dim: int, group: dist.ProcessGroup) -> Tensor:
@@ -99,8 +106,11 @@ class _Gather(torch.autograd.Function):
 
 
 class _GatherReduceScatterGrad(torch.autograd.Function):
-    """forward `x_shard → x_full = all_gather(x_shard, dim)` for split consumers (a
-    column-parallel GEMM); dgrad `dx_shard = reduce_scatter(dx_partial, dim)`."""
+    """`x_shard → x_full = all_gather(x_shard, dim)`, whose consumer is split (a column-parallel GEMM).
+
+    forward   x_shard [.., m, ..] → x_full [.., world*m, ..]   all-gather
+    dgrad     dx_shard = reduce_scatter(dx_partial, dim)        reduce-scatter
+    """
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, dim: int, group: dist.ProcessGroup) -> Tensor:
@@ -113,7 +123,11 @@ class _GatherReduceScatterGrad(torch.autograd.Function):
 
 
 class _ReduceScatter(torch.autograd.Function):
-    """forward `x_partial → x_shard = reduce_scatter(x_partial, dim)`; dgrad all-gather."""
+    """`x_partial → x_shard = reduce_scatter(x_partial, dim)`.
+
+    forward   x_partial [.., M, ..] → x_shard [.., M/world, ..]   reduce-scatter
+    dgrad     dx_partial = all_gather(dx_shard, dim)              all-gather
+    """
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, dim: int, group: dist.ProcessGroup) -> Tensor:
@@ -126,7 +140,11 @@ class _ReduceScatter(torch.autograd.Function):
 
 
 class _ReduceFromRegion(torch.autograd.Function):
-    """forward `x_partial → x_full = all_reduce(x_partial)`; dgrad identity (no comm)."""
+    """`x_partial → x_full = all_reduce(x_partial)`.
+
+    forward   x_full = all_reduce(x_partial)   all-reduce
+    dgrad     dx_partial = dx_full             no comm
+    """
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, group: dist.ProcessGroup) -> Tensor:
@@ -138,8 +156,11 @@ class _ReduceFromRegion(torch.autograd.Function):
 
 
 class _CopyToRegion(torch.autograd.Function):
-    """forward identity on a replicated tensor read by split consumers; dgrad
-    `dx = all_reduce(dx_partial)` (each rank's gradient is a partial sum)."""
+    """`x_full → x_full`, read by split consumers (each rank's gradient is a partial sum).
+
+    forward   identity                        no comm
+    dgrad     dx = all_reduce(dx_partial)     all-reduce
+    """
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, group: dist.ProcessGroup) -> Tensor:
