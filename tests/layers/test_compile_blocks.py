@@ -1,9 +1,11 @@
 """Per-block `torch.compile(..., fullgraph=True)`, as torchtitan's `apply_compile` compiles a
-parallelized model: every decoder block compiles into one graph (no graph break inside
-fusedpar's layers and hooks, or `fullgraph=True` raises) on backends "aot_eager" and
-"inductor", and the logits / loss and every gradient match the uncompiled single-process
-model. Models: a tiny Hugging Face Llama (SP off and on) and torch's own example Transformer
-(`common_dtensor.Transformer`) with fusedpar's string plan."""
+parallelized model: every decoder block compiles without a graph break inside fusedpar's
+layers and hooks (`fullgraph=True` raises on one; the block's own hooks, which
+`torch.compile(block)` calls outside the block's forward, compile as graphs of their own),
+once for all layers, on backends "aot_eager" and "inductor", and the logits / loss and every
+gradient match the uncompiled single-process model. Models: a tiny Hugging Face Llama
+(sequence parallel) and torch's own example Transformer (`common_dtensor.Transformer`) with
+fusedpar's string plan. Also each op with a traced path against its eager form."""
 from __future__ import annotations
 
 import copy
@@ -22,7 +24,7 @@ _TORCH_PLAN = {
 }
 
 
-def _torch_transformer(world: int):
+def _torch_transformer():
     from torch.testing._internal.distributed._tensor.common_dtensor import ModelArgs, Transformer
 
     torch.manual_seed(0)
@@ -32,7 +34,7 @@ def _torch_transformer(world: int):
 
 
 def _llama():
-    ref = build("llama", num_hidden_layers=3)
+    ref = build("llama", num_hidden_layers=3)  # first, middle and last layers differ in hooks (SP)
     return ref, copy.deepcopy(ref), lambda m: m.model.layers
 
 
@@ -58,7 +60,7 @@ def _run_compiled(group, family: str, backend: str, sp: bool) -> bool:
         ref, model, layers_of = _llama()
         parallelize(model, "auto", group=group, sequence_parallel=sp, kernel="torch")
     else:
-        ref, model, layers_of = _torch_transformer(world)
+        ref, model, layers_of = _torch_transformer()
         parallelize(model, _TORCH_PLAN, group=group, sequence_parallel=sp, kernel="torch")
         for block in model.layers:  # its attention reshapes by n_heads: the local count
             # (set by hand while parallelize adjusts only Hugging Face head attributes)
