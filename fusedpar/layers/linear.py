@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .. import overlap
+from . import traced
 from ..comm import Communicator, check_group, get_communicator
 from ..kernels import matmul, resolve_kernel
 from .norm import all_reduce_grads
@@ -197,6 +198,10 @@ class _GatherFn(torch.autograd.Function):
 
 def split_to_shard(x: Tensor, *, group: Any, dim: int = -2, comm: str = "torch") -> Tensor:
     """This rank's `x.chunk(world, dim)` piece (backward all-gathers). `dim` must divide evenly."""
+    if torch.compiler.is_compiling():  # the traceable path (traced.py)
+        group = check_group(group)
+        _check_divisible(x, dim, dist.get_world_size(group), what="split_to_shard")
+        return traced.split(x, dim, group)
     spec = LinearSpec(check_group(group), comm=comm)
     _check_divisible(x, dim, spec.communicator().world_size, what="split_to_shard")
     return _SplitFn.apply(x, spec, dim)
@@ -227,6 +232,10 @@ class _ReduceScatterFn(torch.autograd.Function):
 def reduce_scatter_to_shard(x: Tensor, *, group: Any, dim: int = -2, comm: str = "torch") -> Tensor:
     """This rank's `dim`-piece of the sum over ranks of the partial sums `x` (backward
     all-gathers). `dim` must divide evenly."""
+    if torch.compiler.is_compiling():
+        group = check_group(group)
+        _check_divisible(x, dim, dist.get_world_size(group), what="reduce_scatter_to_shard")
+        return traced.reduce_scatter_to_shard(x, dim, group)
     spec = LinearSpec(check_group(group), comm=comm)
     _check_divisible(x, dim, spec.communicator().world_size, what="reduce_scatter_to_shard")
     return _ReduceScatterFn.apply(x, spec, dim)
@@ -234,6 +243,8 @@ def reduce_scatter_to_shard(x: Tensor, *, group: Any, dim: int = -2, comm: str =
 
 def gather_from_shard(x_shard: Tensor, *, group: Any, dim: int = -2, comm: str = "torch") -> Tensor:
     """`all_gather(x_shard, dim)` for replicated consumers (backward keeps this rank's piece)."""
+    if torch.compiler.is_compiling():
+        return traced.gather(x_shard, dim, check_group(group))
     return _GatherFn.apply(x_shard, LinearSpec(check_group(group), comm=comm), dim)
 
 
@@ -273,6 +284,12 @@ def _column_apply(x: Tensor, weights: list[Tensor], b: Tensor | None, spec: Line
     if spec.fp8 is not None:  # the recipe runs it: fp8.py builds on this module, not the reverse
         return spec.fp8.column_parallel(x, weights, b, spec, holder)
     w = weights[0] if len(weights) == 1 else torch.cat(weights, 0)
+    if torch.compiler.is_compiling():  # the traceable path: functional collectives, the compiler's GEMM (traced.py)
+        y, x_full = traced.column_parallel(x, w, b, group=spec.group, sequence_parallel=spec.sequence_parallel,
+                                           dim=spec.sequence_dim)
+        if holder is not None:
+            holder.append(x_full)
+        return y
     return _ColumnParallelFn.apply(*_autocast_operands(x, w.t(), b), spec, holder)
 
 
@@ -280,6 +297,9 @@ def _row_apply(x: Tensor, weight: Tensor, b: Tensor | None, spec: LinearSpec) ->
     """The row-parallel product, in fp8 when the spec has a recipe, else ``_RowParallelFn``."""
     if spec.fp8 is not None:
         return spec.fp8.row_parallel(x, weight, b, spec)
+    if torch.compiler.is_compiling():
+        return traced.row_parallel(x, weight, b, group=spec.group, sequence_parallel=spec.sequence_parallel,
+                                   dim=spec.sequence_dim, partial_output=spec.partial_output)
     return _RowParallelFn.apply(*_autocast_operands(x, weight.t(), b), spec)
 
 
@@ -520,7 +540,7 @@ class ColumnParallelLinear(_ParallelLinearBase):
         w, b = self.column_operands()
         y = _column_apply(x, [w], b, spec, None)
         if self.gather_output:
-            y = _GatherFn.apply(y, spec, -1)
+            y = traced.gather(y, -1, spec.group) if torch.compiler.is_compiling() else _GatherFn.apply(y, spec, -1)
         return y
 
     def full_state_dict(self) -> dict[str, Tensor]:
@@ -695,7 +715,7 @@ class RowParallelLinear(_ParallelLinearBase):
         spec = effective_spec(self)
         if not self.input_is_parallel:
             _check_divisible(x, -1, _rank_world(spec)[1], what="RowParallelLinear (input_is_parallel=False)")
-            x = _SplitFn.apply(x, spec, -1)
+            x = traced.split(x, -1, spec.group) if torch.compiler.is_compiling() else _SplitFn.apply(x, spec, -1)
         if spec.sequence_parallel:
             _check_divisible(x, spec.sequence_dim, _rank_world(spec)[1],
                              what="RowParallelLinear (sequence_parallel=True)")

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ..comm import Communicator, check_group, get_communicator
+from . import traced
 from .sharding import is_dtensor, local_tensor
 
 __all__ = ["SequenceParallelLayerNorm", "SequenceParallelRMSNorm", "all_reduce_grads", "grad_all_reduce"]
@@ -61,6 +62,8 @@ def all_reduced_grad(grad: Tensor, communicator: Communicator) -> Tensor:
 
 def grad_all_reduce(w: Tensor, *, group: dist.ProcessGroup, comm: str = "torch") -> Tensor:
     """`w` itself in forward; its gradient all-reduced over `group` in backward."""
+    if torch.compiler.is_compiling():  # the traceable path (traced.py)
+        return traced.copy_to_region(w, group)
     return _GradAllReduceFn.apply(w, group, comm)
 
 
@@ -90,6 +93,10 @@ def all_reduce_grads(module: nn.Module, *, group: dist.ProcessGroup, comm: str =
         # FSDP2 (and anything else that swaps a module's parameters for new tensors) makes
         # the forward use other Parameter objects than the ones seen here at first: hook
         # whatever the module holds when it runs, once per tensor.
+        if torch.compiler.is_compiling():
+            # traced, `id(p)` would guard each compiled block on its own parameters' ids (a
+            # recompile per decoder layer); the parameters hooked at install time are kept
+            return
         for p in module.parameters():
             seen = hooked.get(id(p))
             if p.requires_grad and (seen is None or seen() is not p):

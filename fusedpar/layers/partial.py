@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..comm import get_communicator
+from . import traced
 
 __all__ = [
     "reduce_partial",
@@ -89,6 +90,8 @@ class _ReplicatedInputsFn(torch.autograd.Function):
 
 def reduce_partial(y_partial: Tensor, *, group: dist.ProcessGroup, comm: str = "torch") -> Tensor:
     """`all_reduce(y_partial)` (a sum over ranks) whose backward passes the gradient through."""
+    if torch.compiler.is_compiling():  # the traceable path (traced.py)
+        return traced.reduce_from_region(y_partial, group)
     return _ReducePartialFn.apply(y_partial, group, comm)
 
 
@@ -98,7 +101,10 @@ def replicated_inputs(*xs: Any, group: dist.ProcessGroup, comm: str = "torch") -
     picked = [i for i, x in enumerate(xs) if isinstance(x, Tensor) and x.requires_grad and torch.is_grad_enabled()]
     if not picked:
         return tuple(xs)
-    outs = _ReplicatedInputsFn.apply(group, comm, *(xs[i] for i in picked))
+    if torch.compiler.is_compiling():  # one all-reduce each, traceable (traced.py)
+        outs = tuple(traced.copy_to_region(xs[i], group) for i in picked)
+    else:
+        outs = _ReplicatedInputsFn.apply(group, comm, *(xs[i] for i in picked))
     result = list(xs)
     for i, y in zip(picked, outs):
         result[i] = y

@@ -265,24 +265,34 @@ def local_param(p: Tensor | None) -> Tensor | None:
     return _LocalView.apply(p)
 
 
-def _push_views(mod: nn.Module) -> None:
+def _push_views(mod: nn.Module, *, copy: bool = False) -> None:
     # refreshed on every push: FSDP2 swaps a module's parameters for unsharded ones before
-    # its forward, and the views must be of what the module holds now
+    # its forward, and the views must be of what the module holds now. What the push hides
+    # is kept, and the pop puts it back, so an inner module's hook never takes away what an
+    # outer one showed, and a compiled forward ends with the instance dict it started with.
+    hidden: dict[str, Tensor | None] = {}
     for name, p in mod._parameters.items():
         if isinstance(p, DTensor):
-            mod.__dict__[name] = local_param(p)
-    mod.__dict__["_fusedpar_view_depth"] = mod.__dict__.get("_fusedpar_view_depth", 0) + 1
+            hidden[name] = mod.__dict__.get(name)
+            view = local_param(p)
+            mod.__dict__[name] = view.clone() if copy else view
+    mod.__dict__.setdefault("_fusedpar_views", []).append(hidden)
 
 
-def _pop_views(mod: nn.Module) -> None:
-    depth = mod.__dict__.get("_fusedpar_view_depth", 1) - 1
-    mod.__dict__["_fusedpar_view_depth"] = depth
-    if depth <= 0:  # the outermost forward that showed them is over
-        for name in mod._parameters:
-            mod.__dict__.pop(name, None)
+def _pop_views(mod: nn.Module, depth: int | None = None) -> None:
+    """Undo the last push, or (`depth`) every push past the first `depth`."""
+    stack: list[dict[str, Tensor | None]] = mod.__dict__.get("_fusedpar_views", [])
+    target = len(stack) - 1 if depth is None else depth
+    while len(stack) > max(target, 0):
+        for name, before in stack.pop().items():
+            if before is None:
+                mod.__dict__.pop(name, None)
+            else:
+                mod.__dict__[name] = before
 
 
-def install_local_views(module: nn.Module, *, subtree: list[nn.Module] | None = None) -> None:
+def install_local_views(module: nn.Module, *, subtree: list[nn.Module] | None = None,
+                        always_call: bool = True) -> None:
     """Make `module`'s forward see DTensor parameters as local tensors (`local_param`): a
     pre-hook puts them in the instance dict, where attribute lookup finds them before
     `_parameters`, and a hook that always runs takes them out again, so outside forward
@@ -290,22 +300,41 @@ def install_local_views(module: nn.Module, *, subtree: list[nn.Module] | None = 
     (a Hugging Face norm, an embedding, an MoE experts block). With `subtree`, the views of
     those modules' parameters too, for code that reads a child's parameter itself or calls a
     child's method other than forward (a Mamba mixer's `self.conv1d.weight`, Gemma 3n's
-    `self.altup.correct(...)`): installed on blocks (decoder layers). Nested pushes are
-    counted, so an inner module's hook never takes away what an outer one showed. Idempotent."""
+    `self.altup.correct(...)`): installed on blocks (decoder layers). Pushes nest (each pop
+    restores what its push hid); a block's hook pops its subtree back to the depths it found,
+    so a forward that raised inside the block (skipping inner hooks) leaves no views behind.
+
+    Under torch.compile of each block (torchtitan's `apply_compile`) a block's hooks run as
+    graphs of their own, outside the block's forward graph, and the inner modules' hooks
+    inside it. So: `always_call=False` for modules inside a block (torch.compile guards a
+    traced call of a module with an always-called hook on that hook's id, which differs per
+    decoder layer: a compiled block would be recompiled for every layer); and a block's
+    compiled pre-hook hands on copies of its views (inductor returns a `to_local()` that is
+    its graph's output as the DTensor's own local tensor, with the graph's autograd history
+    attached to it, which then guards, and recompiles, on that tensor's requires_grad).
+    Idempotent."""
     if module.__dict__.get("_fusedpar_local_views"):
         return
     mods = [module] if subtree is None else subtree
+    found: list[list[int]] = []  # per forward of `module` running: its subtree's depths before the push
 
     def pre_hook(mod: nn.Module, args: Any) -> None:
+        if subtree is not None:
+            found.append([len(m.__dict__.get("_fusedpar_views", ())) for m in mods])
+        copy = subtree is not None and torch.compiler.is_compiling()
         for m in mods:
-            _push_views(m)
+            _push_views(m, copy=copy)
 
     def hook(mod: nn.Module, args: Any, out: Any) -> None:
-        for m in mods:
-            _pop_views(m)
+        if subtree is None:
+            for m in mods:
+                _pop_views(m)
+        elif found:  # empty: a pre-hook that runs before this one raised, nothing was pushed
+            for m, depth in zip(mods, found.pop()):
+                _pop_views(m, depth)
 
     module.register_forward_pre_hook(pre_hook, prepend=True)
-    module.register_forward_hook(hook, always_call=True)
+    module.register_forward_hook(hook, always_call=always_call)
     module.__dict__["_fusedpar_local_views"] = True
 
 
@@ -332,15 +361,17 @@ def replicate_parameters(model: nn.Module, *, group: dist.ProcessGroup,
             register_state_dict_hooks(module)
     # blocks (the entries of a ModuleList / ModuleDict: decoder layers, expert lists) show
     # their whole subtree; every other module holding parameters shows its own
+    in_blocks: set[int] = set()  # modules whose block's hooks clean up after them (see install_local_views)
     for container in model.modules():
         if isinstance(container, (nn.ModuleList, nn.ModuleDict)):
             for block in container.children():
                 inner = [m for m in block.modules() if holds(m) and not isinstance(m, owned)]
                 if inner and not isinstance(block, owned):
                     install_local_views(block, subtree=inner)
+                    in_blocks.update(id(m) for m in inner if m is not block)
     for module in model.modules():
         if holds(module) and not isinstance(module, owned):
-            install_local_views(module)
+            install_local_views(module, always_call=id(module) not in in_blocks)
 
 
 def _placement_shard(p: DTensor) -> ParamShard | None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -236,6 +237,15 @@ def _quiet_before_layers(model: nn.Module, region_name: str, planned: set[str]) 
     return all(any(p.startswith(prefix + ".") or p == prefix for prefix in [region_name, *after]) for p in planned)
 
 
+def _compiled(layer: nn.Module) -> bool:
+    """Whether `layer` runs compiled: `torch.compile(layer)` (an OptimizedModule put in its
+    place) or `layer.compile()`."""
+    if getattr(layer, "_compiled_call_impl", None) is not None:
+        return True
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # not imported: nothing is compiled
+    return eval_frame is not None and isinstance(layer, eval_frame.OptimizedModule)
+
+
 def install_input_check(model: nn.Module, region_name: str, *, group: Any,
                         planned: set[str]) -> Callable[[Tensor], None]:
     """Check every forward's input shapes across ranks before its first collective: a
@@ -245,11 +255,20 @@ def install_input_check(model: nn.Module, region_name: str, *, group: Any,
     When no ``planned`` module runs before the decoder layers (``region_name``), the
     pre-hook only starts the all-reduce and the first layer waits for it, so its latency
     overlaps the embedding, mask and rotary work in between. A forward that enters the
-    layers without coming through ``model`` checks there, synchronously."""
+    layers without coming through ``model`` checks there, synchronously.
+
+    When the first decoder layer is compiled (`torch.compile(layer)` in its place, or
+    `layer.compile()`, as torchtitan compiles each block), the pre-hook checks synchronously:
+    waiting for a collective and raising on its result cannot be traced into the layer's
+    graph. A compiled first layer called directly (not through ``model``) goes unchecked."""
     if not agreement_enabled() or dist.get_world_size(group) == 1:
         return lambda x: None
     device, where = _device(group), f"{region_name}.0"
     defer = _quiet_before_layers(model, region_name, planned)
+    layers = model.get_submodule(region_name)
+
+    def first() -> nn.Module:  # read per forward: a compiled block may have taken the first one's place
+        return next(iter(layers.children()))  # of a ModuleList or ModuleDict
     # set by the model's pre-hook for the forward now running: True (checked), or the
     # (where, shapes, started all-reduce) to settle before the first collective; None: no
     # pre-hook ran (the layers were called directly), so the first layer checks itself
@@ -262,13 +281,15 @@ def install_input_check(model: nn.Module, region_name: str, *, group: Any,
 
     def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         where_model, shapes = f"{type(module).__name__} forward", _tensor_shapes(args, kwargs)
-        if defer:
+        if defer and not _compiled(first()):
             state[0] = (where_model, shapes, _issue(_digest_words(sorted(shapes.items()), 1), group, device))
         else:
             _check_shapes(where_model, shapes, group, device)
             state[0] = True
 
     def at_first_layer(x: Tensor) -> None:
+        if state[0] is None and torch.compiler.is_compiling():
+            return  # a host sync inside the graph: see the docstring
         if state[0] is None:
             _check_shapes(f"{where} forward", {"hidden_states": list(x.shape)}, group, device)
         settle()
@@ -276,7 +297,7 @@ def install_input_check(model: nn.Module, region_name: str, *, group: Any,
     def post_hook(module: nn.Module, args: tuple, output: Any) -> None:
         settle()  # a forward that never reached the layers still completes its check
 
-    if next(iter(model.get_submodule(region_name).children())) is not model:  # a ModuleList or ModuleDict
+    if first() is not model:
         model.register_forward_pre_hook(pre_hook, with_kwargs=True)
         model.register_forward_hook(post_hook)
     return at_first_layer

@@ -106,6 +106,11 @@ def watch_unplanned(model: nn.Module, modules: dict[str, nn.Module], *, group: d
         def pre_hook(mod: nn.Module, args: tuple, kwargs: dict, state: dict = state, path: str = path) -> None:
             if state["split"] is not None or not torch.is_grad_enabled():
                 return
+            if torch.compiler.is_compiling():  # walking grad_fn nodes does not trace
+                raise RuntimeError(
+                    f"parallelize: {path}: cannot tell under torch.compile whether this unplanned module reads "
+                    f"split activations; run one forward with gradients before compiling, or plan it "
+                    f"explicitly: 'replicated_with_grad_allreduce' if it does, 'replicate' if not")
             inputs = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
             if not any(t.requires_grad for t in inputs):
                 trainable = any(p.requires_grad for p in mod.parameters(recurse=False))

@@ -1,6 +1,8 @@
 """`torch.compile` of a parallelized model (backends "eager", "aot_eager" and, on CPU too,
-"inductor": dynamo traces through the hooks and autograd Functions, graph-breaking at the
-collectives) gives the same loss and gradients as the uncompiled single-process model."""
+"inductor": dynamo traces through the hooks and the layers' traceable path, layers/traced.py,
+graph-breaking only at the sequence-parallel input check, a collective waited on the host)
+gives the same loss and gradients as the uncompiled single-process model. Per-block
+`fullgraph=True` compiles: test_compile_blocks.py."""
 from __future__ import annotations
 
 import copy
