@@ -95,15 +95,32 @@ def all_reduce_grads(module: nn.Module, *, group: dist.ProcessGroup, comm: str =
         # whatever the module holds when it runs, once per tensor.
         if torch.compiler.is_compiling():
             # traced, `id(p)` would guard each compiled block on its own parameters' ids (a
-            # recompile per decoder layer); the parameters hooked at install time are kept
+            # recompile per decoder layer); the parameters hooked at install time are kept.
+            # Parameters swapped in since (FSDP2's unsharded ones) get the all-reduce from
+            # their views where the module has views (sharding._push_views); elsewhere they
+            # would lose it, a silently wrong gradient, so that is refused
+            for m in module.modules():
+                if m.__dict__.get("_fusedpar_has_views"):
+                    continue  # its views all-reduce the gradients of unhooked parameters (sharding._push_views)
+                for p in m._parameters.values():
+                    if p is None or not p.requires_grad or getattr(p, "_fusedpar_grad_hooked", False):
+                        continue
+                    raise RuntimeError(
+                        "fusedpar: torch.compile of a block whose replicated parameters' gradients are all-reduced "
+                        "(sequence-parallel norms) found parameters swapped in after parallelize (FSDP2's "
+                        "fully_shard): their all-reduce cannot be hooked in a compiled forward. Expected "
+                        "per-block compile without FSDP2, or FSDP2 without compile, got both")
             return
         for p in module.parameters():
             seen = hooked.get(id(p))
             if p.requires_grad and (seen is None or seen() is not p):
                 hooked[id(p)] = weakref.ref(p)
                 handles.append(p.register_hook(hook))
+                p._fusedpar_grad_hooked = True
 
     handles: list[RemovableHandle] = []
+    for m in module.modules():  # for the views of parameters swapped in later (sharding._push_views)
+        m.__dict__["_fusedpar_grad_reduce"] = (group, region)
     hook_parameters()
     handles.append(module.register_forward_pre_hook(hook_parameters))
     module._fusedpar_grad_hooks = getattr(module, "_fusedpar_grad_hooks", []) + handles

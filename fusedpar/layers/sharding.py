@@ -36,7 +36,6 @@ into the DTensor `.grad`.
 """
 from __future__ import annotations
 
-import math
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +46,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from ..comm import Communicator, check_group, device_mesh, get_communicator
+from . import traced
 
 __all__ = ["ParamShard", "shard_parameter", "param_shards", "local_shard", "gather_shard", "tp_parameter",
            "local_tensor", "local_param", "install_local_views", "replicate_parameters", "is_dtensor",
@@ -271,10 +271,18 @@ def _push_views(mod: nn.Module, *, copy: bool = False) -> None:
     # is kept, and the pop puts it back, so an inner module's hook never takes away what an
     # outer one showed, and a compiled forward ends with the instance dict it started with.
     hidden: dict[str, Tensor | None] = {}
+    reduce = mod.__dict__.get("_fusedpar_grad_reduce")  # (group, region): set by norm.all_reduce_grads
     for name, p in mod._parameters.items():
         if isinstance(p, DTensor):
             hidden[name] = mod.__dict__.get(name)
             view = local_param(p)
+            if (reduce is not None and torch.compiler.is_compiling() and view.requires_grad
+                    and not getattr(p, "_fusedpar_grad_hooked", False)
+                    and (reduce[1] is None or reduce[1].split)):
+                # a parameter swapped in after its gradient hook was installed (FSDP2's
+                # unsharded one), in a compiled forward where no hook can be added: the view
+                # carries the all-reduce of its gradient instead (the hooked ones keep theirs)
+                view = traced.copy_to_region(view, reduce[0])
             mod.__dict__[name] = view.clone() if copy else view
     mod.__dict__.setdefault("_fusedpar_views", []).append(hidden)
 
@@ -316,6 +324,8 @@ def install_local_views(module: nn.Module, *, subtree: list[nn.Module] | None = 
     if module.__dict__.get("_fusedpar_local_views"):
         return
     mods = [module] if subtree is None else subtree
+    for m in mods:
+        m.__dict__["_fusedpar_has_views"] = True  # its parameters' views can carry a gradient all-reduce
     found: list[list[int]] = []  # per forward of `module` running: its subtree's depths before the push
 
     def pre_hook(mod: nn.Module, args: Any) -> None:
