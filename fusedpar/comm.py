@@ -115,6 +115,8 @@ def check_group(group: Any, *, arg: str = "group") -> dist.ProcessGroup:
 
 
 def _is_device_mesh(obj: Any) -> bool:
+    if isinstance(obj, dist.ProcessGroup):  # the common case: no import on the call path
+        return False
     try:
         from torch.distributed.device_mesh import DeviceMesh
     except ImportError:  # pragma: no cover - torch builds without distributed
@@ -215,8 +217,13 @@ class Communicator:
         return out
 
     def _describe(self, op: str, *tensors: Tensor) -> Callable[[], str]:
-        shapes = ", ".join(f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in tensors)
-        return lambda: f"{op}({shapes}) on rank {self.rank} of {self.world_size} ({self.kind})"
+        # formatted only when an error needs it: shapes as text cost more than issuing a
+        # small collective (the handle keeps the tensors alive anyway)
+        def describe() -> str:
+            shapes = ", ".join(f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in tensors)
+            return f"{op}({shapes}) on rank {self.rank} of {self.world_size} ({self.kind})"
+
+        return describe
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(rank={self.rank}, world_size={self.world_size})"

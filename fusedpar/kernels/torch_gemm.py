@@ -40,6 +40,12 @@ def _torch_matmul_into(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | No
     temporary, so the overlap schedules' "write this piece into its slice of the output"
     costs no extra memory. Used where torch computes in the output dtype anyway: fp32/fp64,
     and every dtype on CUDA, where cuBLAS accumulates fp16/bf16 in fp32 like the kernel."""
+    if a.dim() == 2 and out.dim() == 2 and not accumulate:  # the common case, without the batching views
+        torch.mm(a, b, out=out)
+        if bias is not None:
+            out.add_(bias)
+        _TORCH_ACTIVATIONS_INPLACE[activation](out)
+        return
     a3, out3 = _as_batched(a, out)
     previous = out3.clone() if accumulate and (bias is not None or activation is not None) else None
     if a3.shape[0] == 1:

@@ -71,11 +71,28 @@ class LinearSpec:
     # together with other partial sums (block_reduction.py); never with sequence_parallel
     partial_output: bool = False
 
+    # Resolved once per spec and kept in the instance dict (not fields: equality and
+    # dataclasses.replace ignore them), so a forward does not re-validate the group.
     def communicator(self) -> Communicator:
-        return get_communicator(self.group, self.comm)
+        found = self.__dict__.get("_communicator")
+        if found is None:
+            found = self.__dict__["_communicator"] = get_communicator(self.group, self.comm)
+        return found
 
     def knobs(self) -> dict[str, Any]:
-        return {"group": self.group, "chunks": self.chunks, "kernel": self.kernel, "comm": self.comm}
+        """The overlap schedules' keyword arguments (the group as its communicator); shared, not to be mutated."""
+        found = self.__dict__.get("_knobs")
+        if found is None:
+            found = self.__dict__["_knobs"] = {"group": self.communicator(), "chunks": self.chunks,
+                                               "kernel": self.kernel, "comm": self.comm}
+        return found
+
+    def unsplit(self) -> LinearSpec:
+        """This spec without sequence parallelism (made once)."""
+        found = self.__dict__.get("_unsplit")
+        if found is None:
+            found = self.__dict__["_unsplit"] = dataclasses.replace(self, sequence_parallel=False)
+        return found
 
 
 class SequenceRegion:
@@ -98,7 +115,7 @@ def effective_spec(layer: nn.Module) -> LinearSpec:
     spec: LinearSpec = layer.spec
     region: SequenceRegion | None = getattr(layer, "_fusedpar_region", None)
     if spec.sequence_parallel and region is not None and not region.split:
-        return dataclasses.replace(spec, sequence_parallel=False)
+        return spec.unsplit()
     return spec
 
 
@@ -259,7 +276,10 @@ def _autocast_off(method: Any) -> Any:
 
     @functools.wraps(method)
     def run(ctx: Any, x: Tensor, *args: Any) -> Any:
-        with torch.autocast(x.device.type, enabled=False):
+        device_type = x.device.type
+        if not torch.is_autocast_enabled(device_type):  # the usual case: no context to enter
+            return method(ctx, x, *args)
+        with torch.autocast(device_type, enabled=False):
             return method(ctx, x, *args)
 
     return run
