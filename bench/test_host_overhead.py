@@ -272,6 +272,42 @@ def measure_decode(group: dist.ProcessGroup, rounds: int) -> dict[str, list[floa
     return times
 
 
+def bytes_per_block_forward(group: dist.ProcessGroup, *, tokens: int, grad: bool, sequence_parallel: bool = False) -> int:
+    """Bytes of new tensor storage allocated by one forward of the first decoder layer of the
+    parallelized tiny Llama (fusedpar, kernel="torch"), after a warm-up forward: every aten op's
+    outputs whose storage is none of its inputs' (views and out= writes allocate nothing)."""
+    import fusedpar
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.on, self.bytes = False, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if self.on:
+                flat = torch.utils._pytree.tree_leaves((args, kwargs))
+                seen = {t.untyped_storage().data_ptr() for t in flat if isinstance(t, torch.Tensor)}
+                for t in torch.utils._pytree.tree_leaves(out):
+                    if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+                        seen.add(t.untyped_storage().data_ptr())
+                        self.bytes += t.untyped_storage().nbytes()
+            return out
+
+    model = fusedpar.parallelize(_llama(), "auto", group=group, kernel="torch", sequence_parallel=sequence_parallel)
+    block = model.model.layers[0]
+    counter = Count()
+    block.register_forward_pre_hook(lambda *a: setattr(counter, "on", True), prepend=True)
+    block.register_forward_hook(lambda *a: setattr(counter, "on", False), always_call=True)
+    ids = torch.randint(0, LLAMA["vocab_size"], (1, tokens), generator=torch.Generator().manual_seed(1))
+    with torch.set_grad_enabled(grad):
+        model(ids)  # warm-up: what is made once (kept weights, plans) is not per forward
+        with counter:
+            model(ids)
+    return counter.bytes
+
+
 LINEAR_CASES = [(kind, tokens, backward) for backward in (False, True) for kind in ("column", "row")
                 for tokens in LINEAR_TOKENS]
 
@@ -363,6 +399,12 @@ def main(argv: list[str] | None = None) -> int:
         linears.append(row)
         print(f"{row['case']:<28} " + "  ".join(f"{k} {v:7.1f} us" for k, v in med.items())
               + f"  fusedpar/hand {row['ratio_to_hand']:.2f}x", flush=True)
+    alloc = {}
+    for tokens in (1, 16):
+        for grad in (False, True):
+            key = f"{tokens} token{'s' if tokens > 1 else ''}, {'grad' if grad else 'no_grad'}"
+            alloc[key] = bytes_per_block_forward(group, tokens=tokens, grad=grad)
+            print(f"bytes allocated per decoder-layer forward, {key}: {alloc[key]}", flush=True)
     decode = None
     if not args.skip_decode:
         med = _summary(measure_decode(group, args.rounds), 1e3)
@@ -382,13 +424,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"host-overhead-{stamp:%Y%m%d-%H%M%S}{'-' + args.tag if args.tag else ''}"
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "linears": linears, "decode": decode}, indent=1))
-    stem.with_suffix(".md").write_text(markdown(meta, linears, decode))
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "linears": linears, "decode": decode,
+                                                          "bytes_per_block_forward": alloc}, indent=1))
+    stem.with_suffix(".md").write_text(markdown(meta, linears, decode, alloc))
     print(f"results: {stem}.json (+ .md)")
     return 0
 
 
-def markdown(meta: dict, linears: list[dict], decode: dict | None) -> str:
+def markdown(meta: dict, linears: list[dict], decode: dict | None, alloc: dict[str, int]) -> str:
     lines = [f"# Host overhead ({meta['tag'] or 'run'}), {meta['date_utc']}", "",
              f"torch {meta['torch']}, triton {meta['triton']}, Python {meta['python']}, {meta['group']}, one "
              f"thread, variants interleaved, medians of {meta['rounds']} rounds ({meta['calls']} calls each for "
@@ -405,6 +448,9 @@ def markdown(meta: dict, linears: list[dict], decode: dict | None) -> str:
         for name, ms in decode["ms_per_token"].items():
             lines.append(f"| {name} | {ms:.3f} | {decode['ratio_to_hand'][name]:.2f}x |")
         lines += ["", f"transformers' tp_plan: {meta['transformers_tp']}."]
+    lines += ["", "Bytes of new storage per forward of the first decoder layer (fusedpar, SP off, after a warm-up "
+              "forward; aten outputs not aliasing an input):", "", "| input | bytes |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in alloc.items()]
     return "\n".join(lines) + "\n"
 
 
