@@ -883,6 +883,20 @@ def _new_wgrad(w: Tensor) -> Tensor:
 
 def _check_backward(dy: Tensor, w: Tensor, x: Tensor, *, dy_name: str,
                     dgrad_fp8: tuple[Tensor, Tensor | None] | None = None) -> None:
+    key = None
+    if dgrad_fp8 is None and isinstance(dy, Tensor) and isinstance(w, Tensor) and isinstance(x, Tensor):
+        # checked once per (shapes, dtypes, devices), like the forward schedules
+        key = ("backward", dy_name, dy.shape, dy.dtype, dy.device, w.shape, w.dtype, w.device, x.shape, x.dtype,
+               x.device)
+        if key in _CALL_PLANS:
+            return
+    _check_backward_args(dy, w, x, dy_name=dy_name, dgrad_fp8=dgrad_fp8)
+    if key is not None:
+        _remember(key, ())
+
+
+def _check_backward_args(dy: Tensor, w: Tensor, x: Tensor, *, dy_name: str,
+                         dgrad_fp8: tuple[Tensor, Tensor | None] | None) -> None:
     if dy.shape[-1] != w.shape[1]:
         raise ValueError(f"{dy_name}: expected last dim N = w.shape[1] = {w.shape[1]}, got {list(dy.shape)}")
     if x.shape[-1] != w.shape[0]:
