@@ -264,7 +264,7 @@ def _resolve_chunks(
         return chunks
     dtype = dtype or x.dtype
     # the plan is a pure function of the shapes and the device spec: chosen once per key
-    key = (op, m, n, k, world, dtype, x.device, costmodel._override)
+    key = (op, m, n, k, world, dtype, x.device, costmodel._generation)
     found = _CHUNK_PLANS.get(key)
     if found is None:
         if len(_CHUNK_PLANS) >= 4096:  # shapes that keep changing (varying batches): bound it
@@ -288,7 +288,7 @@ def _call_key(x: Any, w: Any, bias: Any, out: Any, activation: Any, chunks: Any,
     return (x.shape, x.dtype, x.device, w.shape, w.dtype, w.device,
             None if bias is None else (bias.shape, bias.dtype, bias.device),
             None if out is None else (out.shape, out.dtype, out.device),
-            activation, chunks, out_dtype, world, costmodel._override)
+            activation, chunks, out_dtype, world, costmodel._generation)
 
 
 _CALL_PLANS: dict[tuple, tuple] = {}
