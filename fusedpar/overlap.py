@@ -797,6 +797,12 @@ def matmul_all_reduce(
     y_rows = out.view(rows, n) if out is not None and out.is_contiguous() else \
         torch.empty(rows, n, dtype=out_dtype, device=x.device)
     pipe = _Pipeline.for_device(x.device)
+    if chunks == 1 and world > 1 and not async_op and not fp8:  # decode sizes: one GEMM, one all-reduce
+        with nvtx_range("matmul_all_reduce c=1"):
+            matmul(x_rows, w, out=y_rows, kernel=kernel)
+            pipe.issue(lambda: communicator.all_reduce(y_rows)).wait()
+        _epilogue(y_rows, bias, activation)
+        return _from_rows_out(y_rows, out_shape[:-1], 0, out)
     handles: list[tuple[CollectiveHandle, tuple[int, int]]] = []
     with nvtx_range(f"matmul_all_reduce c={chunks}"):
         if world == 1:
