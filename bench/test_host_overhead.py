@@ -272,7 +272,8 @@ def measure_decode(group: dist.ProcessGroup, rounds: int) -> dict[str, list[floa
     return times
 
 
-def bytes_per_block_forward(group: dist.ProcessGroup, *, tokens: int, grad: bool, sequence_parallel: bool = False) -> int:
+def bytes_per_block_forward(group: dist.ProcessGroup, *, tokens: int, grad: bool,
+                            sequence_parallel: bool = False) -> int:
     """Bytes of new tensor storage allocated by one forward of the first decoder layer of the
     parallelized tiny Llama (fusedpar, kernel="torch"), after a warm-up forward: every aten op's
     outputs whose storage is none of its inputs' (views and out= writes allocate nothing)."""

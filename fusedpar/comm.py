@@ -152,7 +152,8 @@ class CollectiveHandle:
         self._describe = describe
         # Only GPU work needs ordering per stream; a gloo work is done once the host has
         # waited, and waiting on a finished gloo send/recv again blocks until its timeout.
-        self._per_stream = event is not None or (bool(self._keep) and self._keep[0].is_cuda)  # one device per collective
+        # (one device per collective: its first tensor says which)
+        self._per_stream = event is not None or (bool(self._keep) and self._keep[0].is_cuda)
         self._host_done = False
 
     def wait(self) -> None:

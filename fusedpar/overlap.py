@@ -278,7 +278,8 @@ def _resolve_chunks(
 _CHUNK_PLANS: dict[tuple, int] = {}
 
 
-def _call_key(x: Any, w: Any, bias: Any, out: Any, activation: Any, chunks: Any, out_dtype: Any, world: int) -> tuple | None:
+def _call_key(x: Any, w: Any, bias: Any, out: Any, activation: Any, chunks: Any, out_dtype: Any,
+              world: int) -> tuple | None:
     """What a schedule's checks and chunk plan depend on, or None where that is not plain
     tensors and hashable knobs (then the call is checked in full, and raises if it must)."""
     if not (isinstance(x, Tensor) and isinstance(w, Tensor) and (bias is None or isinstance(bias, Tensor))

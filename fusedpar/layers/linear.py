@@ -753,9 +753,10 @@ def column_parallel_group(
     `x_shard` once (one ring, overlapped) and backward reduces `sum_i dy_i @ w_i` with one
     all-reduce / reduce-scatter instead of one per layer. The concatenation is made once per
     version of the weights and kept (`_fused_operands`), not copied every forward; backward
-    saves that same tensor and hands each layer its own slice of the weight gradient. `x_full` is the gathered input (detached; `x` itself without sequence
-    parallelism), for modules that take shapes from their input. All layers must share the
-    group, the layout and the knobs.
+    saves that same tensor and hands each layer its own slice of the weight gradient.
+    `x_full` is the gathered input (detached; `x` itself without sequence parallelism), for
+    modules that take shapes from their input. All layers must share the group, the layout
+    and the knobs.
     """
     if not layers:
         raise ValueError("column_parallel_group: expected at least one layer, got none")
@@ -792,7 +793,8 @@ class _FusedParts(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, fused: Tensor, bounds: tuple[tuple[int, int], ...], *parts: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, fused: Tensor, bounds: tuple[tuple[int, int], ...],  # type: ignore[override]
+                *parts: Tensor) -> Tensor:
         ctx.bounds = bounds
         return fused.view_as(fused)
 
@@ -846,4 +848,5 @@ def _fused_operands(layers: Sequence[nn.Module], operands: list[tuple[Tensor, Te
         entry = cache[key] = (sources, versions, w, b)  # the sources are held: their ids cannot be reused
     sizes = [wi.shape[0] for wi, _ in operands]
     w, b = entry[2], entry[3]
-    return _linked(w, sizes, [wi for wi, _ in operands]), None if b is None else _linked(b, sizes, [bi for _, bi in operands])
+    b_linked = None if b is None else _linked(b, sizes, [bi for _, bi in operands])
+    return _linked(w, sizes, [wi for wi, _ in operands]), b_linked
