@@ -761,13 +761,18 @@ def column_parallel_group(
     if not layers:
         raise ValueError("column_parallel_group: expected at least one layer, got none")
     spec = effective_spec(layers[0])
+    specs = [effective_spec(layer) for layer in layers]
+    agreed = layers[0].__dict__.get("_fusedpar_group_specs")  # specs are frozen: once compared, the same objects agree
     for i, layer in enumerate(layers):
         if not isinstance(layer, (ColumnParallelLinear, ReplicatedColumnLinear)) or layer.gather_output:
             raise TypeError(f"column_parallel_group: layers[{i}]: expected a column-parallel linear without "
                             f"gather_output, got {type(layer).__name__}")
-        if effective_spec(layer) != spec:
-            raise ValueError(f"column_parallel_group: layers[{i}]: expected the same spec as layers[0] "
-                             f"({spec}), got {effective_spec(layer)}")
+    if agreed is None or len(agreed) != len(specs) or any(a is not b for a, b in zip(agreed, specs)):
+        for i, other in enumerate(specs):
+            if other != spec:
+                raise ValueError(f"column_parallel_group: layers[{i}]: expected the same spec as layers[0] "
+                                 f"({spec}), got {other}")
+        layers[0].__dict__["_fusedpar_group_specs"] = tuple(specs)
     operands = [layer.column_operands() for layer in layers]
     sizes = [w.shape[0] for w, _ in operands]
     holder: list[Tensor] = []
