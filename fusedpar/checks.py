@@ -2,7 +2,8 @@
 
 Collectives whose sizes differ across ranks are not caught by the backends: gloo aborts one
 process and returns garbage on the other (FACTS.md), NCCL hangs or corrupts. With
-`FUSEDPAR_DEBUG=1` in the environment (or `debug=True` on a call) every schedule first
+`FUSEDPAR_DEBUG=1` in the environment when fusedpar is imported (or `set_debug(True)`, or
+`debug=True` on a call) every schedule first
 all-gathers a small fingerprint (op, per-rank shapes, dtype, chunks, call number) and raises
 the same `InconsistentCallError` on every rank if any field differs, naming the rank and the
 field. It costs one small blocking collective per call, so it is off by default.
@@ -14,18 +15,30 @@ from typing import Any
 
 from .comm import Communicator
 
-__all__ = ["InconsistentCallError", "debug_enabled", "maybe_check_consistent", "check_consistent"]
+__all__ = ["InconsistentCallError", "debug_enabled", "set_debug", "maybe_check_consistent", "check_consistent"]
 
 
 class InconsistentCallError(ValueError):
     """Ranks called the same fusedpar op with different arguments (caught in debug mode)."""
 
 
+# FUSEDPAR_DEBUG is read once, when fusedpar is imported (every schedule asks, on every
+# call); `set_debug` changes it later in the process.
+_DEBUG = [os.environ.get("FUSEDPAR_DEBUG", "") not in ("", "0")]
+
+
+def set_debug(enabled: bool) -> None:
+    """Turn the per-call consistency check on or off for calls that pass `debug=None`
+    (what FUSEDPAR_DEBUG set before import does)."""
+    _DEBUG[0] = bool(enabled)
+
+
 def debug_enabled(debug: bool | None = None) -> bool:
-    """`debug` if given, else whether FUSEDPAR_DEBUG is set to something other than 0/empty."""
+    """`debug` if given, else whether debug mode is on (FUSEDPAR_DEBUG set to something
+    other than 0/empty when fusedpar was imported, or `set_debug`)."""
     if debug is not None:
         return debug
-    return os.environ.get("FUSEDPAR_DEBUG", "") not in ("", "0")
+    return _DEBUG[0]
 
 
 _CALLS: dict[int, int] = {}  # per communicator: how many checked calls it has made

@@ -115,6 +115,8 @@ def check_group(group: Any, *, arg: str = "group") -> dist.ProcessGroup:
 
 
 def _is_device_mesh(obj: Any) -> bool:
+    if isinstance(obj, dist.ProcessGroup):  # the common case: no import on the call path
+        return False
     try:
         from torch.distributed.device_mesh import DeviceMesh
     except ImportError:  # pragma: no cover - torch builds without distributed
@@ -150,7 +152,8 @@ class CollectiveHandle:
         self._describe = describe
         # Only GPU work needs ordering per stream; a gloo work is done once the host has
         # waited, and waiting on a finished gloo send/recv again blocks until its timeout.
-        self._per_stream = event is not None or any(t.is_cuda for t in self._keep)
+        # (one device per collective: its first tensor says which)
+        self._per_stream = event is not None or (bool(self._keep) and self._keep[0].is_cuda)
         self._host_done = False
 
     def wait(self) -> None:
@@ -215,8 +218,13 @@ class Communicator:
         return out
 
     def _describe(self, op: str, *tensors: Tensor) -> Callable[[], str]:
-        shapes = ", ".join(f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in tensors)
-        return lambda: f"{op}({shapes}) on rank {self.rank} of {self.world_size} ({self.kind})"
+        # formatted only when an error needs it: shapes as text cost more than issuing a
+        # small collective (the handle keeps the tensors alive anyway)
+        def describe() -> str:
+            shapes = ", ".join(f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in tensors)
+            return f"{op}({shapes}) on rank {self.rank} of {self.world_size} ({self.kind})"
+
+        return describe
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(rank={self.rank}, world_size={self.world_size})"

@@ -139,6 +139,7 @@ DEVICES: dict[str, DeviceSpec] = {
 }
 
 _override: DeviceSpec | None = None
+_generation = 0  # moves with every set_device_spec: plans cached elsewhere (overlap.py) key on it
 
 
 def dtype_name(dtype: torch.dtype | str) -> str:
@@ -156,12 +157,13 @@ def _elem_bytes(dtype: torch.dtype | str) -> int:
 def set_device_spec(spec: DeviceSpec | str | None) -> None:
     """Make ``device_spec_for`` return ``spec`` (a DeviceSpec or a DEVICES key) in this
     process; ``None`` restores the defaults. Set it identically on every rank."""
-    global _override
+    global _override, _generation
     if isinstance(spec, str):
         if spec not in DEVICES:
             raise ValueError(f"unknown device spec {spec!r}; known: {sorted(DEVICES)}")
         spec = DEVICES[spec]
     _override = spec
+    _generation += 1
 
 
 def spec_name_for_gpu(gpu_name: str) -> str:

@@ -37,6 +37,7 @@ rank that has it instead of leaving its peers waiting. With `FUSEDPAR_DEBUG=1` (
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -261,9 +262,43 @@ def _resolve_chunks(
     (in `dtype`, default x's: an fp8 reduction passes its output dtype, whose bytes move)."""
     if chunks is not None:
         return chunks
-    return costmodel.choose_chunks(
-        op, m=m, n=n, k=k, world_size=world, dtype=dtype or x.dtype, device=costmodel.device_spec_for(x.device)
-    )
+    dtype = dtype or x.dtype
+    # the plan is a pure function of the shapes and the device spec: chosen once per key
+    key = (op, m, n, k, world, dtype, x.device, costmodel._generation)
+    found = _CHUNK_PLANS.get(key)
+    if found is None:
+        if len(_CHUNK_PLANS) >= 4096:  # shapes that keep changing (varying batches): bound it
+            _CHUNK_PLANS.clear()
+        found = _CHUNK_PLANS[key] = costmodel.choose_chunks(
+            op, m=m, n=n, k=k, world_size=world, dtype=dtype, device=costmodel.device_spec_for(x.device)
+        )
+    return found
+
+
+_CHUNK_PLANS: dict[tuple, int] = {}
+
+
+def _call_key(x: Any, w: Any, bias: Any, out: Any, activation: Any, chunks: Any, out_dtype: Any,
+              world: int) -> tuple | None:
+    """What a schedule's checks and chunk plan depend on, or None where that is not plain
+    tensors and hashable knobs (then the call is checked in full, and raises if it must)."""
+    if not (isinstance(x, Tensor) and isinstance(w, Tensor) and (bias is None or isinstance(bias, Tensor))
+            and (out is None or isinstance(out, Tensor)) and isinstance(activation, (str, type(None)))
+            and isinstance(chunks, (int, type(None))) and isinstance(out_dtype, (torch.dtype, type(None)))):
+        return None
+    return (x.shape, x.dtype, x.device, w.shape, w.dtype, w.device,
+            None if bias is None else (bias.shape, bias.dtype, bias.device),
+            None if out is None else (out.shape, out.dtype, out.device),
+            activation, chunks, out_dtype, world, costmodel._generation)
+
+
+_CALL_PLANS: dict[tuple, tuple] = {}
+
+
+def _remember(key: tuple, plan: tuple) -> None:
+    if len(_CALL_PLANS) >= 4096:  # shapes that keep changing (varying batches): bound it
+        _CALL_PLANS.clear()
+    _CALL_PLANS[key] = plan
 
 
 class _Pipeline:
@@ -278,6 +313,14 @@ class _Pipeline:
         self.streams = StreamSet.for_device(device)
         self.cuda = device.type == "cuda"
 
+    @staticmethod
+    def for_device(device: torch.device) -> _Pipeline:
+        """One per device (it holds only the device's streams, read at use time)."""
+        found = _PIPELINES.get(device)
+        if found is None:
+            found = _PIPELINES[device] = _Pipeline(device)
+        return found
+
     def issue(self, start: Callable[[], CollectiveHandle], *, after: CollectiveHandle | None = None) -> CollectiveHandle:
         """Issue a collective ordered after the compute stream so far, or only after `after`."""
         if not self.cuda:
@@ -291,6 +334,9 @@ class _Pipeline:
             if after is not None:
                 after.wait()
             return start()
+
+
+_PIPELINES: dict[torch.device, _Pipeline] = {}
 
 
 class PendingOutput:
@@ -371,11 +417,12 @@ def all_gather_matmul(
     s_rows = _scale_rows(x_scale, x_shard, dim) if fp8 else None
     m, k, n = x_rows.shape[0], x_rows.shape[1], w.shape[1]
     chunks = _resolve_chunks(chunks, "all_gather_matmul", m=m * world, n=n, k=k, world=world, x=x_shard)
-    checks.maybe_check_consistent(
-        communicator, "all_gather_matmul", debug,
-        x_shard=(list(x_shard.shape), str(x_shard.dtype)), w=list(w.shape), dim=dim, chunks=chunks,
-        bias=bias is not None, activation=activation,
-    )
+    if checks.debug_enabled(debug):  # the fingerprint's fields are built only when it runs
+        checks.maybe_check_consistent(
+            communicator, "all_gather_matmul", debug,
+            x_shard=(list(x_shard.shape), str(x_shard.dtype)), w=list(w.shape), dim=dim, chunks=chunks,
+            bias=bias is not None, activation=activation,
+        )
 
     # Outputs in row layout; for dim == 0 these are views of `out` itself (written in place).
     direct = dim == 0 and out is not None
@@ -434,7 +481,7 @@ def _from_rows_out(y_rows: Tensor, row_shape: Sequence[int], dim: int, out: Tens
 
 
 def _pipeline_single_all_gather(communicator: Communicator, x_rows: Tensor, gathered: Tensor) -> None:
-    pipe = _Pipeline(x_rows.device)
+    pipe = _Pipeline.for_device(x_rows.device)
     x_send = x_rows.contiguous()
     handle = pipe.issue(lambda: communicator.all_gather(gathered, x_send))
     handle.wait()
@@ -461,7 +508,7 @@ def _ring_all_gather(
     g3 = gathered.view(world, m, k)
     nxt, prv = (rank + 1) % world, (rank - 1) % world
     piece_rows = split_rows(m, pieces)
-    pipe = _Pipeline(x_rows.device)
+    pipe = _Pipeline.for_device(x_rows.device)
     recv_done: dict[tuple[int, int], CollectiveHandle] = {}
 
     def src_at(step: int) -> int:
@@ -595,15 +642,16 @@ def matmul_reduce_scatter(
     rows, k, n = x_rows.shape[0], x_rows.shape[1], w.shape[1]
     m = rows // world
     chunks = _resolve_chunks(chunks, "matmul_reduce_scatter", m=rows, n=n, k=k, world=world, x=x, dtype=out_dtype)
-    checks.maybe_check_consistent(
-        communicator, "matmul_reduce_scatter", debug,
-        x=(list(x.shape), str(x.dtype)), w=list(w.shape), dim=dim, chunks=chunks,
-        bias=bias is not None, activation=activation,
-    )
+    if checks.debug_enabled(debug):  # the fingerprint's fields are built only when it runs
+        checks.maybe_check_consistent(
+            communicator, "matmul_reduce_scatter", debug,
+            x=(list(x.shape), str(x.dtype)), w=list(w.shape), dim=dim, chunks=chunks,
+            bias=bias is not None, activation=activation,
+        )
     out_row_shape = (row_shape[0] // world, *row_shape[1:])
     direct = dim == 0 and out is not None and out.is_contiguous()
     y_rows = out.view(m, n) if direct else torch.empty(m, n, dtype=out_dtype, device=x.device)
-    pipe = _Pipeline(x.device)
+    pipe = _Pipeline.for_device(x.device)
     handles: list[tuple[CollectiveHandle, tuple[int, int]]] = []
 
     with nvtx_range(f"matmul_reduce_scatter c={chunks}"):
@@ -717,43 +765,64 @@ def matmul_all_reduce(
 
     fp8 as in `matmul_reduce_scatter`: fp8 GEMMs, partial sums all-reduced in `out_dtype`.
     """
-    _check_operands(x, w, bias, activation, x_name="x", dim=None)
-    out_dtype = _check_fp8(x, w, x_scale, w_scale, out_dtype, x_name="x", out=out)
-    fp8 = is_fp8(x.dtype)
-    _check_chunks(chunks)
     communicator = get_communicator(group, comm)
     world = communicator.world_size
+    # the checks and the chunk plan depend only on shapes, dtypes, devices and knobs: made
+    # once per key (a decode step repeats the same call), not per call
+    key = _call_key(x, w, bias, out, activation, chunks, out_dtype, world) \
+        if x_scale is None and w_scale is None else None
+    plan = _CALL_PLANS.get(key) if key is not None else None
+    if plan is None:
+        _check_operands(x, w, bias, activation, x_name="x", dim=None)
+        out_dtype = _check_fp8(x, w, x_scale, w_scale, out_dtype, x_name="x", out=out)
+        _check_chunks(chunks)
+        _check_out(out, list(x.shape[:-1]) + [w.shape[1]], x, dtype=out_dtype)
+        rows = math.prod(x.shape[:-1])
+        chunks = _resolve_chunks(chunks, "matmul_all_reduce", m=rows, n=w.shape[1], k=x.shape[-1], world=world,
+                                 x=x, dtype=out_dtype)
+        plan = (out_dtype, chunks)
+        if key is not None:
+            _remember(key, plan)
+    out_dtype, chunks = plan
+    fp8 = is_fp8(x.dtype)
     out_shape = list(x.shape[:-1]) + [w.shape[1]]
-    _check_out(out, out_shape, x, dtype=out_dtype)
     x_rows = x.reshape(-1, x.shape[-1])
     s_rows = _scale_rows(x_scale, x, 0) if fp8 else None
     rows, k, n = x_rows.shape[0], x_rows.shape[1], w.shape[1]
-    chunks = _resolve_chunks(chunks, "matmul_all_reduce", m=rows, n=n, k=k, world=world, x=x, dtype=out_dtype)
-    checks.maybe_check_consistent(
-        communicator, "matmul_all_reduce", debug,
-        x=(list(x.shape), str(x.dtype)), w=list(w.shape), chunks=chunks,
-        bias=bias is not None, activation=activation,
-    )
+    if checks.debug_enabled(debug):  # the fingerprint's fields are built only when it runs
+        checks.maybe_check_consistent(
+            communicator, "matmul_all_reduce", debug,
+            x=(list(x.shape), str(x.dtype)), w=list(w.shape), chunks=chunks,
+            bias=bias is not None, activation=activation,
+        )
     y_rows = out.view(rows, n) if out is not None and out.is_contiguous() else \
         torch.empty(rows, n, dtype=out_dtype, device=x.device)
-    pipe = _Pipeline(x.device)
+    pipe = _Pipeline.for_device(x.device)
+    if chunks == 1 and world > 1 and not async_op and not fp8:  # decode sizes: one GEMM, one all-reduce
+        with nvtx_range("matmul_all_reduce c=1"):
+            matmul(x_rows, w, out=y_rows, kernel=kernel)
+            pipe.issue(lambda: communicator.all_reduce(y_rows)).wait()
+        _epilogue(y_rows, bias, activation)
+        return _from_rows_out(y_rows, out_shape[:-1], 0, out)
     handles: list[tuple[CollectiveHandle, tuple[int, int]]] = []
     with nvtx_range(f"matmul_all_reduce c={chunks}"):
         if world == 1:
             matmul(x_rows, w, bias=bias, activation=activation, out=y_rows, kernel=kernel,
                    **_fp8_kw(s_rows, w_scale, fp8))
             return _done(_from_rows_out(y_rows, out_shape[:-1], 0, out), async_op)
-        for j, (s, e) in enumerate(split_rows(rows, chunks)):
+        pieces = split_rows(rows, chunks)
+        whole = len(pieces) == 1  # one piece (decode sizes): the whole tensors, no slices
+        for j, (s, e) in enumerate(pieces):
             with nvtx_range(f"mm piece {j}"):
-                matmul(x_rows[s:e], w, out=y_rows[s:e], kernel=kernel,
-                       **_fp8_kw(s_rows[s:e] if fp8 else None, w_scale, fp8))
-            piece = y_rows[s:e]
+                matmul(x_rows if whole else x_rows[s:e], w, out=y_rows if whole else y_rows[s:e], kernel=kernel,
+                       **_fp8_kw((s_rows if whole else s_rows[s:e]) if fp8 else None, w_scale, fp8))
+            piece = y_rows if whole else y_rows[s:e]
             handles.append((pipe.issue(lambda piece=piece: communicator.all_reduce(piece)), (s, e)))
 
     def finish() -> Tensor:
         for handle, (s, e) in handles:
             handle.wait()
-            _epilogue(y_rows[s:e], bias, activation)
+            _epilogue(y_rows if whole else y_rows[s:e], bias, activation)
         return _from_rows_out(y_rows, out_shape[:-1], 0, out)
 
     return PendingOutput(finish) if async_op else finish()
@@ -821,6 +890,20 @@ def _new_wgrad(w: Tensor) -> Tensor:
 
 def _check_backward(dy: Tensor, w: Tensor, x: Tensor, *, dy_name: str,
                     dgrad_fp8: tuple[Tensor, Tensor | None] | None = None) -> None:
+    key = None
+    if dgrad_fp8 is None and isinstance(dy, Tensor) and isinstance(w, Tensor) and isinstance(x, Tensor):
+        # checked once per (shapes, dtypes, devices), like the forward schedules
+        key = ("backward", dy_name, dy.shape, dy.dtype, dy.device, w.shape, w.dtype, w.device, x.shape, x.dtype,
+               x.device)
+        if key in _CALL_PLANS:
+            return
+    _check_backward_args(dy, w, x, dy_name=dy_name, dgrad_fp8=dgrad_fp8)
+    if key is not None:
+        _remember(key, ())
+
+
+def _check_backward_args(dy: Tensor, w: Tensor, x: Tensor, *, dy_name: str,
+                         dgrad_fp8: tuple[Tensor, Tensor | None] | None) -> None:
     if dy.shape[-1] != w.shape[1]:
         raise ValueError(f"{dy_name}: expected last dim N = w.shape[1] = {w.shape[1]}, got {list(dy.shape)}")
     if x.shape[-1] != w.shape[0]:
@@ -892,7 +975,7 @@ def matmul_reduce_scatter_with_wgrad(
         x_rows, _ = _to_rows(x, dim)
         x_rows = x_rows.contiguous()
         x_full_rows = x_rows.new_empty(communicator.world_size * x_rows.shape[0], x_rows.shape[1])
-        x_gather = _Pipeline(x.device).issue(lambda: communicator.all_gather(x_full_rows, x_rows))
+        x_gather = _Pipeline.for_device(x.device).issue(lambda: communicator.all_gather(x_full_rows, x_rows))
     pending = _start_dgrad(matmul_reduce_scatter, dy, w, dgrad_fp8, kernel=kernel, group=communicator, dim=dim,
                            chunks=chunks, debug=debug)
     dw = None
@@ -988,10 +1071,11 @@ def all_gather_matmul_with_wgrad(
     m, n = dy_rows.shape
     k = w.shape[0]
     chunks = _resolve_chunks(chunks, "all_gather_matmul", m=m * world, n=k, k=n, world=world, x=dy_shard)
-    checks.maybe_check_consistent(
-        communicator, "all_gather_matmul_with_wgrad", debug,
-        dy_shard=(list(dy_shard.shape), str(dy_shard.dtype)), w=list(w.shape), dim=dim, chunks=chunks,
-    )
+    if checks.debug_enabled(debug):  # the fingerprint's fields are built only when it runs
+        checks.maybe_check_consistent(
+            communicator, "all_gather_matmul_with_wgrad", debug,
+            dy_shard=(list(dy_shard.shape), str(dy_shard.dtype)), w=list(w.shape), dim=dim, chunks=chunks,
+        )
     dx_rows = x_rows.new_empty(world * m, k)
     dw = _new_wgrad(w) if need_wgrad else None
     # The ring adds one wgrad term per piece: in fp16/bf16 each addition would round, so the

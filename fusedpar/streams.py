@@ -19,13 +19,14 @@ unpredictable later point, which inflates peak memory under a steady stream of c
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-__all__ = ["StreamSet", "nvtx_range", "current_stream"]
+__all__ = ["StreamSet", "nvtx_range", "emit_nvtx", "current_stream"]
 
 
 class _HostStream:
@@ -127,15 +128,33 @@ class StreamSet:
 _STREAM_SETS: dict[torch.device, StreamSet] = {}
 
 
+# NVTX ranges for Nsight Systems, which does not turn torch's profiler on: set
+# FUSEDPAR_NVTX=1 before fusedpar is imported (read once), or call `emit_nvtx(True)`.
+_NVTX = [os.environ.get("FUSEDPAR_NVTX", "").strip().lower() not in ("", "0", "false", "no", "off")]
+_NO_RANGE = contextlib.nullcontext()
+
+
+def emit_nvtx(enabled: bool = True) -> None:
+    """Emit NVTX ranges from `nvtx_range` (for an nsys capture) even while torch's profiler is off."""
+    _NVTX[0] = bool(enabled)
+
+
+def nvtx_range(name: str) -> contextlib.AbstractContextManager[None]:
+    """Label the body: a torch.profiler range while a profiler is running (Chrome / Perfetto
+    traces, CPU included; also under `torch.autograd.profiler.emit_nvtx`), and an NVTX range
+    on CUDA builds while `emit_nvtx` (or FUSEDPAR_NVTX=1) is on. Otherwise a shared no-op
+    context, so the schedules can mark every chunk at the cost of one flag test."""
+    if not (torch.autograd.profiler._is_profiler_enabled or _NVTX[0]):
+        return _NO_RANGE
+    return _labelled(name)
+
+
 @contextlib.contextmanager
-def nvtx_range(name: str) -> Iterator[None]:
-    """Label the body: an NVTX range on CUDA builds (nsys timelines), and a torch.profiler
-    range while a profiler is running (Chrome / Perfetto traces, CPU included). Each part
-    is a no-op where unavailable, so the schedules can mark every chunk at no cost."""
+def _labelled(name: str) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
         if torch.autograd.profiler._is_profiler_enabled:
             stack.enter_context(torch.profiler.record_function(name))
-        if torch.cuda.is_available():
+        if _NVTX[0] and torch.cuda.is_available():
             try:
                 torch.cuda.nvtx.range_push(name)
             except (RuntimeError, AttributeError):  # NVTX missing from this build

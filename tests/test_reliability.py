@@ -57,9 +57,11 @@ def _call_layer(target: str, group, rank: int, world: int, *, rows: int = 8, dty
     from fusedpar.layers import ColumnParallelLinear, RowParallelLinear
     from fusedpar.plan import parallelize
 
-    previous = os.environ.get("FUSEDPAR_DEBUG")
+    from fusedpar import checks
+
+    previous = checks.debug_enabled()
     if debug:
-        os.environ["FUSEDPAR_DEBUG"] = "1"  # layers pass debug=None down, which reads this
+        checks.set_debug(True)  # layers pass debug=None down, which reads this (FUSEDPAR_DEBUG at import)
     try:
         for it in range(iters):
             torch.manual_seed(seed + it)
@@ -95,10 +97,7 @@ def _call_layer(target: str, group, rank: int, world: int, *, rows: int = 8, dty
             assert err < 1e-4, f"{target}: wrong answer, rel err {err:.2e}"
         return y
     finally:
-        if previous is None:
-            os.environ.pop("FUSEDPAR_DEBUG", None)
-        else:
-            os.environ["FUSEDPAR_DEBUG"] = previous
+        checks.set_debug(previous)
 
 
 def _call(target: str, group, rank: int, world: int, **kwargs) -> torch.Tensor:
@@ -328,7 +327,7 @@ def _run_memory_growth(group, *, iters):
     down = RowParallelLinear.from_linear(torch.nn.Linear(64, 32), group=group, sequence_parallel=True, chunks=4,
                                          kernel="torch")
     x = torch.randn(2, 12, 32).chunk(world, 1)[rank].requires_grad_()
-    os.environ["FUSEDPAR_DEBUG"] = "1"  # the per-call fingerprint state must not grow either
+    checks.set_debug(True)  # the per-call fingerprint state must not grow either
     counts = []
     try:
         for i in range(iters):
@@ -339,7 +338,7 @@ def _run_memory_growth(group, *, iters):
             if i in (19, iters - 1):
                 counts.append((_live_tensors(), len(comm._COMMUNICATORS), len(checks._CALLS)))
     finally:
-        os.environ.pop("FUSEDPAR_DEBUG", None)
+        checks.set_debug(False)
     (t0, c0, k0), (t1, c1, k1) = counts
     assert t1 <= t0, f"rank {rank}: live tensors grew from {t0} (iteration 20) to {t1} (iteration {iters})"
     assert (c1, k1) == (c0, k0), f"rank {rank}: communicator caches grew: {(c0, k0)} -> {(c1, k1)}"

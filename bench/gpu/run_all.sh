@@ -7,8 +7,8 @@
 # installed, PYTHONPATH points at this checkout. Results go to ${OUT:-bench/results/gpu-run}:
 # per-step logs, bench JSON/CSV/PNG, calibration, traces and summary.md.
 # Each step runs under `timeout` and a failure is recorded, not fatal, so one stuck
-# step cannot eat the others' time. Steps: env gpu-kernel-tests gpu-tests gemm fp8-overlap
-# overlap-emulated calibrate predict timeline profile (then the summary always runs); a step
+# step cannot eat the others' time. Steps: env gpu-kernel-tests gpu-tests graph-decode gemm
+# fp8-overlap overlap-emulated calibrate predict timeline profile (then the summary always runs); a step
 # the budget cannot reach is recorded as skipped: rerun it alone with --only. The gloo suites
 # (bench/test_overlap.py, bench/test_layers.py) measure CPU ranks: run them on the CPU machine.
 set -uo pipefail
@@ -129,10 +129,18 @@ step gpu-kernel-tests 100 env FUSEDPAR_COMPILED_TRITON=1 "$PY" -m pytest "${XDIS
 # (includes tests/kernels/test_gpu_fp8.py: compiled fp8 GEMMs and quantization)
 step gpu-tests 60 env FUSEDPAR_COMPILED_TRITON=1 "$PY" -m pytest -m gpu tests -q -p no:cacheprovider \
     --ignore=tests/kernels/test_gpu_kernels.py --timeout=45 --junitxml="$OUT/gpu-tests.xml"
+# A decode step of a parallelized tiny Llama captured in a CUDA graph and replayed: same
+# tokens as eager, ms per token eager vs graph (issue 27). Without CUDA: the eager half and
+# a check that the step makes no host sync.
+if [ "$HAS_CUDA" = 1 ]; then
+    step graph-decode 40 "$PY" bench/gpu/graph_decode.py --out "$OUT/graph-decode"
+else
+    step graph-decode 40 "$PY" bench/gpu/graph_decode.py --cpu-smoke --new-tokens 4 --out "$OUT/graph-decode"
+fi
 # Parts in order problems, fp8 (fp8 vs bf16 TFLOP/s at the same shapes), epilogues, sweep:
 # rows past its budget are recorded as skipped, so the tile sweep is what a short run loses.
 if [ "$HAS_CUDA" = 1 ]; then
-    step gemm 165 "$PY" bench/gpu/gemm_sweep.py --budget-s 140 --out "$OUT/gemm"
+    step gemm 130 "$PY" bench/gpu/gemm_sweep.py --budget-s 105 --out "$OUT/gemm"
 else
     step gemm 5 echo "no CUDA: bench/gpu/gemm_sweep.py needs a GPU"
 fi

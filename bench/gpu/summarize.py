@@ -97,6 +97,7 @@ def main(out: Path) -> int:
     lines += ["", "## GEMMs vs cuBLAS", ""]
     lines += [gemm.replace("\n## ", "\n### ").replace("# GEMM vs cuBLAS", "GEMM vs cuBLAS", 1), ""] if gemm \
         else ["(none)", ""]
+    lines += ["## Decode step in a CUDA graph", ""] + (markdown_reports(out, ("graph-decode.md",)) or ["(none)", ""])
     lines += ["## fp8 all-gather + GEMM", ""] + (markdown_reports(out, ("fp8-overlap.md",)) or ["(none)", ""])
     timeline = out / "timeline/timeline.png"
     if timeline.exists():

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from fusedpar import costmodel
 from fusedpar.cli._common import REPO_ROOT, run_metadata
-from fusedpar.streams import nvtx_range
+from fusedpar.streams import emit_nvtx, nvtx_range
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -120,6 +120,7 @@ def _rank_main(rank: int, world: int, init_file: str, args: argparse.Namespace) 
         trace = not args.gpu or args.torch_trace
         prof = torch.profiler.profile(activities=activities) if trace else None
         if device.type == "cuda":
+            emit_nvtx(True)  # nsys reads NVTX ranges; they are off unless asked for (streams.py)
             torch.cuda.profiler.start()  # cudaProfilerStart: nsys begins capturing here
         times = []
         if prof is not None:

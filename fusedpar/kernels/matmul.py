@@ -291,9 +291,52 @@ def matmul(
     ``fast_accum`` (faster, less accurate for long K). The torch backend emulates the same
     arithmetic in fp32 (:func:`.fp8.torch_scaled_product`): right, not fast.
     """
+    key = None
+    if (a_scale is None and b_scale is None and config is None and isinstance(a, torch.Tensor) and not is_fp8(a.dtype)
+            and isinstance(b, torch.Tensor) and (bias is None or isinstance(bias, torch.Tensor))
+            and (out is None or isinstance(out, torch.Tensor)) and isinstance(activation, (str, type(None)))
+            and isinstance(kernel, str) and isinstance(out_dtype, (torch.dtype, type(None)))):
+        # the checks and the backend choice depend only on shapes, dtypes, devices and flags:
+        # done once per key (what a decode step repeats every call), not per call
+        key = (a.shape, a.dtype, a.device, b.shape, b.dtype, b.device,
+               None if bias is None else (bias.shape, bias.dtype, bias.device),
+               None if out is None else (out.shape, out.dtype, out.device),
+               out_dtype, activation, accumulate, kernel, num_sms)
+    checked = _CHECKED.get(key) if key is not None else None
+    if checked is None and key is not None:
+        checked = _check_matmul(a, b, bias=bias, activation=activation, out=out, out_dtype=out_dtype,
+                                accumulate=accumulate, kernel=kernel, num_sms=num_sms)
+        if len(_CHECKED) >= 4096:  # shapes that keep changing: bound the cache
+            _CHECKED.clear()
+        _CHECKED[key] = checked
+    elif checked is None:
+        checked = _check_matmul(a, b, bias=bias, activation=activation, out=out, out_dtype=out_dtype,
+                                accumulate=accumulate, kernel=kernel, num_sms=num_sms, config=config,
+                                a_scale=a_scale, b_scale=b_scale)
+    K, N, out_dtype, backend, scales = checked
+    fp8 = scales is not None
+    out_shape = (*a.shape[:-1], N)
+    if out is None:
+        out = torch.empty(out_shape, dtype=out_dtype, device=a.device)
+    if out.numel() == 0:
+        return out
+    return _launch_matmul(a, b, bias, activation, out, accumulate, backend, K, out_shape, fp8, scales,
+                          num_sms, config, fast_accum)
+
+
+# (shapes, dtypes, devices, flags) of matmul calls already checked -> _check_matmul's answer
+_CHECKED: dict[tuple, tuple] = {}
+
+
+def _check_matmul(a: torch.Tensor, b: torch.Tensor, *, bias: torch.Tensor | None, activation: str | None,
+                  out: torch.Tensor | None, out_dtype: torch.dtype | None, accumulate: bool, kernel: str,
+                  num_sms: int | None, config: GemmConfig | None = None, a_scale: torch.Tensor | None = None,
+                  b_scale: torch.Tensor | None = None) -> tuple:
+    """`matmul`'s argument checks; returns (K, N, out dtype, backend, scales or None)."""
     op = "matmul"
     K, N = _check_operands(op, a, {"b": b})
     fp8 = is_fp8(a.dtype)
+    scales = None
     if fp8:
         a_s, (b_s,) = check_scales(op, a, a_scale, {"b_scale": b_scale}, N)
         scales = (a_s, b_s)
@@ -319,11 +362,15 @@ def matmul(
     if out is not None:
         _check_out(op, out, a, out_shape)
     backend = _select_backend(op, kernel, a)
-    if out is None:
-        out = torch.empty(out_shape, dtype=out_dtype, device=a.device)
-    if out.numel() == 0:
-        return out
+    return K, N, out_dtype, backend, scales
 
+
+def _launch_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, activation: str | None,
+                   out: torch.Tensor, accumulate: bool, backend: str, K: int, out_shape: tuple[int, ...], fp8: bool,
+                   scales: tuple | None, num_sms: int | None, config: GemmConfig | None,
+                   fast_accum: bool) -> torch.Tensor:
+    """`matmul` after its checks: run the chosen backend into `out`."""
+    op, N = "matmul", out_shape[-1]
     if backend == "torch":
         if not fp8 and out.dtype == a.dtype and (a.dtype in (torch.float32, torch.float64) or a.is_cuda):
             _torch_matmul_into(a, b, bias, activation, out, accumulate)

@@ -40,6 +40,18 @@ def _torch_matmul_into(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | No
     temporary, so the overlap schedules' "write this piece into its slice of the output"
     costs no extra memory. Used where torch computes in the output dtype anyway: fp32/fp64,
     and every dtype on CUDA, where cuBLAS accumulates fp16/bf16 in fp32 like the kernel."""
+    if not accumulate:  # the common case: rows that flatten to [M, K] and [M, N] views
+        try:
+            a2 = a if a.dim() == 2 else a.view(-1, a.shape[-1])
+            out2 = out if out.dim() == 2 else out.view(-1, out.shape[-1])
+        except RuntimeError:  # leading dims that do not merge: the batched path below
+            pass
+        else:
+            torch.mm(a2, b, out=out2)
+            if bias is not None:
+                out2.add_(bias)
+            _TORCH_ACTIVATIONS_INPLACE[activation](out2)
+            return
     a3, out3 = _as_batched(a, out)
     previous = out3.clone() if accumulate and (bias is not None or activation is not None) else None
     if a3.shape[0] == 1:

@@ -28,13 +28,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from .. import overlap
 from . import traced
 from ..comm import Communicator, check_group, get_communicator
 from ..kernels import matmul, resolve_kernel
 from .norm import all_reduce_grads
-from .sharding import ParamShard, local_param, local_tensor, register_state_dict_hooks, tp_parameter
+from .sharding import ParamShard, local_param, local_tensor, register_state_dict_hooks, tp_parameter, version_of
 
 __all__ = [
     "ColumnParallelLinear",
@@ -73,11 +74,28 @@ class LinearSpec:
     # together with other partial sums (block_reduction.py); never with sequence_parallel
     partial_output: bool = False
 
+    # Resolved once per spec and kept in the instance dict (not fields: equality and
+    # dataclasses.replace ignore them), so a forward does not re-validate the group.
     def communicator(self) -> Communicator:
-        return get_communicator(self.group, self.comm)
+        found = self.__dict__.get("_communicator")
+        if found is None:
+            found = self.__dict__["_communicator"] = get_communicator(self.group, self.comm)
+        return found
 
     def knobs(self) -> dict[str, Any]:
-        return {"group": self.group, "chunks": self.chunks, "kernel": self.kernel, "comm": self.comm}
+        """The overlap schedules' keyword arguments (the group as its communicator); shared, not to be mutated."""
+        found = self.__dict__.get("_knobs")
+        if found is None:
+            found = self.__dict__["_knobs"] = {"group": self.communicator(), "chunks": self.chunks,
+                                               "kernel": self.kernel, "comm": self.comm}
+        return found
+
+    def unsplit(self) -> LinearSpec:
+        """This spec without sequence parallelism (made once)."""
+        found = self.__dict__.get("_unsplit")
+        if found is None:
+            found = self.__dict__["_unsplit"] = dataclasses.replace(self, sequence_parallel=False)
+        return found
 
 
 class SequenceRegion:
@@ -100,7 +118,7 @@ def effective_spec(layer: nn.Module) -> LinearSpec:
     spec: LinearSpec = layer.spec
     region: SequenceRegion | None = getattr(layer, "_fusedpar_region", None)
     if spec.sequence_parallel and region is not None and not region.split:
-        return dataclasses.replace(spec, sequence_parallel=False)
+        return spec.unsplit()
     return spec
 
 
@@ -271,7 +289,10 @@ def _autocast_off(method: Any) -> Any:
 
     @functools.wraps(method)
     def run(ctx: Any, x: Tensor, *args: Any) -> Any:
-        with torch.autocast(x.device.type, enabled=False):
+        device_type = x.device.type
+        if not torch.is_autocast_enabled(device_type):  # the usual case: no context to enter
+            return method(ctx, x, *args)
+        with torch.autocast(device_type, enabled=False):
             return method(ctx, x, *args)
 
     return run
@@ -743,31 +764,109 @@ def column_parallel_group(
 ) -> tuple[list[Tensor], Tensor]:
     """`[layer(x) for layer in layers]` as one fused column-parallel GEMM; also returns `x_full`.
 
-    The local weights are concatenated (`[sum N_i, K]`, a copy per call, small next to the
-    activations) so that sequence parallelism gathers `x_shard` once (one ring, overlapped)
-    and backward reduces `sum_i dy_i @ w_i` with one all-reduce / reduce-scatter instead of
-    one per layer. `x_full` is the gathered input (detached; `x` itself without sequence
-    parallelism), for modules that take shapes from their input. All layers must share the
-    group, the layout and the knobs.
+    The local weights run concatenated (`[sum N_i, K]`) so that sequence parallelism gathers
+    `x_shard` once (one ring, overlapped) and backward reduces `sum_i dy_i @ w_i` with one
+    all-reduce / reduce-scatter instead of one per layer. The concatenation is made once per
+    version of the weights and kept (`_fused_operands`), not copied every forward; backward
+    saves that same tensor and hands each layer its own slice of the weight gradient.
+    `x_full` is the gathered input (detached; `x` itself without sequence parallelism), for
+    modules that take shapes from their input. All layers must share the group, the layout
+    and the knobs.
     """
     if not layers:
         raise ValueError("column_parallel_group: expected at least one layer, got none")
     spec = effective_spec(layers[0])
+    specs = [effective_spec(layer) for layer in layers]
+    agreed = layers[0].__dict__.get("_fusedpar_group_specs")  # specs are frozen: once compared, the same objects agree
     for i, layer in enumerate(layers):
         if not isinstance(layer, (ColumnParallelLinear, ReplicatedColumnLinear)) or layer.gather_output:
             raise TypeError(f"column_parallel_group: layers[{i}]: expected a column-parallel linear without "
                             f"gather_output, got {type(layer).__name__}")
-        if effective_spec(layer) != spec:
-            raise ValueError(f"column_parallel_group: layers[{i}]: expected the same spec as layers[0] "
-                             f"({spec}), got {effective_spec(layer)}")
+    if agreed is None or len(agreed) != len(specs) or any(a is not b for a, b in zip(agreed, specs)):
+        for i, other in enumerate(specs):
+            if other != spec:
+                raise ValueError(f"column_parallel_group: layers[{i}]: expected the same spec as layers[0] "
+                                 f"({spec}), got {other}")
+        layers[0].__dict__["_fusedpar_group_specs"] = tuple(specs)
     operands = [layer.column_operands() for layer in layers]
     sizes = [w.shape[0] for w, _ in operands]
-    if all(b is None for _, b in operands):
-        b = None
-    else:
-        b = torch.cat([bi if bi is not None else wi.new_zeros(wi.shape[0]) for wi, bi in operands], 0)
     holder: list[Tensor] = []
-    y = _column_apply(x, [w for w, _ in operands], b, spec, holder)
+    if spec.fp8 is not None or torch.compiler.is_compiling():  # fp8 quantizes per part; a compiled graph fuses the cat
+        if all(b is None for _, b in operands):
+            b = None
+        else:
+            b = torch.cat([bi if bi is not None else wi.new_zeros(wi.shape[0]) for wi, bi in operands], 0)
+        y = _column_apply(x, [w for w, _ in operands], b, spec, holder)
+    else:
+        w, b = _fused_operands(layers, operands)
+        y = _ColumnParallelFn.apply(*_autocast_operands(x, w.t(), b), spec, holder)
     x_full = holder[0] if spec.sequence_parallel else x
     outs = list(y.split(sizes, -1)) if len(sizes) > 1 else [y]
     return outs, (x_full.detach() if spec.sequence_parallel else x_full)
+
+
+class _FusedParts(torch.autograd.Function):
+    """`parts → fused`, where `fused` is the parts' concatenation on dim 0, already made (cached).
+
+    forward   fused [sum N_i, ..] returned as an alias             no copy, nothing saved
+    backward  d part_i = d fused[N_0+..+N_{i-1} : ..+N_i]            views, no copy
+    """
+
+    @staticmethod
+    def forward(ctx: Any, fused: Tensor, bounds: tuple[tuple[int, int], ...],  # type: ignore[override]
+                *parts: Tensor) -> Tensor:
+        ctx.bounds = bounds
+        return fused.view_as(fused)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        return (None, None, *(grad[a:b] for a, b in ctx.bounds))
+
+
+def _source(p: Tensor | None) -> Tensor | None:
+    """The tensor whose version says whether `p`'s values changed (a DTensor's local tensor)."""
+    return p._local_tensor if isinstance(p, DTensor) else p
+
+
+def _linked(fused: Tensor, sizes: list[int], parts: list[Tensor | None]) -> Tensor:
+    """`fused` linked by autograd to the parts (of `sizes` rows) that need a gradient, each
+    getting its slice; `fused` itself without grad mode or when none does."""
+    if not torch.is_grad_enabled():
+        return fused
+    bounds, grads, start = [], [], 0
+    for n, part in zip(sizes, parts):
+        if part is not None and part.requires_grad:
+            bounds.append((start, start + n))
+            grads.append(part)
+        start += n
+    return _FusedParts.apply(fused, tuple(bounds), *grads) if grads else fused
+
+
+def _fused_operands(layers: Sequence[nn.Module], operands: list[tuple[Tensor, Tensor | None]]
+                    ) -> tuple[Tensor, Tensor | None]:
+    """The group's weights `[sum N_i, K]` and biases concatenated (zeros for a layer without
+    one), made once per version of the layers' parameters and kept on the first layer: an
+    in-place write (an optimizer step, `load_state_dict`, `copy_` under no_grad; also
+    through a DTensor parameter, `version_of`) or a replaced parameter makes a new one.
+    Writes the version counter does not see (under `torch.inference_mode`, or through
+    `.data`) are not noticed.
+    The kept tensors cost one copy of the group's local weights, where a forward used to
+    allocate (and, training, save for backward) one per call."""
+    sources = tuple(_source(getattr(layer, name)) for layer in layers for name in ("weight", "bias"))
+    # the version and the memory of each: a storage refilled elsewhere (FSDP2's unsharded
+    # parameters are freed and re-gathered around each forward) moves at least one of them
+    versions = tuple(None if t is None else (version_of(t), t.data_ptr()) for t in sources)
+    cache = layers[0].__dict__.setdefault("_fusedpar_fused", {})
+    key = tuple(id(layer) for layer in layers)
+    entry = cache.get(key)
+    if (entry is None or entry[1] != versions or any(a is not b for a, b in zip(entry[0], sources))
+            or (entry[2].is_inference() and not torch.is_inference_mode_enabled())):  # autograd refuses those
+        with torch.no_grad():
+            w = torch.cat([wi.detach() for wi, _ in operands], 0)
+            b = None if all(bi is None for _, bi in operands) else torch.cat(
+                [bi.detach() if bi is not None else wi.new_zeros(wi.shape[0]) for wi, bi in operands], 0)
+        entry = cache[key] = (sources, versions, w, b)  # the sources are held: their ids cannot be reused
+    sizes = [wi.shape[0] for wi, _ in operands]
+    w, b = entry[2], entry[3]
+    b_linked = None if b is None else _linked(b, sizes, [bi for _, bi in operands])
+    return _linked(w, sizes, [wi for wi, _ in operands]), b_linked

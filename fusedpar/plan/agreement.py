@@ -25,8 +25,11 @@ group timeout, 8 and 6 aborted one process inside gloo. So, by default:
   after it differs by mode (an all-gather when the length divides by the world size, an
   all-reduce when not), which is exactly what differs when lengths do.
 
-`FUSEDPAR_CHECK_AGREEMENT=0` turns both off (each forward's check ends in a wait for the
-collective: on a GPU the host waits for the device once per forward).
+Input shapes the ranks already agreed on are settled on the device (a device-side assert,
+`_settle_on_device`): a forward at fixed shapes, e.g. a decode step with a static cache,
+makes no host-device synchronisation and can be captured in a CUDA graph; new shapes are
+read on the host once (the host waits for the device then). `FUSEDPAR_CHECK_AGREEMENT=0`
+turns both checks off.
 """
 from __future__ import annotations
 
@@ -95,9 +98,19 @@ def _device(group: Any) -> torch.device:
     return torch.device("cpu")
 
 
-def _issue(words: list[int], group: Any, device: torch.device | None = None) -> tuple[Any, Tensor]:
-    """Start the all-reduce(MAX) of ``words + [-w for w in words]`` (:func:`_all_equal`)."""
-    t = torch.tensor(words + [-w for w in words], dtype=torch.int64, device=device or _device(group))
+def _issue(words: list[int], group: Any, device: torch.device | None = None,
+           made: dict[tuple[int, ...], Tensor] | None = None) -> tuple[Any, Tensor]:
+    """Start the all-reduce(MAX) of ``words + [-w for w in words]`` (:func:`_all_equal`).
+    ``made``: those tensors already on the device, by words, so a repeated check copies
+    nothing from the host (a host-to-device copy cannot be captured in a CUDA graph)."""
+    source = made.get(tuple(words)) if made is not None else None
+    if source is None:
+        source = torch.tensor(words + [-w for w in words], dtype=torch.int64, device=device or _device(group))
+        if made is not None:
+            if len(made) >= _SEEN_MAX:
+                made.clear()
+            made[tuple(words)] = source
+    t = source.clone()  # the all-reduce writes in place
     try:
         return dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group, async_op=True), t
     except RuntimeError as e:  # gloo reports a dead peer at issue time too
@@ -112,6 +125,23 @@ def _settle(work: Any, t: Tensor, group: Any) -> bool:
         raise _collective_error(t, group, e) from e
     n = t.numel() // 2
     return bool(torch.equal(t[:n], -t[n:]))
+
+
+def _settle_on_device(work: Any, t: Tensor, group: Any) -> bool:
+    """:func:`_settle` without reading the answer on the host: on CUDA a device-side assert
+    (no host-device synchronisation, capturable in a CUDA graph) that stops the process if
+    the ranks differ; on CPU the assert runs at once and False comes back."""
+    try:
+        work.wait()
+    except RuntimeError as e:
+        raise _collective_error(t, group, e) from e
+    n = t.numel() // 2
+    try:
+        torch._assert_async(torch.eq(t[:n], -t[n:]).all(),
+                            "fusedpar: the ranks' input shapes differ (sequence-parallel forward)")
+    except RuntimeError:
+        return False
+    return True
 
 
 def _collective_error(t: Tensor, group: Any, e: Exception) -> CollectiveError:
@@ -207,14 +237,49 @@ def _tensor_shapes(args: tuple, kwargs: dict) -> dict[str, list[int]]:
     return shapes
 
 
+_SEEN_MAX = 1024  # shape digests remembered per model (cleared when full: varying batch shapes)
+
+
+class _Seen:
+    """What one model's input check remembers across forwards: the digests of input shapes
+    the ranks already agreed on, and their words as device tensors."""
+
+    def __init__(self) -> None:
+        self.agreed: set[int] = set()
+        self.made: dict[tuple[int, ...], Tensor] = {}
+
+    def add(self, digest: int) -> None:
+        if len(self.agreed) >= _SEEN_MAX:
+            self.agreed.clear()
+        self.agreed.add(digest)
+
+
+def _shape_words(shapes: dict[str, list[int]]) -> list[int]:
+    return _digest_words(sorted(shapes.items()), 1)
+
+
 def _check_shapes(where: str, shapes: dict[str, list[int]], group: Any, device: torch.device | None = None,
-                  issued: tuple[Any, Tensor] | None = None) -> None:
+                  issued: tuple[Any, Tensor] | None = None, seen: _Seen | None = None,
+                  words: list[int] | None = None) -> None:
     """One all-reduce of a one-word digest of ``shapes`` (:func:`_all_equal`; ``issued``: the
-    one already started for them); on a mismatch a second exchange and `RanksDisagreeError`
-    on every rank, naming the first input whose shapes differ and every rank's shape of it
-    (so both sequence lengths)."""
-    work, t = issued or _issue(_digest_words(sorted(shapes.items()), 1), group, device)
-    if _settle(work, t, group):
+    one already started for them, of ``words``); on a mismatch a second exchange and
+    `RanksDisagreeError` on every rank, naming the first input whose shapes differ and every
+    rank's shape of it (so both sequence lengths).
+
+    With ``seen``, shapes this rank already agreed on with the others are settled on the
+    device (:func:`_settle_on_device`): no host-device synchronisation, so a decode step at
+    fixed shapes can be captured in a CUDA graph. The collective is the same either way, so
+    ranks that remember different shapes still issue the same ones; a mismatch is then
+    reported where it is first read: on CPU at once (the same error on every rank), on CUDA
+    by a device-side assert on a rank that had seen its shapes."""
+    words = words or _shape_words(shapes)
+    work, t = issued or _issue(words, group, device, seen.made if seen is not None else None)
+    if seen is not None and words[0] in seen.agreed:
+        if _settle_on_device(work, t, group):
+            return
+    elif _settle(work, t, group):
+        if seen is not None:
+            seen.add(words[0])
         return
     communicator = get_communicator(group)
     everyone = communicator.all_gather_object(shapes)
@@ -269,29 +334,31 @@ def install_input_check(model: nn.Module, region_name: str, *, group: Any,
 
     def first() -> nn.Module:  # read per forward: a compiled block may have taken the first one's place
         return next(iter(layers.children()))  # of a ModuleList or ModuleDict
+    seen = _Seen()  # shapes agreed on before: settled without a host sync (_check_shapes)
     # set by the model's pre-hook for the forward now running: True (checked), or the
-    # (where, shapes, started all-reduce) to settle before the first collective; None: no
-    # pre-hook ran (the layers were called directly), so the first layer checks itself
+    # (where, shapes, words, started all-reduce) to settle before the first collective;
+    # None: no pre-hook ran (the layers were called directly), so the first layer checks itself
     state: list[Any] = [None]
 
     def settle() -> None:
         pending, state[0] = state[0], None
         if isinstance(pending, tuple):
-            _check_shapes(pending[0], pending[1], group, device, issued=pending[2])
+            _check_shapes(pending[0], pending[1], group, device, issued=pending[3], seen=seen, words=pending[2])
 
     def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         where_model, shapes = f"{type(module).__name__} forward", _tensor_shapes(args, kwargs)
         if defer and not _compiled(first()):
-            state[0] = (where_model, shapes, _issue(_digest_words(sorted(shapes.items()), 1), group, device))
+            words = _shape_words(shapes)
+            state[0] = (where_model, shapes, words, _issue(words, group, device, seen.made))
         else:
-            _check_shapes(where_model, shapes, group, device)
+            _check_shapes(where_model, shapes, group, device, seen=seen)
             state[0] = True
 
     def at_first_layer(x: Tensor) -> None:
         if state[0] is None and torch.compiler.is_compiling():
             return  # a host sync inside the graph: see the docstring
         if state[0] is None:
-            _check_shapes(f"{where} forward", {"hidden_states": list(x.shape)}, group, device)
+            _check_shapes(f"{where} forward", {"hidden_states": list(x.shape)}, group, device, seen=seen)
         settle()
 
     def post_hook(module: nn.Module, args: tuple, output: Any) -> None:

@@ -37,7 +37,7 @@ def install_column_group(parent: nn.Module, layers: list[nn.Module], parent_path
         x, put = first_input(args, kwargs)
         outs, x_full = column_parallel_group(layers, x)
         for layer, y in zip(layers, outs):
-            layer._fusedpar_precomputed = (x_full, y)
+            layer.__dict__["_fusedpar_precomputed"] = (x_full, y)  # not nn.Module.__setattr__: per forward
         return put(x_full)
 
     def post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
