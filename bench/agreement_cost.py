@@ -1,4 +1,4 @@
-"""What the ranks' agreement checks cost (fusedpar/layers/agreement.py), on 2 gloo ranks.
+"""What the ranks' agreement checks cost (fusedpar/plan/agreement.py), on 2 gloo ranks.
 
     PYTHONPATH=. python bench/agreement_cost.py [--out bench/results/cpu] [--rounds 15]
 
@@ -46,7 +46,7 @@ def _rank(rank: int, world: int, init: str, rounds: int, results: mp.Queue) -> N
     import torch.distributed as dist
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from fusedpar.layers import agreement, parallelize
+    from fusedpar.plan import agreement, parallelize
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,

@@ -106,7 +106,7 @@ def _build(group, variant: str):
         styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
         parallelize_module(block, mesh, {k: styles[v]() for k, v in PLAN.items()})
     else:
-        from fusedpar.layers import parallelize
+        from fusedpar.plan import parallelize
 
         parallelize(block, PLAN, group=group, chunks=1 if variant == "fusedpar_c1" else None, kernel=KERNEL)
     g = torch.Generator().manual_seed(1)

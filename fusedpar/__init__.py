@@ -20,7 +20,7 @@ Checkpoints: from_pretrained, load_checkpoint (each rank reads its slices), save
 from __future__ import annotations
 
 from fusedpar.checks import InconsistentCallError
-from fusedpar.layers.agreement import RanksDisagreeError
+from fusedpar.plan.agreement import RanksDisagreeError
 from fusedpar.checkpoint import from_pretrained, load_checkpoint
 from fusedpar.checkpoint_save import save_pretrained
 from fusedpar.comm import (
@@ -60,12 +60,10 @@ from fusedpar.layers import (
     all_reduce_grads,
     column_parallel_group,
     enable_fp8,
-    full_state_dict,
     local_shard,
-    parallelize,
-    parallelize_module,
     vocab_parallel_cross_entropy,
 )
+from fusedpar.plan import full_state_dict, parallelize, parallelize_module
 from fusedpar.overlap import (
     PendingOutput,
     all_gather_matmul,

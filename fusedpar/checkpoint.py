@@ -448,7 +448,7 @@ def from_pretrained(model_cls: Any, path: str | os.PathLike, *, group: Any, plan
     Every floating parameter comes out in one dtype, chosen by transformers' rule
     (`dtype`, or its old name `torch_dtype`: see `_resolve_dtype`). Returned in eval mode,
     like Hugging Face's."""
-    from .layers import parallelize
+    from .plan import parallelize
 
     torch_dtype = parallelize_kwargs.pop("torch_dtype", None)  # transformers' older name for dtype
     if torch_dtype is not None and dtype in (None, "auto"):

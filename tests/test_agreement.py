@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import fusedpar
-from fusedpar.layers import parallelize, resolve_plan
+from fusedpar.plan import parallelize, resolve_plan
 from tests.faults import MATRIX_CASES, run_scenarios
 from tests.layers.test_models import build
 

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 import fusedpar
-from fusedpar.layers import parallelize
+from fusedpar.plan import parallelize
 from tests.layers.common import check, check_grads
 from tests.layers.test_models import MODEL_TOL, build
 
@@ -33,12 +33,12 @@ def checkpoints(tmp_path_factory):
 def _run_load(group, path: str, sp: bool, stepwise: bool, split_embedding: bool = False):
     from transformers import LlamaForCausalLM
 
-    from fusedpar.layers import resolve_plan
+    from fusedpar.plan import resolve_plan
 
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     ref = LlamaForCausalLM.from_pretrained(path)
     plan = "auto"
-    if split_embedding:  # as transformers 5.17's own Llama plan does; a tied head follows (layers/ties.py)
+    if split_embedding:  # as transformers 5.17's own Llama plan does; a tied head follows (plan/ties.py)
         plan = resolve_plan(ref, "auto") | {"model.embed_tokens": "embedding_rowwise"}
     if stepwise:
         with torch.device("meta"):

@@ -34,7 +34,7 @@ build("llama")
 
 
 def _parallel_model(group):
-    from fusedpar.layers import parallelize
+    from fusedpar.plan import parallelize
 
     return parallelize(build("llama", seed=NEW_SEED), "auto", group=group, kernel="torch")
 
@@ -283,7 +283,7 @@ def test_failed_saves_leave_the_old_checkpoint_and_fail_on_every_rank(tmp_path):
 def _run_layout_changes(group, path: str):
     from transformers import LlamaForCausalLM
 
-    from fusedpar.layers import parallelize
+    from fusedpar.plan import parallelize
 
     rank = dist.get_rank(group)
     out = Path(path)

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 import fusedpar
-from fusedpar.layers import parallelize
+from fusedpar.plan import parallelize
 from tests.layers.test_models import build
 
 TOL = 1e-5  # fp32, relative: a sum of squares over ~100 tensors, split differently across ranks

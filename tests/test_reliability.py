@@ -54,7 +54,8 @@ def _call_op(op: str, group, rank: int, world: int, *, rows: int = 8, dtype=torc
 def _call_layer(target: str, group, rank: int, world: int, *, rows: int = 8, dtype=torch.float32, debug=None,
                 chunks: int = 4, iters: int = 1, seed: int = 0, odd: bool = False) -> torch.Tensor:
     """Forward + backward of a layer or a parallelized model, checked against one process."""
-    from fusedpar.layers import ColumnParallelLinear, RowParallelLinear, parallelize
+    from fusedpar.layers import ColumnParallelLinear, RowParallelLinear
+    from fusedpar.plan import parallelize
 
     previous = os.environ.get("FUSEDPAR_DEBUG")
     if debug:

@@ -148,7 +148,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _demo(group: dist.ProcessGroup, rank: int, world: int, device: torch.device, args: argparse.Namespace) -> bool:
     from fusedpar.kernels import resolve_kernel
-    from fusedpar.layers import parallelize
+    from fusedpar.plan import parallelize
 
     dtype = getattr(torch, args.dtype)
     reference = _tiny_model(args, dtype, device)

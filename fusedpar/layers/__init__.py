@@ -1,4 +1,5 @@
-"""Tensor-parallel layers built on the overlap schedules, and `parallelize` for whole models.
+"""Tensor-parallel layers built on the overlap schedules: the nn.Modules and their autograd
+functions (`parallelize`, which converts whole models, is fusedpar.plan's).
 
     ColumnParallelLinear, RowParallelLinear   the two halves of every tensor-parallel block
     ReplicatedColumnLinear                    kv heads when there are fewer than ranks
@@ -8,9 +9,6 @@
     shard_experts, shard_embedding            MoE experts (grouped GEMMs), vocab/hidden-parallel embeddings
     vocab_parallel_cross_entropy              the loss of vocab-split logits
     reduce_partial, replicated_inputs         the partial-sum regions around sharded computations
-    parallelize(model, plan, group=...)       convert a model in place from a plain-data plan
-    parallelize_module(module, mesh, plan)    the same with torch's signature and ParallelStyle objects
-    full_state_dict(model)                    gather the unsharded weights back for saving
     ParamShard, shard_parameter, local_shard  how a sharded parameter maps to its unsharded tensor
     Float8Recipe, enable_fp8                  fp8 GEMMs in the parallel linears (also parallelize(fp8=...))
 """
@@ -33,7 +31,6 @@ from .moe import grouped_experts, shard_experts
 from .packed import PackedColumnParallelLinear, PackedRowParallelLinear
 from .partial import reduce_partial, replicated_inputs
 from .norm import SequenceParallelLayerNorm, SequenceParallelRMSNorm, all_reduce_grads, grad_all_reduce
-from .parallelize import STYLES, full_state_dict, parallelize, parallelize_module, resolve_plan
 from .sharding import ParamShard, local_shard, shard_parameter
 
 __all__ = [
@@ -50,11 +47,6 @@ __all__ = [
     "SequenceParallelRMSNorm",
     "all_reduce_grads",
     "grad_all_reduce",
-    "parallelize",
-    "parallelize_module",
-    "full_state_dict",
-    "resolve_plan",
-    "STYLES",
     "ParamShard",
     "local_shard",
     "shard_parameter",

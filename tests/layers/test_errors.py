@@ -10,8 +10,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fusedpar.layers import (ColumnParallelLinear, ParallelAttention, ParallelMLP, RowParallelLinear, parallelize,
-                             resolve_plan)
+from fusedpar.layers import ColumnParallelLinear, ParallelAttention, ParallelMLP, RowParallelLinear
+from fusedpar.plan import parallelize, resolve_plan
 from tests.layers.test_models import build
 
 
@@ -107,7 +107,7 @@ def _run_error_cases(group):
             "loss_parallel=True", "get_output_embeddings", "Sequential")
     # sequence parallelism over decoder layers that take another per-token input, or a 4-D stream
     _expect(ValueError, lambda: parallelize(build_family("glm_moe_dsa"), "auto", group=group, sequence_parallel=True),
-            "model.layers.0", "per-token input is hidden_states", "prev_topk_indices")
+            "model.layers.0", "per-token input is its first, the residual stream", "prev_topk_indices")
     _expect(ValueError, lambda: parallelize(build_family("gemma3n_text"), "auto", group=group, sequence_parallel=True),
             "model.layers.0", "residual stream is [(batch,) seq, hidden]", "AltUp")
 

@@ -27,8 +27,8 @@ from torch import nn
 
 import fusedpar
 from fusedpar.kernels.quantize import dequantize, quantize_rowwise_reference, quantize_tensorwise_reference
-from fusedpar.layers import (
-    ColumnParallelLinear, Float8Recipe, ParallelMLP, RowParallelLinear, enable_fp8, parallelize)
+from fusedpar.layers import ColumnParallelLinear, Float8Recipe, ParallelMLP, RowParallelLinear, enable_fp8
+from fusedpar.plan import parallelize
 from fusedpar.layers.fp8 import fp8_stats
 from tests.layers.common import as_local, rel_err
 

@@ -21,7 +21,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from fusedpar.layers import parallelize
+from fusedpar.plan import parallelize
 from tests.layers.test_models import build
 
 STEPS = 50

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 import fusedpar
-from fusedpar.layers import parallelize
+from fusedpar.plan import parallelize
 from tests.layers.common import check, check_grads
 from tests.layers.test_models import MODEL_TOL, build
 
@@ -63,7 +63,9 @@ def _run_two_d(group, dp_kind: str, sp: bool, ckpt: str | None = None):
         try:
             DDP(model, process_group=mesh["dp"].get_group())
         except RuntimeError as e:
-            assert "DTensor" in str(e), str(e)
+            # torch 2.13 names DTensor; torch 2.11 (the GPU machine's) fails flattening the
+            # sharded parameters for its buckets: loud at construction either way
+            assert "DTensor" in str(e) or "flatten multiple dimensions" in str(e), str(e)
             return True
         raise AssertionError("DDP took DTensor parameters without an error")
     else:  # torchtitan's recipe: each decoder layer a unit, then the root

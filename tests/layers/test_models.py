@@ -13,7 +13,9 @@ import importlib
 import torch
 import torch.distributed as dist
 
-from fusedpar.layers import ColumnParallelLinear, RowParallelLinear, full_state_dict, parallelize
+from fusedpar.layers import ColumnParallelLinear, RowParallelLinear
+
+from fusedpar.plan import full_state_dict, parallelize
 from tests.layers.common import DTYPES, check
 
 MODEL_TOL = 1e-4  # fp32 relative error, a whole model deep (the bound)

@@ -22,9 +22,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from fusedpar.layers import local_shard, parallelize
+from fusedpar.layers import local_shard
+
+from fusedpar.plan import parallelize
 from fusedpar.layers.sharding import param_shards
-from fusedpar.layers.ties import tied_groups
+from fusedpar.plan.ties import tied_groups
 from tests.layers.common import rel_err
 from tests.models.families import VOCAB, build
 
@@ -61,7 +63,7 @@ def _with_overrides(model: torch.nn.Module, overrides: dict[str, str]) -> dict[s
     """The model's own plan (keys that match something in it) with `overrides` on top (None drops a key)."""
     import re
 
-    from fusedpar.layers import resolve_plan
+    from fusedpar.plan import resolve_plan
 
     names = [n for n, _ in model.named_modules()] + [n for n, _ in model.named_parameters()]
     regex = lambda key: re.compile(key.replace(".", r"\.").replace("*", "[^.]+") + "$")  # noqa: E731
@@ -91,7 +93,7 @@ def run_family(group: Any, family: str, sp: bool, *, plan: Any = "auto", kernel:
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, VOCAB, (batch, seq), generator=g)
     # MoE blocks that may reduce their partial sums once decide on the first forward with
-    # gradients (fusedpar/layers/block_reduction.py): compare a second pass, merged, too
+    # gradients (fusedpar/plan/block_reduction.py): compare a second pass, merged, too
     merges = [m._fusedpar_block_reduction for m in model.modules() if hasattr(m, "_fusedpar_block_reduction")]
     errors: list[str] = []
     ties = lambda m: sorted(sorted(f"{p}.{n}" for p, n in g) for g in tied_groups(m))  # noqa: E731
@@ -125,7 +127,7 @@ def run_family(group: Any, family: str, sp: bool, *, plan: Any = "auto", kernel:
                 losses.append(loss.detach())
             errors += [e for e in [_compare(f"loss at step {step}", losses[1], losses[0])] if e]
     if state_dict:
-        from fusedpar.layers import full_state_dict
+        from fusedpar.plan import full_state_dict
 
         gathered = full_state_dict(model)
         fresh = build(family, seed=123, **(config or {}))

@@ -60,15 +60,19 @@ def test_torch_parallel_style_plans_match_one_process(dist2):
 
 def _run_refusals(group):
     from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel, PrepareModuleInput, PrepareModuleOutput, RowwiseParallel,
+    )
 
     import fusedpar
 
     cases = [
-        ({"model.layers.0.self_attn.q_proj": ColwiseParallel(use_local_output=False)}, "use_local_output=False"),
-        ({"model.layers.0.self_attn": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))},
-         "PrepareModuleInput"),
+        ({"model.layers.0.self_attn": PrepareModuleOutput(output_layouts=(Replicate(),),
+                                                          desired_output_layouts=(Shard(1),))}, "PrepareModuleOutput"),
+        ({"model.layers.0.self_attn": PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),))},
+         "replicate -> shard(1)"),
         ({"model.layers.0.mlp.down_proj": RowwiseParallel(input_layouts=Shard(0))}, "input_layouts=shard(0)"),
+        ({"model.layers.0.mlp.up_proj": ColwiseParallel(output_layouts=Shard(0))}, "output_layouts=shard(0)"),
     ]
     for plan, needle in cases:
         try:

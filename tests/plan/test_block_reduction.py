@@ -1,4 +1,4 @@
-"""One reduction per MoE block (fusedpar/layers/block_reduction.py): the routed experts' and
+"""One reduction per MoE block (fusedpar/plan/block_reduction.py): the routed experts' and
 the shared expert's partial sums reduced once at the block's exit, where the block's graph
 shows that is exact; on real gloo ranks, against the single-process model, with the
 collectives counted on the real communicator."""
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from fusedpar.comm import TorchCommunicator
-from fusedpar.layers import parallelize
-from fusedpar.layers.block_reduction import _MarkFn, block_is_merged, is_linear_in_marks
+from fusedpar.plan import parallelize
+from fusedpar.plan.block_reduction import _MarkFn, block_is_merged, is_linear_in_marks
 from tests.layers.common import rel_err
 from tests.models.sweep import run_cases
 

@@ -67,6 +67,11 @@ def parameter_checksums(model: nn.Module) -> dict[str, tuple[int, int] | None]:
     names, sums = [], []
     for name, p in model.named_parameters():
         names.append(name)
+        if hasattr(p, "placements"):  # a DTensor from an earlier parallelize: replicas agree, shards differ
+            if not all(pl.is_replicate() for pl in p.placements):
+                sums.append(None)
+                continue
+            p = p.to_local()
         if p.is_meta or p.element_size() not in _INT_OF_SIZE or p.is_complex():
             sums.append(None)
             continue
@@ -164,19 +169,18 @@ def _raise_first_difference(where: str, pieces: dict[str, Any], group: Any, hint
 
 
 def check_parallelize_agrees(model: nn.Module, plan: Mapping[str, str] | str, *, group: Any,
-                             settings: Mapping[str, Any],
-                             resolve_plan: Callable[[nn.Module, Any], Mapping[str, str]]) -> None:
+                             settings: Mapping[str, Any], resolve: Callable[[nn.Module, Any], dict]) -> None:
     """Raise `RanksDisagreeError` on every rank unless all ranks of ``group`` call
     `parallelize` with the same world, plan, settings and model (structure and weights).
 
-    ``resolve_plan`` is parallelize's own (passed in: parallelize imports this module).
     A plan that fails to resolve on a rank takes part as its error message, so ranks whose
-    plans fail alike re-raise that error together afterwards and no rank is left waiting."""
+    plans fail alike re-raise that error together afterwards and no rank is left waiting.
+    `resolve(model, plan)` is parallelize's `resolve_plan` (passed in: parallelize imports this)."""
     if not agreement_enabled() or dist.get_world_size(group) == 1:
         return
     error: Exception | None = None
     try:
-        resolved: Any = sorted(resolve_plan(model, plan).items())
+        resolved: Any = sorted(resolve(model, plan).items())
     except (TypeError, ValueError) as e:
         error, resolved = e, f"fails to resolve: {type(e).__name__}: {e}"
     pieces = {
@@ -272,7 +276,7 @@ def install_input_check(model: nn.Module, region_name: str, *, group: Any,
     def post_hook(module: nn.Module, args: tuple, output: Any) -> None:
         settle()  # a forward that never reached the layers still completes its check
 
-    if model.get_submodule(region_name)[0] is not model:
+    if next(iter(model.get_submodule(region_name).children())) is not model:  # a ModuleList or ModuleDict
         model.register_forward_pre_hook(pre_hook, with_kwargs=True)
         model.register_forward_hook(post_hook)
     return at_first_layer

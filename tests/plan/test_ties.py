@@ -1,4 +1,4 @@
-"""Tied weights through sharding (fusedpar/layers/ties.py): a plan that splits one member of a
+"""Tied weights through sharding (fusedpar/plan/ties.py): a plan that splits one member of a
 tie (the input embedding, or the LM head that shares its table) splits the other the same way,
 and the two stay one parameter, so training matches the single-process model."""
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fusedpar.layers import parallelize
-from fusedpar.layers.ties import tied_groups
+from fusedpar.plan import parallelize
+from fusedpar.plan.ties import tied_groups
 from tests.models.families import build
 from tests.models.sweep import run_cases
 

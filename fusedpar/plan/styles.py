@@ -18,8 +18,8 @@ from typing import Any, Callable
 
 from torch import nn
 
-from . import embedding, moe, partial
-from .sharding import ParamShard, shard_parameter
+from ..layers import embedding, moe, partial
+from ..layers.sharding import ParamShard, shard_parameter
 
 __all__ = ["plan_styles", "param_shard", "inside_experts", "check_row_inputs", "PARAM_STYLES"]
 
@@ -53,7 +53,7 @@ def check_row_inputs(builds: dict[str, dict[str, Any]], matches: dict[str, tuple
     for path, b in builds.items():
         if b["kind"] == "row" and b["input_is_parallel"]:
             block = _parent(path)
-            if not any(p != path and p.startswith(block + ".") for p in splitting):
+            if not any(p != path and (not block or p.startswith(block + ".")) for p in splitting):
                 style, key = matches[path]
                 raise ValueError(f"parallelize: {path} (plan key {key!r}, style {style!r}): expected a column-parallel "
                                  f"layer under {block or 'the model'} to split its input features, got none (an "

@@ -30,8 +30,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..layers.partial import reduce_partial
 from .blocks import layer_blocks
-from .partial import reduce_partial
 
 __all__ = ["install_block_reductions", "install_block_reduction", "block_is_merged", "is_linear_in_marks"]
 

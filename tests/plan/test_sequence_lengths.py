@@ -8,7 +8,7 @@ import copy
 import torch
 import torch.distributed as dist
 
-from fusedpar.layers import parallelize
+from fusedpar.plan import parallelize
 from tests.layers.common import check, check_grads
 from tests.layers.test_models import MODEL_TOL, build
 

@@ -31,9 +31,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .block_reduction import block_is_merged
+from ..layers.linear import gather_from_shard, reduce_scatter_to_shard, split_to_shard
+from ..layers.partial import reduce_partial
 from .blocks import layer_blocks
-from .linear import gather_from_shard, reduce_scatter_to_shard, split_to_shard
-from .partial import reduce_partial
 
 __all__ = ["PER_TOKEN_ARGS", "SP_NATIVE_STYLES", "install_per_token_splits", "sequence_islands", "install_island",
            "install_islands", "check_layer_inputs", "layer_blocks"]
@@ -52,7 +52,9 @@ _LAYER_ARGS = PER_TOKEN_ARGS | frozenset({
                          "self", "hidden_states", "attention_mask", "position_ids", "position_embeddings",
                          "past_key_values", "past_key_value", "layer_past", "cache_position", "use_cache",
                          "output_attentions", "output_router_logits", "shared_kv_states", "attention_scaling",
-                         "args", "kwargs"})
+                         "args", "kwargs",
+                         # torchtitan's and torch's own model code: rotary tables and masks
+                         "freqs_cis", "rope_cache", "attention_masks", "attn_mask", "mask"})
 
 
 def check_layer_inputs(layer: nn.Module, name: str) -> None:
@@ -60,7 +62,10 @@ def check_layer_inputs(layer: nn.Module, name: str) -> None:
     whole-sequence context and the per-token inputs split with it (`PER_TOKEN_ARGS`), e.g.
     DeepSeek V4's input ids or GLM-DSA's previous layer's top-k indices: those would stay
     whole while the residual stream they meet is split."""
-    extra = [p for p in inspect.signature(type(layer).forward).parameters if p not in _LAYER_ARGS]
+    # the first argument is the residual stream (split), whatever its name: `hidden_states`,
+    # torchtitan's `x`, passed by position or keyword
+    names = [p for p in inspect.signature(type(layer).forward).parameters if p != "self"]
+    extra = [p for p in names[1:] if p not in _LAYER_ARGS]
     if isinstance(getattr(layer, "altup", None), nn.Module):
         # Gemma 3n: the stream is [altup, batch, seq, hidden]; beyond 3 dims fusedpar cannot
         # tell a stack of streams from hyper-connections' [batch, seq, streams, hidden]
@@ -70,7 +75,7 @@ def check_layer_inputs(layer: nn.Module, name: str) -> None:
     if extra:
         raise ValueError(
             f"parallelize(sequence_parallel=True): {name}.0 ({type(layer).__name__}): expected a decoder layer "
-            f"whose only per-token input is hidden_states (fusedpar splits that one), got also {extra}")
+            f"whose only per-token input is its first, the residual stream (fusedpar splits that one), got also {extra}")
 
 
 def install_per_token_splits(region: nn.ModuleList, name: str, *, group: Any, comm: str, state: Any) -> None:

@@ -116,7 +116,7 @@ def _run_grad_norms(group, cases):
     import math
 
     import fusedpar
-    from fusedpar.layers import parallelize
+    from fusedpar.plan import parallelize
     from tests.models.families import VOCAB, build
 
     for case in cases:

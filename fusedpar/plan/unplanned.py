@@ -27,9 +27,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..comm import get_communicator
+from ..layers.norm import all_reduced_grad
+from ..layers.sharding import param_shards
 from .blocks import layer_blocks
-from .norm import all_reduced_grad
-from .sharding import param_shards
 
 __all__ = ["watch_unplanned", "reads_split", "unplanned_modules"]
 
@@ -54,10 +54,10 @@ def unplanned_modules(matches: dict[str, tuple[str, str]], name: str, region: nn
 
 def _node_classes() -> tuple[tuple[type, ...], tuple[type, ...]]:
     """Backward-node classes that make data split (sources) or whole again (stops)."""
-    from .fp8 import _Fp8ColumnParallelFn, _Fp8RowParallelFn
-    from .linear import _ColumnParallelFn, _GatherFn, _RowParallelFn, _SplitFn
-    from .moe import _GroupedLinearFn
-    from .partial import _ReducePartialFn
+    from ..layers.fp8 import _Fp8ColumnParallelFn, _Fp8RowParallelFn
+    from ..layers.linear import _ColumnParallelFn, _GatherFn, _RowParallelFn, _SplitFn
+    from ..layers.moe import _GroupedLinearFn
+    from ..layers.partial import _ReducePartialFn
 
     sources = (_ColumnParallelFn._backward_cls, _Fp8ColumnParallelFn._backward_cls, _SplitFn._backward_cls,
                _GroupedLinearFn._backward_cls)

@@ -12,15 +12,15 @@ raises on every rank alike and no collective is ever left waiting.
 
 Styles (a key may name a module or a parameter):
     colwise                          ColumnParallelLinear (output split on features); on a
-                                     bare parameter: split dim ndim-2 (sharding.py)
+                                     bare parameter: split dim ndim-2 (layers/sharding.py)
     colwise_rep, colwise_gather_output   ColumnParallelLinear(gather_output=True)
     rowwise                          RowParallelLinear (input split on features); on a bare
                                      parameter: split its last dim
     rowwise_rep, rowwise_split_input RowParallelLinear(input_is_parallel=False)
-    packed_colwise, packed_rowwise   fused [gate; up] weights split per part (packed.py)
-    embedding_rowwise / _colwise     vocab- / hidden-parallel embedding (embedding.py)
-    moe_tp_experts                   experts split on their intermediate dim, grouped GEMMs (moe.py)
-    moe_identity_expert, all_reduce, mla_kv_a_proj   partial-sum hooks (partial.py)
+    packed_colwise, packed_rowwise   fused [gate; up] weights split per part (layers/packed.py)
+    embedding_rowwise / _colwise     vocab- / hidden-parallel embedding (layers/embedding.py)
+    moe_tp_experts                   experts split on their intermediate dim, grouped GEMMs (layers/moe.py)
+    moe_identity_expert, all_reduce, mla_kv_a_proj   partial-sum hooks (layers/partial.py)
     replicated_with_grad_allreduce   unchanged module, gradients all-reduced (per-head norms)
     sequence_parallel                unchanged norm on sequence shards, gradients all-reduced
     replicate, local_params          unchanged
@@ -30,11 +30,11 @@ blocks with a shared expert reduce both partial sums once where exact (block_red
 
 Column-parallel siblings that read their parent's input (q/k/v in attention, gate/up in
 the MLP) run as one fused GEMM (`column_parallel_group`), computed in a pre-hook of the
-parent: one gather and one backward reduction for the group. With
+parent: one gather and one backward reduction for the group (groups.py). With
 `sequence_parallel=True` the residual stream inside the decoder layers is split on the
 sequence dim: a pre-hook on the first decoder layer splits it (after the model has built
 its causal mask and rotary embeddings from the full length) and a hook on the last one
-gathers it back, so the final norm and the head see the whole sequence. The parent
+gathers it back, so the final norm and the head see the whole sequence (region.py). The parent
 pre-hook hands the attention / MLP module the gathered input, so modules that take shapes
 from their input (`view(*input_shape, -1, head_dim)`) work unchanged; norms directly inside
 each decoder layer run on shards with their gradients all-reduced. Blocks that cannot take
@@ -43,37 +43,33 @@ shards (MoE, latent attention, gathered-output styles) run on the gathered seque
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..comm import check_group
-from .linear import (
-    ColumnParallelLinear,
-    ReplicatedColumnLinear,
-    RowParallelLinear,
-    SequenceRegion,
-    column_parallel_group,
-    effective_spec,
-    gather_from_shard,
-    split_to_shard,
-)
+from ..layers import embedding
+from ..layers.fp8 import as_recipe, enable_fp8
+from ..layers.linear import ColumnParallelLinear, ReplicatedColumnLinear, RowParallelLinear, SequenceRegion
+from ..layers.norm import all_reduce_grads
+from ..layers.packed import PackedColumnParallelLinear, PackedRowParallelLinear
+from ..layers.sharding import ParamShard, gather_shard, local_tensor, param_shards, replicate_parameters
+from . import layouts
 from .agreement import check_parallelize_agrees, install_input_check
-from .fp8 import as_recipe, enable_fp8
-from .norm import all_reduce_grads
-from . import embedding
 from .block_reduction import install_block_reductions
-from .islands import check_layer_inputs, install_islands, install_per_token_splits, layer_blocks, sequence_islands
-from .packed import PackedColumnParallelLinear, PackedRowParallelLinear
-from .sharding import ParamShard, gather_shard, local_tensor, param_shards, replicate_parameters
+from .groups import install_column_group, reads_hidden
+from .heads import set_local_heads
+from .blocks import layer_blocks
+from .islands import check_layer_inputs, install_islands, sequence_islands
+from .region import NoDecoderLayers, decoder_layers, has_decoder_layers, install_sequence_region
 from .styles import check_row_inputs, inside_experts, plan_styles
 from .ties import complete_tied_plan, retie
-from .torch_styles import string_plan
+from .torch_styles import TorchPlan, read_plan
 from .unplanned import unplanned_modules, watch_unplanned
 
 __all__ = ["parallelize", "full_state_dict", "STYLES", "resolve_plan"]
@@ -110,7 +106,7 @@ def resolve_plan(model: nn.Module, plan: Mapping[str, str] | str) -> dict[str, s
         return {prefix + key: style for key, style in base_plan.items()}
     if not isinstance(plan, Mapping):
         raise TypeError(f"parallelize: plan: expected a dict of {{path: style}} or 'auto', got {type(plan).__name__}")
-    return string_plan(model, plan)[0]  # torch's ParallelStyle objects read as strings (torch_styles.py)
+    return read_plan(model, plan).strings  # torch's ParallelStyle objects read as strings (torch_styles.py)
 
 
 def _base_prefix(model: nn.Module) -> str:
@@ -187,34 +183,20 @@ def _head_dim(model: nn.Module, parent: nn.Module) -> int | None:
     return hd if isinstance(hd, int) and hd > 0 else None
 
 
-class _NoDecoderLayers(ValueError):
-    """The plan's modules do not sit in one ModuleList of decoder layers."""
-
-
-def _decoder_layers(model: nn.Module, matches: dict[str, tuple[str, str]]) -> tuple[str, nn.ModuleList]:
-    """The ModuleList the plan's wildcards run over (e.g. `model.layers`): the sequence-parallel region."""
-    lists = set()
-    for path in matches:
-        parts = path.split(".")
-        for i in range(1, len(parts)):
-            if parts[i].isdigit():
-                prefix = ".".join(parts[:i])
-                if isinstance(model.get_submodule(prefix), nn.ModuleList):
-                    lists.add(prefix)
-                break
-    if len(lists) != 1:
-        raise _NoDecoderLayers(
-            f"parallelize(sequence_parallel=True): expected the plan's modules to sit in exactly one "
-            f"ModuleList of decoder layers (the sequence-parallel region), got {sorted(lists) or 'none'}"
-        )
-    name = lists.pop()
-    return name, model.get_submodule(name)
-
-
-def _plan_linear(model: nn.Module, path: str, style: str, key: str, world: int) -> dict[str, Any]:
+def _plan_linear(model: nn.Module, path: str, style: str, key: str, group: Any) -> dict[str, Any]:
     """Check one planned linear (no comm); return what to build for it."""
+    world = dist.get_world_size(group)
     module = model.get_submodule(path)
     where = f"parallelize: {path} (plan key {key!r}, style {style!r})"
+    if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+        # converted by an earlier call (torch's plans come module by module; a tied LM head
+        # is split with its embedding): the style sets its output / input layout again
+        col = isinstance(module, ColumnParallelLinear)
+        if (style in _COLWISE) != col or style in _PACKED or dist.get_process_group_ranks(module.spec.group) != \
+                dist.get_process_group_ranks(group):
+            raise TypeError(f"{where}: expected an nn.Linear (or a fusedpar layer of this style on this group), "
+                            f"got {type(module).__name__} on ranks {dist.get_process_group_ranks(module.spec.group)}")
+        return {"kind": "keep", "gather_output": _COLWISE.get(style), "input_is_parallel": _ROWWISE.get(style)}
     if not isinstance(module, nn.Linear):
         raise TypeError(f"{where}: expected an nn.Linear, got {type(module).__name__}")
     if style in _PACKED:  # [gate; up] halves split on their own (packed.py)
@@ -287,9 +269,10 @@ def parallelize(
     recipe = as_recipe(fp8, where="parallelize: fp8")
     check_parallelize_agrees(model, plan, group=group, settings=dict(  # ranks agree (agreement.py)
         sequence_parallel=sequence_parallel, loss_parallel=loss_parallel, fp8=recipe, chunks=chunks, kernel=kernel,
-        comm=comm, save_gathered_input=save_gathered_input), resolve_plan=resolve_plan)
+        comm=comm, save_gathered_input=save_gathered_input), resolve=resolve_plan)
     world = dist.get_world_size(group)
-    if isinstance(plan, Mapping) and string_plan(model, plan)[1] and not sequence_parallel:
+    torch_plan = read_plan(model, plan) if isinstance(plan, Mapping) else TorchPlan()
+    if torch_plan.sequence and not sequence_parallel:
         raise ValueError("parallelize: plan: its torch styles split the sequence (Shard(1) layouts or "
                          "SequenceParallel), expected sequence_parallel=True, got False")
     resolved = resolve_plan(model, plan)
@@ -302,12 +285,18 @@ def parallelize(
     # 1. Check everything (no comm), so a bad plan raises on every rank before any collective.
     linears = {p: m for p, m in matches.items() if p not in params and m[0] in (*_COLWISE, *_ROWWISE, *_PACKED)
                and not inside_experts(p, matches)}
-    builds = {p: _plan_linear(model, p, s, k, world) for p, (s, k) in linears.items()}
+    builds = {p: _plan_linear(model, p, s, k, group) for p, (s, k) in linears.items()}
     check_row_inputs(builds, matches)
     others = plan_styles(model, matches, params, world, kernel=kernel, comm=comm)  # styles.py
-    region_name, region = _decoder_layers(model, matches) if sequence_parallel else ("", None)
+    # A torch plan applied module by module (no decoder layers in its keys: torchtitan calls
+    # parallelize_module per block) means its layouts literally: the sequence is split where
+    # a style's output is Shard(1) and gathered where an input is (torch_layouts). Otherwise
+    # sequence parallelism is fusedpar's region over the decoder layers, whatever the layouts.
+    literal = sequence_parallel and torch_plan.has_torch and not has_decoder_layers(model, matches)
+    literal_sp = layouts.literal_sequence_layers(model, matches, torch_plan, builds) if literal else set()
+    region_name, region = decoder_layers(model, matches) if sequence_parallel and not literal else ("", None)
     islands: set[str] = set()  # blocks run on the whole sequence inside the region (islands.py)
-    if sequence_parallel:
+    if region is not None:
         check_layer_inputs(region[0], region_name)
         islands = sequence_islands(matches, set(params), region_name, region)
 
@@ -317,18 +306,27 @@ def parallelize(
 
     unplanned: dict[str, nn.Module] = {}
     try:  # decoder-layer models: unplanned modules with parameters in blocks with split layers
-        unplanned = unplanned_modules(matches, *_decoder_layers(model, matches))
-        if sequence_parallel:
+        unplanned = unplanned_modules(matches, *decoder_layers(model, matches))
+        if region is not None:
             unplanned = {p: m for p, m in unplanned.items() if not in_region(p)}
-    except _NoDecoderLayers:
+    except NoDecoderLayers:
         pass  # other models: a parameter next to parallel layers may see replicated inputs
 
     # 2. Convert the linears.
-    state = SequenceRegion(world) if sequence_parallel else None
+    state = SequenceRegion(world) if region is not None else None
     knobs = dict(chunks=chunks, kernel=kernel, comm=comm, sequence_dim=-2)
     for path, b in builds.items():
         linear = model.get_submodule(path)
-        sp = in_region(path)
+        sp = path in literal_sp if literal else in_region(path)
+        if b["kind"] == "keep":
+            kept = model.get_submodule(path)
+            kept.spec = dataclasses.replace(kept.spec, sequence_parallel=sp)
+            if isinstance(kept, ColumnParallelLinear):
+                kept.gather_output = b["gather_output"]
+            else:
+                kept.input_is_parallel = b["input_is_parallel"]
+            b["kind"] = "col" if isinstance(kept, ColumnParallelLinear) else "row"
+            continue
         if b["kind"] == "row":
             row_cls = PackedRowParallelLinear if b.get("parts", 1) > 1 else RowParallelLinear
             new = row_cls.from_linear(linear, group=group, name=path, input_is_parallel=b["input_is_parallel"],
@@ -359,29 +357,34 @@ def parallelize(
     for path, (style, _) in matches.items():
         if style == "replicated_with_grad_allreduce":
             all_reduce_grads(model.get_submodule(path), group=group, comm=comm)
-        elif style == "sequence_parallel" and sequence_parallel and in_region(path):
-            # only inside the split region: a norm outside it (the final norm, torch's
+        elif style == "sequence_parallel" and sequence_parallel and (literal or in_region(path)):
+            # only on shards: a norm outside fusedpar's region (the final norm, torch's
             # SequenceParallel() on the root) sees every token, so its gradient is already whole
             all_reduce_grads(model.get_submodule(path), group=group, comm=comm, region=state)
+    if torch_plan.has_torch:  # DTensors and sequence shards at the modules' edges (layouts.py)
+        layouts.install_torch_layouts(model, matches, builds, torch_plan, literal, group=group, comm=comm)
     if unplanned:
         watch_unplanned(model, unplanned, group=group, comm=comm)
     if loss_parallel:
         embedding.install_loss_parallel(model, group=group, comm=comm)
 
     # 4. Attention modules: local head counts; fused column groups under each parent.
-    _set_local_heads(model, builds, world)
+    set_local_heads(model, {p: b for p, b in builds.items() if matches[p][1] not in torch_plan.dtensor_out}, world)
     by_parent: dict[str, list[str]] = {}
     for path, b in builds.items():
-        if b["kind"] in ("col", "rep") and not b.get("gather_output") and _reads_hidden(model, path):
+        if b["kind"] in ("col", "rep") and not b.get("gather_output") and reads_hidden(model, path):
             by_parent.setdefault(_parent(path), []).append(path)
     for parent_path, paths in by_parent.items():
-        _install_group(model.get_submodule(parent_path), [model.get_submodule(p) for p in paths], parent_path)
+        layers = [model.get_submodule(p) for p in paths]
+        for sp in sorted({layer.spec.sequence_parallel for layer in layers}):  # one fused GEMM per layout
+            install_column_group(model.get_submodule(parent_path), [l for l in layers if l.spec.sequence_parallel == sp],
+                           parent_path)
 
     # 5. Sequence parallelism: split the residual stream inside the decoder layers.
-    if sequence_parallel:
+    if region is not None:
         assert region is not None and state is not None
         entry_check = install_input_check(model, region_name, group=group, planned=set(matches))
-        _install_sequence_region(region, region_name, group=group, comm=comm, state=state, entry_check=entry_check)
+        install_sequence_region(region, region_name, group=group, comm=comm, state=state, entry_check=entry_check)
         planned = set(matches)
         for i, layer in enumerate(region):
             for path, child in layer_blocks(layer, f"{region_name}.{i}"):  # lists opened: LongCat's two norms
@@ -391,9 +394,9 @@ def parallelize(
                     all_reduce_grads(child, group=group, comm=comm, region=state)
         install_islands(model, islands, region, group=group, comm=comm, state=state)
     try:  # MoE blocks with a shared expert: one reduction where exact (block_reduction.py)
-        install_block_reductions(model, matches, builds, islands, *_decoder_layers(model, matches), group=group,
+        install_block_reductions(model, matches, builds, islands, *decoder_layers(model, matches), group=group,
                                  comm=comm)
-    except _NoDecoderLayers:
+    except NoDecoderLayers:
         pass
     if recipe is not None:
         # The LM head stays high precision, as the recipe says, also when loss_parallel made
@@ -410,121 +413,6 @@ def parallelize(
     model._fusedpar_parallel = {"group": group, "sequence_parallel": sequence_parallel, "plan": dict(matches),
                                 "region": state}
     return model
-
-
-def _reads_hidden(model: nn.Module, path: str) -> bool:
-    """Whether a column-parallel child can read its parent's input (the residual stream), so
-    it may join the parent's fused group: DeepSeek's q_b_proj / kv_b_proj read latents, and a
-    vocab-split LM head's parent, the whole model, reads token ids."""
-    if "." not in path:
-        return False
-    config = getattr(model, "config", None)
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    hidden = getattr(config, "hidden_size", None)
-    return not isinstance(hidden, int) or model.get_submodule(path).in_features == hidden
-
-
-def _set_local_heads(model: nn.Module, builds: dict[str, dict[str, Any]], world: int) -> None:
-    """Tell attention modules their local head counts (only the attributes they already have)."""
-    config = getattr(model, "config", None)
-    n_q, n_kv = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)
-    parents: dict[str, dict[str, int]] = {}
-    for path, b in builds.items():
-        if "heads" not in b:
-            continue
-        local = 1 if b["kind"] == "rep" else b["heads"] // world
-        counts = parents.setdefault(_parent(path), {})
-        if b["heads"] == n_q:
-            counts["q"] = local
-        if b["heads"] == n_kv:
-            counts["kv"] = local
-    for parent_path, counts in parents.items():
-        attn = model.get_submodule(parent_path)
-        q, kv = counts.get("q"), counts.get("kv")
-        if q is not None and hasattr(attn, "num_heads"):
-            attn.num_heads = q
-        if kv is not None and hasattr(attn, "num_key_value_heads"):
-            attn.num_key_value_heads = kv
-        if q is not None and kv is not None and hasattr(attn, "num_key_value_groups"):
-            attn.num_key_value_groups = q // kv
-
-
-def _first_input(args: tuple, kwargs: dict) -> tuple[Tensor, Any]:
-    """The module's first input and a function putting a replacement back in its place."""
-    if args and isinstance(args[0], Tensor):
-        return args[0], lambda t: ((t, *args[1:]), kwargs)
-    if isinstance(kwargs.get("hidden_states"), Tensor):
-        return kwargs["hidden_states"], lambda t: (args, {**kwargs, "hidden_states": t})
-    raise TypeError("parallelize: expected the module's first argument (or hidden_states=) to be a Tensor")
-
-
-def _install_group(parent: nn.Module, layers: list[nn.Module], parent_path: str) -> None:
-    """Run `layers` (column-parallel children reading the parent's input) as one fused GEMM."""
-
-    def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        x, put = _first_input(args, kwargs)
-        outs, x_full = column_parallel_group(layers, x)
-        for layer, y in zip(layers, outs):
-            layer._fusedpar_precomputed = (x_full, y)
-        return put(x_full)
-
-    def post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        unused = [type(l).__name__ for l in layers if l.__dict__.pop("_fusedpar_precomputed", None) is not None]
-        if unused and effective_spec(layers[0]).sequence_parallel:
-            raise RuntimeError(
-                f"parallelize: {parent_path}: expected each column-parallel child to be called on the "
-                f"module's input (they are computed together, sequence-parallel), but {len(unused)} were not"
-            )
-        return output
-
-    for layer in layers:
-        layer._fusedpar_grouped = True
-    parent.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    parent.register_forward_hook(post_hook, with_kwargs=True)
-
-
-def _install_sequence_region(region: nn.ModuleList, name: str, *, group: Any, comm: str,
-                             state: SequenceRegion, entry_check: Any) -> None:
-    """Split the residual stream on the sequence dim before the first decoder layer and
-    gather it after the last one, when the length divides by the world size; otherwise the
-    region runs unsplit for this forward (`state.split`, read by its layers and norms)."""
-
-    def split(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        x, put = _first_input(args, kwargs)
-        entry_check(x)  # lengths agree across ranks, or every rank raises (agreement.py)
-        if x.ndim < 2:
-            raise ValueError(f"parallelize(sequence_parallel=True): {name}.0 input: expected [.., seq, hidden], "
-                             f"got shape {list(x.shape)}")
-        mode = x.shape[-2] % state.world == 0
-        if torch.is_grad_enabled():
-            # A norm's gradient all-reduce is decided per backward: one backward over forwards
-            # of both kinds would sum some tokens' gradients world times. Raised before any comm.
-            if state.pending and mode not in state.pending:
-                raise ValueError(
-                    f"parallelize(sequence_parallel=True): {name}.0 input: sequence length {x.shape[-2]} "
-                    f"{'divides' if mode else 'does not divide'} by the world size {state.world}, unlike a forward "
-                    f"whose backward has not run yet; expected backward (or torch.no_grad()) between forwards "
-                    f"of split and unsplit lengths"
-                )
-            state.pending.add(mode)
-        state.split, state.length = mode, x.shape[-2]
-        if not mode:
-            return None
-        return put(split_to_shard(x, group=group, dim=-2, comm=comm))
-
-    def gather(module: nn.Module, args: tuple, output: Any) -> Any:
-        y = output if isinstance(output, Tensor) else output[0]
-        if y.requires_grad:  # backward through the region starts here: its forwards are consumed
-            y.register_hook(lambda g: state.pending.clear())
-        if not state.split:
-            return output
-        if isinstance(output, Tensor):
-            return gather_from_shard(output, group=group, dim=-2, comm=comm)
-        return (gather_from_shard(output[0], group=group, dim=-2, comm=comm), *output[1:])
-
-    region[0].register_forward_pre_hook(split, with_kwargs=True)  # first: the per-token splits read state.split
-    install_per_token_splits(region, name, group=group, comm=comm, state=state)
-    region[len(region) - 1].register_forward_hook(gather)
 
 
 def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
@@ -546,14 +434,3 @@ def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return sd
 
 
-def parallelize_module(module: nn.Module, device_mesh: Any, parallelize_plan: Mapping[str, Any], **kwargs: Any) -> nn.Module:
-    """torch's `parallelize_module(module, device_mesh, parallelize_plan)` signature on
-    fusedpar's overlapped layers: a plan of torch ParallelStyles (or fusedpar strings) over a
-    1-D mesh (or `mesh["tp"]`). Sequence parallelism is on when the plan's styles say so
-    (Shard(1) layouts, SequenceParallel); `kwargs` go to `parallelize`. Styles fusedpar cannot
-    map are refused naming them (layers/torch_styles.py)."""
-    if not isinstance(parallelize_plan, Mapping):
-        raise TypeError(f"parallelize_module: parallelize_plan: expected a dict of {{module path: style}}, "
-                        f"got {type(parallelize_plan).__name__}")
-    kwargs.setdefault("sequence_parallel", string_plan(module, parallelize_plan)[1])
-    return parallelize(module, parallelize_plan, group=device_mesh, **kwargs)

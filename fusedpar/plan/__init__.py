@@ -1,0 +1,28 @@
+"""Model surgery: `parallelize` converts a whole model in place from a plan of styles.
+
+    parallelize(model, plan, group=...)       Hugging Face style strings or torch ParallelStyles
+    parallelize_module(module, mesh, plan)    the same with torch's signature
+    full_state_dict(model)                    the unsharded weights gathered back for saving
+    resolve_plan(model, plan)                 the plan as {path pattern: style string}
+
+The plan is data and the styles are behaviour: torch's ParallelStyles are read into
+fusedpar's styles (torch_styles.py), every entry is checked before any conversion
+(parallelize.py, styles.py), then the whole-model passes run, one file each:
+
+    ties.py             tied weights split alike and re-tied
+    styles.py           non-linear styles: sharded parameters, experts, embeddings, partial sums
+    layouts.py          torch's layouts at module edges: DTensor in/out, sequence shards
+    islands.py          the sequence-parallel region's blocks that run on the whole sequence
+    unplanned.py        unplanned modules next to split layers: gradients all-reduced
+    block_reduction.py  MoE blocks with a shared expert: one reduction where exact
+    agreement.py        every rank called with the same model, plan and shapes
+
+It builds on fusedpar.layers (the modules and their autograd functions), never the reverse.
+"""
+from __future__ import annotations
+
+from .agreement import RanksDisagreeError
+from .parallelize import STYLES, full_state_dict, parallelize, resolve_plan
+from .torch_api import parallelize_module
+
+__all__ = ["parallelize", "parallelize_module", "full_state_dict", "resolve_plan", "STYLES", "RanksDisagreeError"]
