@@ -12,10 +12,15 @@ arguments, through :func:`~fusedpar.kernels.matmul._matmul_launch`) from CPU ten
 layout, then specializes and compiles it exactly as the JIT does at a launch (the JIT's own
 binder, so unit strides and 16-divisible sizes are specialized as they are at run time).
 
-    python -m fusedpar kernels [--check] [--full] [--jobs N] [--json FILE]
+    python -m fusedpar kernels [--check] [--quick] [--full] [--jobs N] [--json FILE]
 
-Compiles run in worker processes with ``TRITON_INTERPRET=0`` (the interpreter's kernels
-cannot be compiled), ~1-4 s each.
+What it compiles (:func:`check_cases`): every epilogue the layers and overlap ops can
+request (:func:`epilogues`) on every candidate tile, per target, path and dtype
+(:func:`epilogue_cases`), and every kernel, layout and dtype with the tile the rules pick
+(:func:`default_cases`). Compiles run in worker processes with ``TRITON_INTERPRET=0`` (the
+interpreter's kernels cannot be compiled), ~1-4 s each; Triton's on-disk cache
+(``TRITON_CACHE_DIR``, keyed by the kernel's source, constexprs, target and options) serves
+a rerun, so only the kernels an edit touched compile again.
 """
 from __future__ import annotations
 
@@ -310,7 +315,6 @@ def toolchain_missing() -> str | None:
     compiles PTX with its bundled ``ptxas`` and the report reads the cubin with its
     ``cuobjdump``."""
     try:
-        import triton  # noqa: F401
         from triton.backends.nvidia.compiler import get_ptxas
     except ImportError as e:
         return f"triton's NVIDIA backend does not import: {e}"

@@ -114,10 +114,13 @@ def candidate_configs(op: str, dtype: torch.dtype, tma: bool, *, tensor_cores: b
         ]
     else:
         # no 128x256 pointer tile: per-element offsets take the registers TMA saves (255
-        # registers and spills on sm_90 and sm_80); the pointer kernel is the fallback there
+        # registers and spills on sm_90 and sm_80); the pointer kernel is the fallback there.
+        # No 16x128 tile either: with GELU (no bias) ptxas held it to 96 registers and put
+        # 8-16 B on the stack (bf16, fp16, tf32; sm_90a, triton 3.9), and fp8 spilled 16 B
+        # when a is M-major; 16x64 serves decode-sized M (the only one the rules pick)
         configs = [
             _c(128, 128, 64, 8, 3), _c(128, 64, 64, 8, 4), _c(64, 64, 64, 4, 4),
-            _c(32, 64, 128, 4, 4, group=1), _c(16, 64, 128, 4, 4, group=1), _c(16, 128, 128, 4, 3, group=1),
+            _c(32, 64, 128, 4, 4, group=1), _c(16, 64, 128, 4, 4, group=1),
         ]
     if wide:  # fp32: halve BLOCK_K so the pipeline fits in shared memory
         configs = [dataclasses.replace(c, block_k=max(16, c.block_k // 2)) for c in configs]
@@ -127,6 +130,14 @@ def candidate_configs(op: str, dtype: torch.dtype, tma: bool, *, tensor_cores: b
         # (TMA) and on the pointer kernel (8-40 B with bias+SiLU, sm_90a); the 8-warp TMA
         # tile with the sliced epilogue fits
         configs = [c for c in configs if c.block_m * c.block_n < 128 * 128 or (tma and c.num_warps == 8)]
+    if wide and not tma:
+        # tf32 pointer tiles where ptxas capped the registers and put 8 B on the stack (sm_90a,
+        # triton 3.9): gated 32x64 on 4 warps with GeGLU's erf (128 registers; on 8 warps 96,
+        # no stack), and the 16x64x64 GEMM tile with most epilogues, none included (80
+        # registers, on 3 stages as on 4; 16x64x32 takes 64-94, no stack, every epilogue)
+        configs = [dataclasses.replace(c, num_warps=8) if op == "gated" and (c.block_m, c.block_n) == (32, 64)
+                   else dataclasses.replace(c, block_k=32) if op == "matmul" and (c.block_m, c.block_n) == (16, 64)
+                   else c for c in configs]
     if dtype.itemsize == 1:  # fp8: the same bytes per K step hold twice the K (wgmma's fp8 K is 32)
         configs = [dataclasses.replace(c, block_k=_fp8_block_k(c.block_k)) for c in configs]
         # fp8 also holds each K step's partial sum beside the accumulator (its promotion to
@@ -134,9 +145,6 @@ def candidate_configs(op: str, dtype: torch.dtype, tma: bool, *, tensor_cores: b
         # registers) spills, while 256x128 gives each warpgroup its own rows and fits; the
         # gated kernel's 64x128 tile (two of each) needs 8 warps
         configs = [c for c in configs if (c.block_m, c.block_n) != (128, 256)]
-        # and the 16x128 pointer tile spills 16 B when a is M-major (Triton transposes fp8
-        # tiles through registers; triton 3.9): 16x64 serves decode-sized M instead
-        configs = [c for c in configs if tma or (c.block_m, c.block_n) != (16, 128)]
         configs = [dataclasses.replace(c, num_warps=8) if op == "gated" and (c.block_m, c.block_n) == (64, 128)
                    else c for c in configs]
     if reads_out and not tma:  # the loaded output tile on top of a 128x128 accumulator spills on sm_80
@@ -185,7 +193,7 @@ def pick_config(op: str, M: int, N: int, K: int, dtype: torch.dtype, *, tma: boo
             return get(64, 64, 128, 4, 4) if tiles(64, 64) >= num_sms else get(64, 32, 128, 4, 5)
         if M > 32:
             return get(64, 128, 64, 8, 3) if tiles(64, 128) >= num_sms else get(64, 64, 64, 4, 4)
-        return get(32, 64, 128, 4, 4, group=1) if M > 16 else get(16, 64, 64, 4, 3, group=1)
+        return get(32, 64, 128, 8 if wide else 4, 4, group=1) if M > 16 else get(16, 64, 64, 4, 3, group=1)
 
     if tma:
         if M > 128:
@@ -207,7 +215,7 @@ def pick_config(op: str, M: int, N: int, K: int, dtype: torch.dtype, *, tma: boo
         return get(128, 64, 64, 8, 4) if tiles(128, 64) >= num_sms else get(64, 64, 64, 4, 4)
     if M > 32:
         return get(64, 64, 64, 4, 4)
-    return get(32 if M > 16 else 16, 64, 128, 4, 4, group=1)
+    return get(32, 64, 128, 4, 4, group=1) if M > 16 else get(16, 64, 64 if wide else 128, 4, 4, group=1)
 
 
 _AUTOTUNE = os.environ.get("FUSEDPAR_AUTOTUNE", "0").strip().lower() in ("1", "true", "yes", "on")

@@ -150,8 +150,9 @@ _missing = cr.toolchain_missing()
 def test_a_slice_of_the_epilogues_compiles_without_spills():
     """The heaviest epilogues on the tiles nearest the register limit: GELU and gelu_tanh on
     the 8-warp 128x128 pointer tile in fp16 (where GELU once spilled 8 B on sm_90a),
-    accumulate on the pointer tile sm_80 picks, GeGLU (tanh) on the gated TMA tile, and fp8
-    and tf32 with bias+GELU on the big TMA tiles."""
+    accumulate on the pointer tile sm_80 picks, GeGLU (tanh) on the gated TMA tile, fp8
+    and tf32 with bias+GELU on the big TMA tiles, and GeGLU on the tf32 gated 32x64 pointer
+    tile (8 B of stack on 4 warps, now 8)."""
     ptr = candidate_configs("matmul", torch.float16, False)
     big_ptr = max(ptr, key=lambda c: (c.block_m * c.block_n, c.num_warps))
     cases = [cr.Case("sm_90a", "float16", "out_slice", epi, config=big_ptr) for epi in ("gelu", "bias_gelu_tanh")]
@@ -162,7 +163,9 @@ def test_a_slice_of_the_epilogues_compiles_without_spills():
               cr.Case("sm_90a", "float8_e4m3fn", "x@w.T", "bias_gelu",
                       config=candidate_configs("matmul", torch.float8_e4m3fn, True)[0]),
               cr.Case("sm_90a", "float32-tf32", "x@w.T", "bias_gelu_tanh",
-                      config=candidate_configs("matmul", torch.float32, True)[0])]
+                      config=candidate_configs("matmul", torch.float32, True)[0]),
+              cr.Case("sm_90a", "float32-tf32", "out_slice", "gated_gelu",
+                      config=next(c for c in candidate_configs("gated", torch.float32, False) if c.block_m == 32))]
     results = cr.run_cases(cases, jobs=2)
     assert all(r.ok for r in results) and not cr.problems(results), \
         "\n".join(cr.problems(results)) + "\n\n" + cr.format_table(results)
