@@ -449,9 +449,28 @@ def _init_uniform(t: Tensor, fan_in: int) -> Tensor:
     return t
 
 
+def stash_precomputed(layer: nn.Module, x_full: Tensor, y: Tensor) -> None:
+    """Leave `y`, computed for `x_full` by a fused group (`column_parallel_group`, via
+    `parallelize`), for the layer's next forward to return."""
+    if torch.compiler.is_compiling():  # attribute ops torch 2.11's dynamo traces (not __dict__'s)
+        setattr(layer, "_fusedpar_precomputed", (x_full, y))
+    else:  # per forward: the instance dict, not nn.Module.__setattr__
+        layer.__dict__["_fusedpar_precomputed"] = (x_full, y)
+
+
+def pop_precomputed(layer: nn.Module) -> tuple[Tensor, Tensor] | None:
+    """Take what `stash_precomputed` left on `layer` (None: nothing, or already taken)."""
+    if torch.compiler.is_compiling():
+        stash = getattr(layer, "_fusedpar_precomputed", None)
+        if stash is not None:
+            setattr(layer, "_fusedpar_precomputed", None)
+        return stash
+    return layer.__dict__.pop("_fusedpar_precomputed", None)
+
+
 def _take_precomputed(layer: nn.Module, x: Tensor) -> Tensor | None:
-    """The output a fused group (`column_parallel_group`, via `parallelize`) already computed for `x`."""
-    stash = layer.__dict__.pop("_fusedpar_precomputed", None)
+    """The output a fused group already computed for `x` (`stash_precomputed`)."""
+    stash = pop_precomputed(layer)
     return stash[1] if stash is not None and stash[0] is x else None
 
 

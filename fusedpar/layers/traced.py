@@ -53,13 +53,20 @@ def _settled(t: Tensor) -> Tensor:
 
 
 def all_gather(x: Tensor, dim: int, group: dist.ProcessGroup) -> Tensor:
-    """`torch.cat([x of every rank], dim)` (no autograd)."""
-    return _settled(_all_gather_single(x.contiguous(), dim % x.ndim, group))
+    """`torch.cat([x of every rank], dim)` (no autograd). Gathered on dim 0 of `x` with `dim`
+    moved first: torch 2.11's functional all-gather on another dim calls a helper dynamo
+    does not trace (a graph break under fullgraph)."""
+    dim = dim % x.ndim
+    gathered = _settled(_all_gather_single(x.movedim(dim, 0).contiguous(), 0, group))
+    return gathered.movedim(0, dim)
 
 
 def reduce_scatter(x: Tensor, dim: int, group: dist.ProcessGroup) -> Tensor:
-    """This rank's `dim`-piece of the sum over ranks of `x` (no autograd)."""
-    return _settled(_reduce_scatter_single(x.contiguous(), "sum", dim % x.ndim, group))
+    """This rank's `dim`-piece of the sum over ranks of `x` (no autograd); on dim 0 with
+    `dim` moved first, as `all_gather`."""
+    dim = dim % x.ndim
+    piece = _settled(_reduce_scatter_single(x.movedim(dim, 0).contiguous(), "sum", 0, group))
+    return piece.movedim(0, dim)
 
 
 def all_reduce(x: Tensor, group: dist.ProcessGroup) -> Tensor:

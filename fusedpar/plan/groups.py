@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from ..layers.linear import column_parallel_group, effective_spec
+from ..layers.linear import column_parallel_group, effective_spec, pop_precomputed, stash_precomputed
 from .region import first_input
 
 __all__ = ["reads_hidden", "install_column_group"]
@@ -37,11 +37,11 @@ def install_column_group(parent: nn.Module, layers: list[nn.Module], parent_path
         x, put = first_input(args, kwargs)
         outs, x_full = column_parallel_group(layers, x)
         for layer, y in zip(layers, outs):
-            layer.__dict__["_fusedpar_precomputed"] = (x_full, y)  # not nn.Module.__setattr__: per forward
+            stash_precomputed(layer, x_full, y)
         return put(x_full)
 
     def post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        unused = [type(l).__name__ for l in layers if l.__dict__.pop("_fusedpar_precomputed", None) is not None]
+        unused = [type(l).__name__ for l in layers if pop_precomputed(l) is not None]
         if unused and effective_spec(layers[0]).sequence_parallel:
             raise RuntimeError(
                 f"parallelize: {parent_path}: expected each column-parallel child to be called on the "
