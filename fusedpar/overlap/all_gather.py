@@ -6,39 +6,28 @@ Output: `[..., world*m, ..., N]` full on `dim` (and the gathered input, full, on
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .. import checks
-from ..comm import CollectiveHandle, Communicator, get_communicator
+from ..comm import CollectiveHandle, Communicator
 from ..kernels import matmul
-from ..kernels.fp8 import is_fp8, torch_scaled_product
+from ..kernels.fp8 import torch_scaled_product
 from ..streams import nvtx_range
 from .fp8_rows import _as_bytes, _pack_fp8_rows, _unpack_fp8_rows
-from .spec import (_check_chunks, _check_fp8, _check_operands, _check_out, _epilogue, _fp8_kw, _from_rows,
-                   _from_rows_out, _gathered_shape, _Pipeline, _resolve_chunks, _scale_rows, _to_rows, split_rows)
+from .spec import (OpSpec, _epilogue, _fp8_kw, _from_rows, _from_rows_out, _gathered_shape, _Pipeline,
+                   _resolve_chunks, _scale_rows, _to_rows, check_call, check_consistent, reference_of, split_rows)
 
 
 def all_gather_matmul(
-    x_shard: Tensor,
-    w: Tensor,
-    *,
-    group: dist.ProcessGroup | Communicator,
-    dim: int = 0,
-    bias: Tensor | None = None,
-    activation: str | None = None,
-    chunks: int | None = None,
-    out: Tensor | None = None,
-    return_gathered: bool = False,
-    kernel: str = "auto",
-    comm: str = "torch",
-    debug: bool | None = None,
-    x_scale: Tensor | None = None,
-    w_scale: Tensor | None = None,
-    out_dtype: torch.dtype | None = None,
+    x_shard: Tensor, w: Tensor, *, group: dist.ProcessGroup | Communicator, dim: int = 0,
+    bias: Tensor | None = None, activation: str | None = None,  # applied once, to the full output
+    chunks: int | None = None, out: Tensor | None = None, return_gathered: bool = False,
+    kernel: str = "auto", comm: str = "torch", debug: bool | None = None,
+    x_scale: Tensor | None = None, w_scale: Tensor | None = None, out_dtype: torch.dtype | None = None,  # fp8
 ) -> Tensor | tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
     """Computes `act(all_gather(x_shard, dim) @ w + bias)`, overlapping the gather with the GEMMs.
 
@@ -65,25 +54,15 @@ def all_gather_matmul(
     fp8 GEMM with its rows' scales; the output is `out_dtype` (bf16 by default).
     `return_gathered` then returns `(y, x_full, x_scale_full)`, views of the packed rows.
     """
-    dim = _check_operands(x_shard, w, bias, activation, x_name="x_shard", dim=dim)
-    out_dtype = _check_fp8(x_shard, w, x_scale, w_scale, out_dtype, x_name="x_shard", out=out)
-    fp8 = is_fp8(x_shard.dtype)
-    _check_chunks(chunks)
-    communicator = get_communicator(group, comm)
-    world = communicator.world_size
-    out_shape = list(x_shard.shape[:-1]) + [w.shape[1]]
-    out_shape[dim] *= world
-    _check_out(out, out_shape, x_shard, dtype=out_dtype)
+    spec = check_call("all_gather_matmul", x_shard, w, group, comm, dim=dim, bias=bias, activation=activation,
+                      chunks=chunks, out=out, x_scale=x_scale, w_scale=w_scale, out_dtype=out_dtype)
+    communicator, world, dim, out_dtype, fp8 = spec[:5]
     x_rows, row_shape = _to_rows(x_shard, dim)
     s_rows = _scale_rows(x_scale, x_shard, dim) if fp8 else None
     m, k, n = x_rows.shape[0], x_rows.shape[1], w.shape[1]
     chunks = _resolve_chunks(chunks, "all_gather_matmul", m=m * world, n=n, k=k, world=world, x=x_shard)
-    if checks.debug_enabled(debug):  # the fingerprint's fields are built only when it runs
-        checks.maybe_check_consistent(
-            communicator, "all_gather_matmul", debug,
-            x_shard=(list(x_shard.shape), str(x_shard.dtype)), w=list(w.shape), dim=dim, chunks=chunks,
-            bias=bias is not None, activation=activation,
-        )
+    check_consistent(communicator, "all_gather_matmul", debug, "x_shard", x_shard, w, chunks, dim=dim, bias=bias,
+                     activation=activation)
 
     # Outputs in row layout; for dim == 0 these are views of `out` itself (written in place).
     direct = dim == 0 and out is not None
@@ -114,11 +93,19 @@ def all_gather_matmul(
 
             _ring_all_gather(communicator, send, wire, pieces=-(-chunks // world), consume=consume)
 
+    return _result(y_rows, gathered, s_gathered if fp8 else None, row_shape, world, dim, out, return_gathered)
+
+
+def _result(y_rows: Tensor, gathered: Tensor, s_gathered: Tensor | None, row_shape: Sequence[int], world: int,
+            dim: int, out: Tensor | None, return_gathered: bool
+            ) -> Tensor | tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
+    """The output `[..., world*m, ..., N]` with `dim` in place (in `out` if given) and, with
+    `return_gathered`, the gathered input (and, for fp8, its row scales) laid out as x."""
     full_shape = _gathered_shape(row_shape, world)
     y = _from_rows_out(y_rows, full_shape, dim, out)
     if not return_gathered:
         return y
-    if fp8:
+    if s_gathered is not None:
         return y, _from_rows(gathered, full_shape, dim), _from_rows(s_gathered, full_shape, dim)
     return y, _from_rows(gathered, full_shape, dim)
 
@@ -178,46 +165,24 @@ def _ring_all_gather(
                 consume(src_at(step), slice(s, e), g3[src_at(step), s:e])
 
 
-def all_gather_matmul_reference(
-    x_shard: Tensor,
-    w: Tensor,
-    *,
-    group: dist.ProcessGroup | Communicator,
-    dim: int = 0,
-    bias: Tensor | None = None,
-    activation: str | None = None,
-    chunks: int | None = None,
-    out: Tensor | None = None,
-    return_gathered: bool = False,
-    kernel: str = "auto",
-    comm: str = "torch",
-    debug: bool | None = None,
-    x_scale: Tensor | None = None,
-    w_scale: Tensor | None = None,
-    out_dtype: torch.dtype | None = None,
-) -> Tensor | tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
-    """Unfused `all_gather_matmul`: a blocking all-gather, then `torch.matmul` (same signature;
-    fp8: the fp8 rows and their scales gathered, the product computed in fp32 from them)."""
-    dim = _check_operands(x_shard, w, bias, activation, x_name="x_shard", dim=dim)
-    out_dtype = _check_fp8(x_shard, w, x_scale, w_scale, out_dtype, x_name="x_shard", out=out)
-    fp8 = is_fp8(x_shard.dtype)
-    communicator = get_communicator(group, comm)
-    world = communicator.world_size
+@reference_of(all_gather_matmul)
+def all_gather_matmul_reference(x_shard: Tensor, w: Tensor, spec: OpSpec, a: dict[str, Any]
+                                ) -> Tensor | tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
+    """Unfused `all_gather_matmul` (its signature and checks): a blocking all-gather, then
+    `torch.matmul` (fp8: the fp8 rows and their scales gathered, the product computed in
+    fp32 from them)."""
+    communicator, world, dim = spec.communicator, spec.world, spec.dim
     x_rows, row_shape = _to_rows(x_shard, dim)
     gathered = x_rows.new_empty(world * x_rows.shape[0], x_rows.shape[1])
     communicator.all_gather(_as_bytes(gathered), _as_bytes(x_rows.contiguous())).wait()
-    full_shape = _gathered_shape(row_shape, world)
-    if fp8:
+    s_gathered = None
+    if spec.fp8:
         s_gathered = torch.empty(world * x_rows.shape[0], 1, dtype=torch.float32, device=x_rows.device)
-        communicator.all_gather(s_gathered, _scale_rows(x_scale, x_shard, dim)).wait()
-        ws = w_scale if w_scale is not None else s_gathered.new_ones(())
+        communicator.all_gather(s_gathered, _scale_rows(a["x_scale"], x_shard, dim)).wait()
+        ws = a["w_scale"] if a["w_scale"] is not None else s_gathered.new_ones(())
         y_rows = torch_scaled_product(gathered, w, s_gathered, ws)
     else:
         y_rows = gathered @ w
-    _epilogue(y_rows, bias, activation)
-    y = _from_rows_out(y_rows.to(out_dtype), full_shape, dim, out)
-    if not return_gathered:
-        return y
-    if fp8:
-        return y, _from_rows(gathered, full_shape, dim), _from_rows(s_gathered, full_shape, dim)
-    return y, _from_rows(gathered, full_shape, dim)
+    _epilogue(y_rows, a["bias"], a["activation"])
+    return _result(y_rows.to(spec.out_dtype), gathered, s_gathered, row_shape, world, dim, a["out"],
+                   a["return_gathered"])

@@ -7,37 +7,27 @@ shard), so `x @ w` is partial. Output: the full `[..., N]`, replicated on every 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .. import checks
 from ..comm import CollectiveHandle, Communicator, get_communicator
 from ..kernels import matmul
 from ..kernels.fp8 import is_fp8
 from ..streams import nvtx_range
-from .spec import (_CALL_PLANS, PendingOutput, _call_key, _check_chunks, _check_fp8, _check_operands, _check_out,
-                   _done, _epilogue, _fp8_kw, _from_rows_out, _Pipeline, _reference_product, _remember,
-                   _resolve_chunks, _scale_rows, split_rows)
+from .spec import (_CALL_PLANS, OpSpec, PendingOutput, _call_key, _done, _epilogue, _finish, _fp8_kw, _from_rows_out,
+                   _Pipeline, _reference_product, _remember, _resolve_chunks, _scale_rows, check_call,
+                   check_consistent, reference_of, split_rows)
 
 
 def matmul_all_reduce(
-    x: Tensor,
-    w: Tensor,
-    *,
-    group: dist.ProcessGroup | Communicator,
-    bias: Tensor | None = None,
-    activation: str | None = None,
-    chunks: int | None = None,
-    out: Tensor | None = None,
-    async_op: bool = False,
-    kernel: str = "auto",
-    comm: str = "torch",
-    debug: bool | None = None,
-    x_scale: Tensor | None = None,
-    w_scale: Tensor | None = None,
-    out_dtype: torch.dtype | None = None,
+    x: Tensor, w: Tensor, *, group: dist.ProcessGroup | Communicator,
+    bias: Tensor | None = None, activation: str | None = None,  # applied once, to the full output
+    chunks: int | None = None, out: Tensor | None = None, async_op: bool = False,
+    kernel: str = "auto", comm: str = "torch", debug: bool | None = None,
+    x_scale: Tensor | None = None, w_scale: Tensor | None = None, out_dtype: torch.dtype | None = None,  # fp8
 ) -> Tensor | PendingOutput:
     """Computes `act(all_reduce(x @ w) + bias)`, overlapping each row piece's all-reduce.
 
@@ -60,10 +50,9 @@ def matmul_all_reduce(
         if x_scale is None and w_scale is None else None
     plan = _CALL_PLANS.get(key) if key is not None else None
     if plan is None:
-        _check_operands(x, w, bias, activation, x_name="x", dim=None)
-        out_dtype = _check_fp8(x, w, x_scale, w_scale, out_dtype, x_name="x", out=out)
-        _check_chunks(chunks)
-        _check_out(out, list(x.shape[:-1]) + [w.shape[1]], x, dtype=out_dtype)
+        out_dtype = check_call("matmul_all_reduce", x, w, communicator, comm, dim=None, bias=bias,
+                               activation=activation, chunks=chunks, out=out, x_scale=x_scale, w_scale=w_scale,
+                               out_dtype=out_dtype).out_dtype
         rows = math.prod(x.shape[:-1])
         chunks = _resolve_chunks(chunks, "matmul_all_reduce", m=rows, n=w.shape[1], k=x.shape[-1], world=world,
                                  x=x, dtype=out_dtype)
@@ -75,13 +64,8 @@ def matmul_all_reduce(
     out_shape = list(x.shape[:-1]) + [w.shape[1]]
     x_rows = x.reshape(-1, x.shape[-1])
     s_rows = _scale_rows(x_scale, x, 0) if fp8 else None
-    rows, k, n = x_rows.shape[0], x_rows.shape[1], w.shape[1]
-    if checks.debug_enabled(debug):  # the fingerprint's fields are built only when it runs
-        checks.maybe_check_consistent(
-            communicator, "matmul_all_reduce", debug,
-            x=(list(x.shape), str(x.dtype)), w=list(w.shape), chunks=chunks,
-            bias=bias is not None, activation=activation,
-        )
+    rows, n = x_rows.shape[0], w.shape[1]
+    check_consistent(communicator, "matmul_all_reduce", debug, "x", x, w, chunks, bias=bias, activation=activation)
     y_rows = out.view(rows, n) if out is not None and out.is_contiguous() else \
         torch.empty(rows, n, dtype=out_dtype, device=x.device)
     pipe = _Pipeline.for_device(x.device)
@@ -106,40 +90,16 @@ def matmul_all_reduce(
             piece = y_rows if whole else y_rows[s:e]
             handles.append((pipe.issue(lambda piece=piece: communicator.all_reduce(piece)), (s, e)))
 
-    def finish() -> Tensor:
-        for handle, (s, e) in handles:
-            handle.wait()
-            _epilogue(y_rows if whole else y_rows[s:e], bias, activation)
-        return _from_rows_out(y_rows, out_shape[:-1], 0, out)
-
-    return PendingOutput(finish) if async_op else finish()
+    return _finish(handles, y_rows, bias, activation, out_shape[:-1], 0, out, async_op=async_op, whole=whole)
 
 
-def matmul_all_reduce_reference(
-    x: Tensor,
-    w: Tensor,
-    *,
-    group: dist.ProcessGroup | Communicator,
-    bias: Tensor | None = None,
-    activation: str | None = None,
-    chunks: int | None = None,
-    out: Tensor | None = None,
-    async_op: bool = False,
-    kernel: str = "auto",
-    comm: str = "torch",
-    debug: bool | None = None,
-    x_scale: Tensor | None = None,
-    w_scale: Tensor | None = None,
-    out_dtype: torch.dtype | None = None,
-) -> Tensor | PendingOutput:
-    """Unfused `matmul_all_reduce`: `torch.matmul`, then a blocking all-reduce (fp8 as in
-    `matmul_reduce_scatter_reference`)."""
-    _check_operands(x, w, bias, activation, x_name="x", dim=None)
-    out_dtype = _check_fp8(x, w, x_scale, w_scale, out_dtype, x_name="x", out=out)
-    communicator = get_communicator(group, comm)
+@reference_of(matmul_all_reduce)
+def matmul_all_reduce_reference(x: Tensor, w: Tensor, spec: OpSpec, a: dict[str, Any]) -> Tensor | PendingOutput:
+    """Unfused `matmul_all_reduce` (its signature and checks): `torch.matmul`, then a
+    blocking all-reduce (fp8 as in `matmul_reduce_scatter_reference`)."""
     x_rows = x.reshape(-1, x.shape[-1])
-    y = _reference_product(x_rows, w, _scale_rows(x_scale, x, 0), w_scale, out_dtype) if is_fp8(x.dtype) \
+    y = _reference_product(x_rows, w, _scale_rows(a["x_scale"], x, 0), a["w_scale"], spec.out_dtype) if spec.fp8 \
         else (x_rows @ w).contiguous()
-    communicator.all_reduce(y).wait()
-    _epilogue(y, bias, activation)
-    return _done(_from_rows_out(y, list(x.shape[:-1]), 0, out), async_op)
+    spec.communicator.all_reduce(y).wait()
+    _epilogue(y, a["bias"], a["activation"])
+    return _done(_from_rows_out(y, list(x.shape[:-1]), 0, a["out"]), a["async_op"])

@@ -16,7 +16,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .. import checks
 from ..comm import CollectiveHandle, Communicator, get_communicator
 from ..kernels import matmul
 from ..kernels.fp8 import is_fp8
@@ -25,7 +24,8 @@ from ..streams import nvtx_range
 from .all_gather import _pipeline_single_all_gather, _ring_all_gather
 from .all_reduce import matmul_all_reduce
 from .reduce_scatter import matmul_reduce_scatter
-from .spec import _CALL_PLANS, PendingOutput, _from_rows, _Pipeline, _remember, _resolve_chunks, _to_rows
+from .spec import (_CALL_PLANS, PendingOutput, _from_rows, _Pipeline, _remember, _resolve_chunks, _to_rows,
+                   check_consistent)
 
 
 def _fp8_dgrad(dy_rows: Tensor, dgrad_fp8: tuple[Tensor, Tensor | None], kernel: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -93,18 +93,9 @@ def _check_backward_args(dy: Tensor, w: Tensor, x: Tensor, *, dy_name: str,
 
 
 def matmul_reduce_scatter_with_wgrad(
-    dy: Tensor,
-    w: Tensor,
-    x: Tensor,
-    *,
-    group: dist.ProcessGroup | Communicator,
-    x_is_gathered: bool,
-    dim: int = 0,
-    chunks: int | None = None,
-    need_wgrad: bool = True,
-    kernel: str = "auto",
-    comm: str = "torch",
-    debug: bool | None = None,
+    dy: Tensor, w: Tensor, x: Tensor, *, group: dist.ProcessGroup | Communicator, x_is_gathered: bool, dim: int = 0,
+    chunks: int | None = None, need_wgrad: bool = True,
+    kernel: str = "auto", comm: str = "torch", debug: bool | None = None,
     dgrad_fp8: tuple[Tensor, Tensor | None] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Backward of `y = all_gather(x_shard, dim) @ w` (column-parallel, sequence-parallel).
@@ -156,16 +147,9 @@ def matmul_reduce_scatter_with_wgrad(
 
 
 def matmul_all_reduce_with_wgrad(
-    dy: Tensor,
-    w: Tensor,
-    x: Tensor,
-    *,
-    group: dist.ProcessGroup | Communicator,
-    chunks: int | None = None,
-    need_wgrad: bool = True,
-    kernel: str = "auto",
-    comm: str = "torch",
-    debug: bool | None = None,
+    dy: Tensor, w: Tensor, x: Tensor, *, group: dist.ProcessGroup | Communicator,
+    chunks: int | None = None, need_wgrad: bool = True,
+    kernel: str = "auto", comm: str = "torch", debug: bool | None = None,
     dgrad_fp8: tuple[Tensor, Tensor | None] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Backward of `y = x @ w` with x replicated and w a column shard (column-parallel).
@@ -192,17 +176,9 @@ def matmul_all_reduce_with_wgrad(
 
 
 def all_gather_matmul_with_wgrad(
-    dy_shard: Tensor,
-    w: Tensor,
-    x: Tensor,
-    *,
-    group: dist.ProcessGroup | Communicator,
-    dim: int = 0,
-    chunks: int | None = None,
-    need_wgrad: bool = True,
-    kernel: str = "auto",
-    comm: str = "torch",
-    debug: bool | None = None,
+    dy_shard: Tensor, w: Tensor, x: Tensor, *, group: dist.ProcessGroup | Communicator, dim: int = 0,
+    chunks: int | None = None, need_wgrad: bool = True,
+    kernel: str = "auto", comm: str = "torch", debug: bool | None = None,
     dgrad_fp8: tuple[Tensor, Tensor | None] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Backward of `y_shard = reduce_scatter(x @ w, dim)` (row-parallel, sequence-parallel).
@@ -236,11 +212,8 @@ def all_gather_matmul_with_wgrad(
     m, n = dy_rows.shape
     k = w.shape[0]
     chunks = _resolve_chunks(chunks, "all_gather_matmul", m=m * world, n=k, k=n, world=world, x=dy_shard)
-    if checks.debug_enabled(debug):  # the fingerprint's fields are built only when it runs
-        checks.maybe_check_consistent(
-            communicator, "all_gather_matmul_with_wgrad", debug,
-            dy_shard=(list(dy_shard.shape), str(dy_shard.dtype)), w=list(w.shape), dim=dim, chunks=chunks,
-        )
+    check_consistent(communicator, "all_gather_matmul_with_wgrad", debug, "dy_shard", dy_shard, w, chunks, dim=dim,
+                     epilogue=False)
     dx_rows = x_rows.new_empty(world * m, k)
     dw = _new_wgrad(w) if need_wgrad else None
     # The ring adds one wgrad term per piece: in fp16/bf16 each addition would round, so the

@@ -6,37 +6,26 @@ Output: this rank's `[..., M/world, ..., N]` block of the sum, split on `dim`.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .. import checks
-from ..comm import CollectiveHandle, Communicator, get_communicator
+from ..comm import CollectiveHandle, Communicator
 from ..kernels import matmul
-from ..kernels.fp8 import is_fp8
 from ..streams import nvtx_range
-from .spec import (MAX_IN_FLIGHT, PendingOutput, _check_chunks, _check_fp8, _check_operands, _check_out,
-                   _check_scatter_dim, _done, _epilogue, _fp8_kw, _from_rows_out, _Pipeline, _reference_product,
-                   _resolve_chunks, _scale_rows, _to_rows, split_rows)
+from .spec import (MAX_IN_FLIGHT, OpSpec, PendingOutput, _done, _epilogue, _finish, _fp8_kw, _from_rows_out,
+                   _Pipeline, _reference_product, _resolve_chunks, _scale_rows, _to_rows, check_call,
+                   check_consistent, reference_of, split_rows)
 
 
 def matmul_reduce_scatter(
-    x: Tensor,
-    w: Tensor,
-    *,
-    group: dist.ProcessGroup | Communicator,
-    dim: int = 0,
-    bias: Tensor | None = None,
-    activation: str | None = None,
-    chunks: int | None = None,
-    out: Tensor | None = None,
-    async_op: bool = False,
-    kernel: str = "auto",
-    comm: str = "torch",
-    debug: bool | None = None,
-    x_scale: Tensor | None = None,
-    w_scale: Tensor | None = None,
-    out_dtype: torch.dtype | None = None,
+    x: Tensor, w: Tensor, *, group: dist.ProcessGroup | Communicator, dim: int = 0,
+    bias: Tensor | None = None, activation: str | None = None,  # applied once, to the full output
+    chunks: int | None = None, out: Tensor | None = None, async_op: bool = False,
+    kernel: str = "auto", comm: str = "torch", debug: bool | None = None,
+    x_scale: Tensor | None = None, w_scale: Tensor | None = None, out_dtype: torch.dtype | None = None,  # fp8
 ) -> Tensor | PendingOutput:
     """Computes `act(reduce_scatter(x @ w, dim) + bias)`, overlapping each piece's reduction.
 
@@ -62,27 +51,16 @@ def matmul_reduce_scatter(
     fp8 and the partial sums are written and reduce-scattered in `out_dtype` (bf16 by
     default), never fp8 (module docstring).
     """
-    dim = _check_operands(x, w, bias, activation, x_name="x", dim=dim)
-    out_dtype = _check_fp8(x, w, x_scale, w_scale, out_dtype, x_name="x", out=out)
-    fp8 = is_fp8(x.dtype)
-    _check_chunks(chunks)
-    communicator = get_communicator(group, comm)
-    world = communicator.world_size
-    _check_scatter_dim(x, dim, world)
-    out_shape = list(x.shape[:-1]) + [w.shape[1]]
-    out_shape[dim] //= world
-    _check_out(out, out_shape, x, dtype=out_dtype)
+    spec = check_call("matmul_reduce_scatter", x, w, group, comm, dim=dim, bias=bias, activation=activation,
+                      chunks=chunks, out=out, x_scale=x_scale, w_scale=w_scale, out_dtype=out_dtype)
+    communicator, world, dim, out_dtype, fp8 = spec[:5]
     x_rows, row_shape = _to_rows(x, dim)
     s_rows = _scale_rows(x_scale, x, dim) if fp8 else None
     rows, k, n = x_rows.shape[0], x_rows.shape[1], w.shape[1]
     m = rows // world
     chunks = _resolve_chunks(chunks, "matmul_reduce_scatter", m=rows, n=n, k=k, world=world, x=x, dtype=out_dtype)
-    if checks.debug_enabled(debug):  # the fingerprint's fields are built only when it runs
-        checks.maybe_check_consistent(
-            communicator, "matmul_reduce_scatter", debug,
-            x=(list(x.shape), str(x.dtype)), w=list(w.shape), dim=dim, chunks=chunks,
-            bias=bias is not None, activation=activation,
-        )
+    check_consistent(communicator, "matmul_reduce_scatter", debug, "x", x, w, chunks, dim=dim, bias=bias,
+                     activation=activation)
     out_row_shape = (row_shape[0] // world, *row_shape[1:])
     direct = dim == 0 and out is not None and out.is_contiguous()
     y_rows = out.view(m, n) if direct else torch.empty(m, n, dtype=out_dtype, device=x.device)
@@ -110,45 +88,20 @@ def matmul_reduce_scatter(
             dst, src = y_rows[s:e], buf.view(world * (e - s), n)
             handles.append((pipe.issue(lambda dst=dst, src=src: communicator.reduce_scatter(dst, src)), (s, e)))
 
-    def finish() -> Tensor:
-        for handle, (s, e) in handles:
-            handle.wait()
-            _epilogue(y_rows[s:e], bias, activation)
-        return _from_rows_out(y_rows, out_row_shape, dim, out)
-
-    return PendingOutput(finish) if async_op else finish()
+    return _finish(handles, y_rows, bias, activation, out_row_shape, dim, out, async_op=async_op)
 
 
-def matmul_reduce_scatter_reference(
-    x: Tensor,
-    w: Tensor,
-    *,
-    group: dist.ProcessGroup | Communicator,
-    dim: int = 0,
-    bias: Tensor | None = None,
-    activation: str | None = None,
-    chunks: int | None = None,
-    out: Tensor | None = None,
-    async_op: bool = False,
-    kernel: str = "auto",
-    comm: str = "torch",
-    debug: bool | None = None,
-    x_scale: Tensor | None = None,
-    w_scale: Tensor | None = None,
-    out_dtype: torch.dtype | None = None,
-) -> Tensor | PendingOutput:
-    """Unfused `matmul_reduce_scatter`: `torch.matmul`, then a blocking reduce-scatter (fp8:
-    the product in fp32 from the scaled fp8 operands, reduced in `out_dtype`)."""
-    dim = _check_operands(x, w, bias, activation, x_name="x", dim=dim)
-    out_dtype = _check_fp8(x, w, x_scale, w_scale, out_dtype, x_name="x", out=out)
-    communicator = get_communicator(group, comm)
-    world = communicator.world_size
-    _check_scatter_dim(x, dim, world)
+@reference_of(matmul_reduce_scatter)
+def matmul_reduce_scatter_reference(x: Tensor, w: Tensor, spec: OpSpec, a: dict[str, Any]) -> Tensor | PendingOutput:
+    """Unfused `matmul_reduce_scatter` (its signature and checks): `torch.matmul`, then a
+    blocking reduce-scatter (fp8: the product in fp32 from the scaled fp8 operands, reduced
+    in `out_dtype`)."""
+    dim, world = spec.dim, spec.world
     x_rows, row_shape = _to_rows(x, dim)
-    partial = _reference_product(x_rows, w, _scale_rows(x_scale, x, dim), w_scale, out_dtype) \
-        if is_fp8(x.dtype) else x_rows @ w
+    partial = _reference_product(x_rows, w, _scale_rows(a["x_scale"], x, dim), a["w_scale"], spec.out_dtype) \
+        if spec.fp8 else x_rows @ w
     y_rows = partial.new_empty(partial.shape[0] // world, partial.shape[1])
-    communicator.reduce_scatter(y_rows, partial).wait()
-    _epilogue(y_rows, bias, activation)
-    y = _from_rows_out(y_rows, (row_shape[0] // world, *row_shape[1:]), dim, out)
-    return _done(y, async_op)
+    spec.communicator.reduce_scatter(y_rows, partial).wait()
+    _epilogue(y_rows, a["bias"], a["activation"])
+    y = _from_rows_out(y_rows, (row_shape[0] // world, *row_shape[1:]), dim, a["out"])
+    return _done(y, a["async_op"])

@@ -2,6 +2,10 @@
 shapes and dtypes, the row layout, chunk resolution, the per-call-key caches, the
 compute/comm fork-join (`_Pipeline`) and `PendingOutput`.
 
+Each check exists once: a forward op and its reference both pass their arguments through
+`check_call`, which returns the call's `OpSpec`; `reference_of(fused)` gives a reference
+the fused op's signature and runs it on that same path.
+
 Row layout: a schedule views `x [..., M, ..., K]` split or gathered on `dim` as `[rows, K]`
 with `dim` outermost (`_to_rows`), runs its GEMMs and collectives on rows, and puts the
 output `[rows, N]` back with `dim` in place (`_from_rows`). fp8 operands carry one float32
@@ -9,15 +13,17 @@ scale per row (`_scale_rows`, `[rows, 1]`); outputs are `out_dtype` (bf16 by def
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import costmodel
-from ..comm import CollectiveHandle
+from .. import checks, costmodel
+from ..comm import CollectiveHandle, Communicator, get_communicator
 from ..kernels import ACTIVATIONS
 from ..kernels.fp8 import FP8_OUT_DTYPES, is_fp8, torch_scaled_product
 from ..streams import StreamSet
@@ -302,3 +308,114 @@ def _reference_product(x_rows: Tensor, w: Tensor, s_rows: Tensor, w_scale: Tenso
 
 def _done(y: Tensor, async_op: bool) -> Tensor | PendingOutput:
     return PendingOutput(lambda: y) if async_op else y
+
+
+def _finish(handles: list[tuple[CollectiveHandle, tuple[int, int]]], y_rows: Tensor, bias: Tensor | None,
+            activation: str | None, row_shape: Sequence[int], dim: int, out: Tensor | None, *, async_op: bool,
+            whole: bool = False) -> Tensor | PendingOutput:
+    """The end of a reduction schedule: wait for each piece's reduction, apply the epilogue
+    to that piece (once, after the sum), and return the output in place of `dim` (now, or
+    from `PendingOutput.wait()` with `async_op`). `whole`: one piece, the whole tensor."""
+    def finish() -> Tensor:
+        for handle, (s, e) in handles:
+            handle.wait()
+            _epilogue(y_rows if whole else y_rows[s:e], bias, activation)
+        return _from_rows_out(y_rows, row_shape, dim, out)
+
+    return PendingOutput(finish) if async_op else finish()
+
+
+# --------------------------------------------------------------------------------------------
+# The op spec: one check path for each fused op and its reference
+# --------------------------------------------------------------------------------------------
+
+
+class OpSpec(NamedTuple):
+    """A forward schedule's call after its checks, shared by the fused op and its reference.
+
+    `dim` is the row dim normalised (-1 for the all-reduce, which has none); `out_shape` the
+    output's shape (`dim` gathered for the all-gather, split for the reduce-scatter, as x's
+    for the all-reduce); `out_dtype` x's dtype, or for fp8 operands the output's.
+    """
+
+    communicator: Communicator
+    world: int
+    dim: int
+    out_dtype: torch.dtype
+    fp8: bool
+    out_shape: list[int]
+
+
+def check_call(op: str, x: Tensor, w: Tensor, group: Any, comm: str, *, dim: int | None,
+               bias: Tensor | None, activation: str | None, chunks: int | None, out: Tensor | None,
+               x_scale: Tensor | None, w_scale: Tensor | None, out_dtype: torch.dtype | None) -> OpSpec:
+    """Every check of a forward schedule `op`'s arguments, run before its first collective
+    so that a bad argument raises on the rank that has it; returns the call's `OpSpec`
+    (its communicator over `group`, of `comm` kind)."""
+    x_name = "x_shard" if op == "all_gather_matmul" else "x"
+    dim = _check_operands(x, w, bias, activation, x_name=x_name, dim=dim)
+    out_dtype = _check_fp8(x, w, x_scale, w_scale, out_dtype, x_name=x_name, out=out)
+    _check_chunks(chunks)
+    communicator = get_communicator(group, comm)
+    world = communicator.world_size
+    out_shape = list(x.shape[:-1]) + [w.shape[1]]
+    if op == "all_gather_matmul":
+        out_shape[dim] *= world
+    elif op == "matmul_reduce_scatter":
+        _check_scatter_dim(x, dim, world)
+        out_shape[dim] //= world
+    _check_out(out, out_shape, x, dtype=out_dtype)
+    return OpSpec(communicator, world, dim, out_dtype, is_fp8(x.dtype), out_shape)
+
+
+def reference_of(fused: Callable[..., Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Make the decorated `run(x, w, spec, args)` the unfused reference of `fused`: it takes
+    `fused`'s signature (unknown or missing arguments refused the same way), its arguments
+    pass `check_call` as the fused op's do, and `run` gets the checked `OpSpec` and the
+    arguments by name, defaults filled in."""
+    signature = inspect.signature(fused)
+    params = signature.parameters.values()
+    operands = [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD]  # x (or x_shard), w
+    knobs = frozenset(p.name for p in params if p.kind is p.KEYWORD_ONLY)
+    required = frozenset(p.name for p in params if p.kind is p.KEYWORD_ONLY and p.default is p.empty)
+    defaults = {p.name: p.default for p in params if p.default is not p.empty}
+
+    def wrap(run: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(run)
+        def reference(*args: Any, **kwargs: Any) -> Any:
+            if len(args) == len(operands) and knobs.issuperset(kwargs) and required.issubset(kwargs):
+                # the usual call, bound by hand: inspect's bind costs the unfused baseline
+                # tens of microseconds of host time per call, which benchmarks would count
+                x, w = args
+                a = defaults.copy()
+                a.update(kwargs)
+            else:  # anything else: inspect binds it, or refuses it as a call of `fused` would be
+                bound = signature.bind(*args, **kwargs)
+                bound.apply_defaults()
+                a = bound.arguments
+                x, w = a[operands[0]], a[operands[1]]
+            spec = check_call(fused.__name__, x, w, a["group"], a["comm"], dim=a.get("dim"),
+                              bias=a["bias"], activation=a["activation"], chunks=a["chunks"], out=a["out"],
+                              x_scale=a["x_scale"], w_scale=a["w_scale"], out_dtype=a["out_dtype"])
+            return run(x, w, spec, a)
+
+        reference.__signature__ = signature  # type: ignore[attr-defined]
+        return reference
+
+    return wrap
+
+
+def check_consistent(communicator: Communicator, op: str, debug: bool | None, x_name: str, x: Tensor,
+                     w: Tensor, chunks: int, *, dim: int | None = None, epilogue: bool = True,
+                     bias: Tensor | None = None, activation: str | None = None) -> None:
+    """With `FUSEDPAR_DEBUG=1` or `debug=True`, compare this call's fingerprint across ranks
+    (fusedpar.checks); its fields are built only then (the per-call host cost stays nil)."""
+    if not checks.debug_enabled(debug):
+        return
+    fields: dict[str, Any] = {x_name: (list(x.shape), str(x.dtype)), "w": list(w.shape)}
+    if dim is not None:
+        fields["dim"] = dim
+    fields["chunks"] = chunks
+    if epilogue:
+        fields.update(bias=bias is not None, activation=activation)
+    checks.maybe_check_consistent(communicator, op, debug, **fields)
