@@ -139,7 +139,7 @@ DEVICES: dict[str, DeviceSpec] = {
 }
 
 _override: DeviceSpec | None = None
-_generation = 0  # moves with every set_device_spec: plans cached elsewhere (overlap.py) key on it
+_generation = 0  # moves with every set_device_spec: plans cached elsewhere (overlap/spec.py) key on it
 
 
 def dtype_name(dtype: torch.dtype | str) -> str:

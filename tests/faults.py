@@ -8,7 +8,7 @@ group is rebuilt. Each rank reports, per scenario, whether it raised, what, and 
 the call took. A rank that crashes reports nothing more, so a crash must come last.
 
 Faults are injected into real runs, never by mocking a collective or a kernel: the victim
-rank wraps `fusedpar.overlap.matmul` so that its n-th GEMM kills the process (SIGKILL or
+rank wraps `fusedpar.overlap`'s `matmul` so that its n-th GEMM kills the process (SIGKILL or
 exit) mid-schedule, or sleeps past the timeout before the call, or passes different
 arguments than its peers.
 """
@@ -46,6 +46,7 @@ class Outcome:
 def inject_gemm_fault(kind: str, at_call: int) -> None:
     """In this process, make the `at_call`-th GEMM of any fusedpar schedule crash the rank."""
     import fusedpar.overlap as ov
+    from fusedpar.overlap import all_gather, all_reduce, backward, reduce_scatter
 
     real = ov.matmul
     calls = [0]
@@ -58,7 +59,8 @@ def inject_gemm_fault(kind: str, at_call: int) -> None:
             os._exit(3)
         return real(*args, **kwargs)
 
-    ov.matmul = faulty
+    for module in (ov, all_gather, reduce_scatter, all_reduce, backward):  # each family calls its own import
+        module.matmul = faulty
 
 
 def _worker(rank: int, world: int, rendezvous: list[str], timeout_s: float, module: str,

@@ -284,31 +284,38 @@ def test_backward_blocks_4_ranks(dist4):
 
 
 def _run_bad_inputs(group):
+    """Each fused op and its reference share one check path: both refuse each bad call with
+    the same message."""
+    import re
+
     world = dist.get_world_size(group)
     x, w = torch.randn(6, 8), torch.randn(8, 4)
+    ag, rs, ar = "all_gather_matmul", "matmul_reduce_scatter", "matmul_all_reduce"
     cases = [
-        (lambda: overlap.matmul_reduce_scatter(torch.randn(5, 8), w, group=group), ValueError, r"x.shape\[0\].*multiple.*world size 2.*got 5"),
-        (lambda: overlap.all_gather_matmul(x, torch.randn(7, 4), group=group), ValueError, r"w: expected shape \[K, N\] with K = x_shard.shape\[-1\] = 8"),
-        (lambda: overlap.all_gather_matmul(x, w.double(), group=group), TypeError, r"w: expected dtype torch.float32"),
-        (lambda: overlap.matmul_all_reduce(x, w, group=None), TypeError, r"group: expected a torch.distributed ProcessGroup"),
-        (lambda: overlap.matmul_all_reduce(x, w, group="world"), TypeError, r"group: expected a torch.distributed ProcessGroup or a 1-D DeviceMesh, got str"),
-        (lambda: overlap.matmul_all_reduce(x, w, group=group, bias=torch.randn(5)), ValueError, r"bias: expected shape \[4\]"),
-        (lambda: overlap.matmul_all_reduce(x, w, group=group, chunks=0), ValueError, r"chunks: expected None or an int >= 1, got 0"),
-        (lambda: overlap.matmul_all_reduce(x, w, group=group, activation="tanh"), ValueError, r"activation: expected one of"),
-        (lambda: overlap.all_gather_matmul(x, w, group=group, out=torch.empty(6, 4)), ValueError, r"out: expected shape \[12, 4\]"),
-        (lambda: overlap.all_gather_matmul(x, w, group=group, dim=1), ValueError, r"dim: expected a row dim"),
-        (lambda: overlap.all_gather_matmul(torch.randn(8), w, group=group), ValueError, r"x_shard: expected at least 2 dims"),
-        (lambda: overlap.matmul_all_reduce(x, w, group=group, comm="mpi"), ValueError, r"comm: expected one of"),
+        (rs, (torch.randn(5, 8), w), dict(group=group), ValueError, r"x.shape\[0\].*multiple.*world size 2.*got 5"),
+        (ag, (x, torch.randn(7, 4)), dict(group=group), ValueError, r"w: expected shape \[K, N\] with K = x_shard.shape\[-1\] = 8"),
+        (ag, (x, w.double()), dict(group=group), TypeError, r"w: expected dtype torch.float32"),
+        (ar, (x, w), dict(group=None), TypeError, r"group: expected a torch.distributed ProcessGroup"),
+        (ar, (x, w), dict(group="world"), TypeError, r"group: expected a torch.distributed ProcessGroup or a 1-D DeviceMesh, got str"),
+        (ar, (x, w), dict(group=group, bias=torch.randn(5)), ValueError, r"bias: expected shape \[4\]"),
+        (ar, (x, w), dict(group=group, chunks=0), ValueError, r"chunks: expected None or an int >= 1, got 0"),
+        (ar, (x, w), dict(group=group, activation="tanh"), ValueError, r"activation: expected one of"),
+        (ag, (x, w), dict(group=group, out=torch.empty(6, 4)), ValueError, r"out: expected shape \[12, 4\]"),
+        (rs, (x, w), dict(group=group, out=torch.empty(6, 4)), ValueError, r"out: expected shape \[3, 4\]"),
+        (ag, (x, w), dict(group=group, dim=1), ValueError, r"dim: expected a row dim"),
+        (ag, (torch.randn(8), w), dict(group=group), ValueError, r"x_shard: expected at least 2 dims"),
+        (ar, (x, w), dict(group=group, comm="mpi"), ValueError, r"comm: expected one of"),
+        (rs, (x, w), dict(group=group, x_scale=torch.ones(())), TypeError, r"x_scale: applies to fp8 operands only"),
+        (ag, (x, w), dict(group=group, no_such_knob=1), TypeError, r"no_such_knob"),
     ]
-    for i, (call, exc, pattern) in enumerate(cases):
-        try:
-            call()
-        except exc as e:
-            import re
-
-            assert re.search(pattern, str(e)), f"case {i}: message {str(e)!r} does not match {pattern!r}"
-        else:
-            raise AssertionError(f"case {i}: no {exc.__name__} raised")
+    for i, (op, args, kwargs, exc, pattern) in enumerate(cases):
+        for fn in (getattr(overlap, op), getattr(overlap, op + "_reference")):
+            try:
+                fn(*args, **kwargs)
+            except exc as e:
+                assert re.search(pattern, str(e)), f"case {i} ({fn.__name__}): message {str(e)!r} does not match {pattern!r}"
+            else:
+                raise AssertionError(f"case {i} ({fn.__name__}): no {exc.__name__} raised")
     # Nothing was issued by the failed calls: the group is still in step.
     y = overlap.matmul_all_reduce(torch.ones(2, 3), torch.ones(3, 2), group=group, chunks=2, kernel="torch")
     assert torch.equal(y, torch.full((2, 2), 3.0 * world)), y
@@ -317,6 +324,15 @@ def _run_bad_inputs(group):
 
 def test_bad_input_raises_before_any_collective(dist2):
     dist2.run(_run_bad_inputs)
+
+
+@pytest.mark.parametrize("op", ["all_gather_matmul", "matmul_reduce_scatter", "matmul_all_reduce"])
+def test_reference_has_the_fused_signature(op):
+    import inspect
+
+    fused, ref = getattr(overlap, op), getattr(overlap, op + "_reference")
+    assert inspect.signature(ref) == inspect.signature(fused)
+    assert ref.__name__ == op + "_reference" and ref.__doc__.startswith(f"Unfused `{op}`")
 
 
 def _run_debug_fingerprint(group):

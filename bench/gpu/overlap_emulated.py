@@ -133,7 +133,7 @@ def time_call(fn, device: torch.device, *, reps: int, warmup: int) -> tuple[floa
 
 # ------------------------------------------------------------------------- launch gaps
 
-CHUNK_RANGES = ("mm piece", "consume")  # overlap.py's nvtx_range labels of chunk launches
+CHUNK_RANGES = ("mm piece", "consume")  # overlap/'s nvtx_range labels of chunk launches
 
 
 def trace_gaps(trace: dict) -> dict:

@@ -1,6 +1,6 @@
 """Column- and row-parallel linears whose collectives overlap their GEMMs (fusedpar.overlap).
 
-Layouts, in the vocabulary of overlap.py: `x_full` replicated on every rank, `x_shard`
+Layouts, in the vocabulary of overlap/: `x_full` replicated on every rank, `x_shard`
 split across ranks on the sequence (token) dim, `y_part` split on the feature (last) dim,
 `y_partial` a partial sum. `w` is always the local `[K, N]` operand, `weight.t()` (a view).
 

@@ -1,7 +1,7 @@
 """The path fusedpar's layers take under `torch.compile`: the layouts and the math of the
 overlapped autograd Functions in linear.py, written in ops the compiler traces.
 
-Eager fusedpar runs chunked schedules (overlap.py): GEMM pieces writing into slices of
+Eager fusedpar runs chunked schedules (overlap/): GEMM pieces writing into slices of
 preallocated outputs, collectives issued asynchronously and in place on a ProcessGroup,
 stream and event objects, `data_ptr` checks, a log line naming the GEMM backend. None of
 that traces (dynamo graph-breaks on each), so `torch.compile(block, fullgraph=True)`, as

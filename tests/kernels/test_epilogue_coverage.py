@@ -80,7 +80,7 @@ def requested_epilogues() -> dict[str, set[tuple[str, bool]]]:
             if "activation" in kws and isinstance(kws["activation"], ast.Constant):
                 acts = {kws["activation"].value}
             elif "activation" in kws:
-                acts = set(ACTIVATIONS) if path.name == "overlap.py" else set(mlp._ACTS)
+                acts = set(ACTIVATIONS) if path.parent.name == "overlap" else set(mlp._ACTS)
             else:
                 acts = {"silu" if op == "gated" else None}  # the launchers' defaults
             flags = [(False, True) if k in kws else (False,) for k in ("bias", "accumulate", "return_preact")]
