@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from ..comm import device_mesh
 from ..layers.linear import split_to_shard
+from .torch_styles import key_regex
 
 __all__ = ["dtensor_output", "accept_dtensor_input", "split_sequence_output", "placements"]
 
@@ -103,9 +104,7 @@ def _paths(matches: dict[str, tuple[str, str]], keys: Any) -> set[str]:
 
 
 def _modules(model: nn.Module, key: str) -> list[str]:
-    import re
-
-    rx = re.compile("".join("[^.]+" if part == "*" else re.escape(part) for part in re.split(r"(\*)", key)) + "$")
+    rx = key_regex(key)
     return [name for name, _ in model.named_modules() if name and rx.match(name)]
 
 

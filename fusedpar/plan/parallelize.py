@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -69,7 +68,7 @@ from .islands import check_layer_inputs, install_islands, sequence_islands
 from .region import NoDecoderLayers, decoder_layers, has_decoder_layers, install_sequence_region
 from .styles import check_row_inputs, inside_experts, plan_styles
 from .ties import complete_tied_plan, retie
-from .torch_styles import TorchPlan, read_plan
+from .torch_styles import TorchPlan, key_regex, read_plan
 from .unplanned import unplanned_modules, watch_unplanned
 
 __all__ = ["parallelize", "full_state_dict", "STYLES", "resolve_plan"]
@@ -127,7 +126,7 @@ def _auto_prefix(model: nn.Module, base_plan: Mapping[str, str]) -> str:
     candidates = [_base_prefix(model)] + [name + "." for name, _ in model.named_children()]
 
     def hits(prefix: str) -> int:
-        return sum(any(_key_regex(prefix + key).match(n) for n in names) for key in base_plan)
+        return sum(any(key_regex(prefix + key).match(n) for n in names) for key in base_plan)
 
     return max(candidates, key=hits)  # the first of the best
 
@@ -137,10 +136,6 @@ def _targets(model: nn.Module) -> list[str]:
     return [name for name, _ in model.named_modules() if name] + [name for name, _ in model.named_parameters()]
 
 
-def _key_regex(key: str) -> re.Pattern[str]:
-    return re.compile("".join("[^.]+" if part == "*" else re.escape(part) for part in re.split(r"(\*)", key)) + "$")
-
-
 def _match(model: nn.Module, plan: dict[str, str], *, unmatched_ok: bool = False) -> dict[str, tuple[str, str]]:
     """`{module or parameter path: (style, plan key)}`; no path two styles. Every key must
     match, except with `unmatched_ok` (a model's own plan covers variants the model may not
@@ -148,7 +143,7 @@ def _match(model: nn.Module, plan: dict[str, str], *, unmatched_ok: bool = False
     names = _targets(model)
     found: dict[str, tuple[str, str]] = {}
     for key, style in plan.items():
-        rx = _key_regex(key)
+        rx = key_regex(key)
         hits = [n for n in names if rx.match(n)]
         if style not in STYLES:
             where = f"{hits[0]} (plan key {key!r})" if hits else f"plan key {key!r}"

@@ -25,13 +25,14 @@ why, before anything is converted.
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
-__all__ = ["is_torch_style", "string_plan", "read_plan", "TorchPlan"]
+__all__ = ["is_torch_style", "string_plan", "read_plan", "TorchPlan", "key_regex"]
 
 _SEQ = ("shard(1)", "shard(-2)")
 
@@ -48,6 +49,11 @@ class TorchPlan:
     seq_out: dict[str, int] = field(default_factory=dict)  # rowwise / embedding keys → the sequence dim split at exit
     gathers: set[str] = field(default_factory=set)  # PrepareModuleInput keys: their input is gathered
     dtensor_out: dict[str, str] = field(default_factory=dict)  # key → "replicate" / "shard(d)" for DTensor outputs
+
+
+def key_regex(key: str) -> re.Pattern[str]:
+    """A plan key as a regex over module / parameter paths: `*` matches one path component."""
+    return re.compile("".join("[^.]+" if part == "*" else re.escape(part) for part in re.split(r"(\*)", key)) + "$")
 
 
 def is_torch_style(style: Any) -> bool:
