@@ -31,8 +31,8 @@ gather it, `packed_state_dict_hooks`), so a checkpoint loads into a plain model.
 
 The compute path never dispatches through DTensor: kernels read `local_tensor(p)`, and modules read
 `local_param(p)` in forward: the local tensor itself under no_grad (decode: nothing added),
-else a view of it made by one small autograd node whose backward wraps the local gradient
-into the DTensor `.grad`.
+else a plain leaf aliasing it whose accumulated gradient a hook hands on to the DTensor
+`.grad` (`_grad_leaf`).
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ from . import traced
 
 __all__ = ["ParamShard", "shard_parameter", "param_shards", "local_shard", "gather_shard", "tp_parameter",
            "local_tensor", "local_param", "install_local_views", "replicate_parameters", "is_dtensor",
-           "register_state_dict_hooks"]
+           "register_state_dict_hooks", "param_of"]
 
 
 @dataclass(frozen=True)
@@ -227,12 +227,12 @@ def local_tensor(t: Tensor) -> Tensor:
 
 
 class _LocalView(torch.autograd.Function):
-    """`p` (a DTensor parameter) → its local tensor in the kernels' layout, as a view.
+    """`p` (a DTensor that is not a leaf: computed in forward) → its local tensor in the
+    kernels' layout, as a view, keeping `p`'s autograd history.
 
     forward   the local tensor (a view; packed parts flattened)     no comm
-    backward  the local gradient wrapped as a DTensor with `p`'s placement (the `.grad`
-              DTensor torch's tools expect); no comm: reductions of partial gradients
-              are the layers' business, as before
+    backward  the local gradient wrapped as a DTensor with `p`'s placement; no comm:
+              reductions of partial gradients are the layers' business
     """
 
     @staticmethod
@@ -250,18 +250,112 @@ class _LocalView(torch.autograd.Function):
         return DTensor(grad, ctx.spec, requires_grad=False)
 
 
+class _GradToParam:
+    """The post-accumulate hook of a parameter's gradient leaf (`_grad_leaf`): moves the
+    local gradient the leaf just accumulated into the parameter's DTensor `.grad`, doing for
+    the parameter what autograd's AccumulateGrad would: its tensor hooks (`register_hook`)
+    see the DTensor gradient first, the gradient is stored (or added in place to the one
+    there), then its post-accumulate hooks run. No comm."""
+
+    __slots__ = ("param",)
+
+    def __init__(self, param: nn.Parameter) -> None:
+        self.param = weakref.ref(param)
+
+    def __call__(self, leaf: Tensor) -> None:
+        local, leaf.grad = leaf.grad, None
+        p = self.param()
+        if p is None or local is None:
+            return
+        if p.__dict__.get("_fusedpar_packed") is not None:
+            local = local.view(p._local_tensor.shape)
+        grad = DTensor(local, p._spec, requires_grad=False)
+        hooks = p._backward_hooks
+        if hooks:
+            for hook in tuple(hooks.values()):
+                out = hook(grad)
+                if out is not None:
+                    grad = out
+        held = p.grad
+        if held is None:
+            p.grad = grad
+        elif type(held) is DTensor and held._spec is p._spec and type(grad) is DTensor and grad._spec is p._spec:
+            held._local_tensor.add_(grad._local_tensor)  # AccumulateGrad adds in place too
+        else:
+            with torch.no_grad():
+                held += grad
+        post = p._post_accumulate_grad_hooks
+        if post:
+            for hook in tuple(post.values()):
+                hook(p)
+
+
+def _grad_leaf(p: Tensor) -> Tensor:
+    """The plain tensor a leaf DTensor parameter's forward computes with when a gradient is
+    wanted: its local tensor in the kernels' layout, detached (same storage and version
+    counter) and made an autograd leaf of its own, kept on `p` while `p`'s local tensor is
+    the same one. Autograd accumulates into it in C++ at the cost of a plain parameter; its
+    hook (`_GradToParam`) hands the gradient on to `p.grad` as a DTensor. One Python call per
+    parameter per backward replaces a Python autograd node per use and DTensor dispatch in
+    AccumulateGrad (`detach`, and `add_` when gradients accumulate), which cost 30 % of a
+    decode-sized linear's forward+backward (bench/dtensor_params.py)."""
+    lt = p._local_tensor
+    kept = p.__dict__.get("_fusedpar_leaf")
+    if kept is not None and kept[0] is lt:
+        return kept[1]
+    leaf = _kernel_layout(lt, p.__dict__.get("_fusedpar_packed")).detach().requires_grad_(True)
+    leaf.register_post_accumulate_grad_hook(_GradToParam(p))
+    leaf._fusedpar_param = weakref.ref(p)  # graph walkers see the parameter behind it (`param_of`)
+    p.__dict__["_fusedpar_leaf"] = (lt, leaf)
+    return leaf
+
+
+def param_of(t: Tensor) -> Tensor:
+    """The DTensor parameter whose gradient leaf `t` is (`_grad_leaf`), else `t`: for code that
+    finds parameters by walking the autograd graph (AccumulateGrad's `variable`)."""
+    ref = t.__dict__.get("_fusedpar_param")
+    p = ref() if ref is not None else None
+    return t if p is None else p
+
+
+def _refuse_localized(p: Tensor) -> None:
+    # torch's DistributedDataParallel(module, device_mesh=mesh["dp"]) over a tensor-parallel
+    # model (its _pre_dp_module_transform) turns every DTensor parameter into a plain
+    # parameter marked `_st_info` and rebuilds a DTensor from it before each forward, as a
+    # module attribute: from then on named_parameters(), state_dict() and DCP see none of
+    # them, and a checkpoint silently holds no weights (the same under torch's own
+    # parallelize_module). Refused at the first forward, before any step.
+    base = p._local_tensor._base
+    if base is not None and hasattr(base, "_st_info"):
+        raise RuntimeError(
+            "fusedpar: a parameter was replaced by torch's DistributedDataParallel(..., device_mesh=...) "
+            "(_pre_dp_module_transform): after this forward the model's named_parameters(), state_dict() and "
+            "torch.distributed.checkpoint would hold none of its tensor-parallel parameters (torch's own "
+            "parallelize_module alike). Expected data parallelism by FSDP2 over the dp dim (torchtitan's "
+            "recipe: fully_shard(model, mesh=mesh['dp'])), got DDP")
+
+
 def local_param(p: Tensor | None) -> Tensor | None:
     """What a module computes with in forward: `p` itself when it is a plain tensor; for a
-    DTensor parameter, its local tensor, linked to `p` by autograd when a gradient is wanted
-    (`_LocalView`; under torch.compile, `to_local()`, which the compiler traces)."""
+    DTensor parameter, its local tensor (kernels' layout), linked to `p` when a gradient is
+    wanted: through a gradient leaf for a leaf parameter (`_grad_leaf`: no Python autograd
+    node, `p.grad` a DTensor as torch's tools expect), through `_LocalView` for a DTensor
+    computed in forward (its history kept), through `to_local()` under torch.compile (which
+    the compiler traces).
+
+    Since a leaf parameter itself is not in the graph, `torch.autograd.grad(loss, [p])` finds
+    it unused (use `.backward()` and read `p.grad`), and hooks put on its AccumulateGrad node
+    (`p.view_as(p).grad_fn.next_functions[0][0]`) do not run; `p.register_hook` and
+    `p.register_post_accumulate_grad_hook` hooks do."""
     if p is None or not isinstance(p, DTensor):
         return p
     if not (p.requires_grad and torch.is_grad_enabled()):
         return local_tensor(p)
     if torch.compiler.is_compiling():
         return _kernel_layout(p.to_local(), getattr(p, "_fusedpar_packed", None))
-    # one node per call, not one cached across forwards: FSDP2 re-registers its unsharded
-    # parameters every step, and a node reused from an earlier step left them without .grad
+    if p.grad_fn is None:
+        return _grad_leaf(p)
+    _refuse_localized(p)
     return _LocalView.apply(p)
 
 
@@ -270,6 +364,10 @@ def _push_views(mod: nn.Module, *, copy: bool = False) -> None:
     # its forward, and the views must be of what the module holds now. What the push hides
     # is kept, and the pop puts it back, so an inner module's hook never takes away what an
     # outer one showed, and a compiled forward ends with the instance dict it started with.
+    if not mod._parameters:  # taken away: by torch's DDP transform? (refused, `_refuse_localized`)
+        for value in tuple(mod.__dict__.values()):
+            if isinstance(value, DTensor):
+                _refuse_localized(value)
     hidden: dict[str, Tensor | None] = {}
     reduce = mod.__dict__.get("_fusedpar_grad_reduce")  # (group, region): set by norm.all_reduce_grads
     for name, p in mod._parameters.items():

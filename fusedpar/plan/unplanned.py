@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from ..comm import get_communicator
 from ..layers.norm import all_reduced_grad
-from ..layers.sharding import param_shards
+from ..layers.sharding import param_of, param_shards
 from .blocks import layer_blocks
 
 __all__ = ["watch_unplanned", "reads_split", "unplanned_modules"]
@@ -86,7 +86,7 @@ def reads_split(tensors: list[Tensor], sharded: set[int]) -> bool:
             continue
         variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf parameter
         if variable is not None:
-            if id(variable) in sharded:
+            if id(param_of(variable)) in sharded:  # a parameter's gradient leaf stands for it
                 return True
             continue
         stack.extend(fn for fn, _ in node.next_functions)

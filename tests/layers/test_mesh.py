@@ -1,6 +1,7 @@
 """DeviceMesh wherever a group is taken, and 2-D parallelism: a 2x2 ("dp", "tp") mesh on 4
 gloo ranks, tensor parallelism by fusedpar inside, data parallelism by FSDP2 `fully_shard`
-outside, against one process training on the full batch (DDP refuses DTensor parameters)."""
+outside, against one process training on the full batch (DDP cannot keep DTensor parameters:
+refused loudly, by torch at construction or by fusedpar at the first forward)."""
 from __future__ import annotations
 
 import copy
@@ -57,17 +58,27 @@ def _run_two_d(group, dp_kind: str, sp: bool, ckpt: str | None = None):
     ref = build("llama")
     model = parallelize(copy.deepcopy(ref), "auto", group=mesh["tp"], sequence_parallel=sp, kernel="torch")
     if dp_kind == "ddp":
-        # DDP does not take DTensor parameters (torch's limitation, DTensor TP alike; its
-        # _pre_dp_module_transform leaves named_parameters() empty after a forward): it
-        # refuses at construction, loudly. Data parallelism over fusedpar is FSDP2's.
+        # DDP does not keep DTensor parameters (torch's limitation, DTensor TP alike). Built with
+        # process_group= it refuses them at construction; built with device_mesh= (torch's
+        # DDP + TP recipe, _pre_dp_module_transform) it takes them away from
+        # named_parameters() after the first forward, and fusedpar refuses that forward on
+        # every rank. Data parallelism over fusedpar is FSDP2's.
         try:
             DDP(model, process_group=mesh["dp"].get_group())
         except RuntimeError as e:
             # torch 2.13 names DTensor; torch 2.11 (the GPU machine's) fails flattening the
             # sharded parameters for its buckets: loud at construction either way
             assert "DTensor" in str(e) or "flatten multiple dimensions" in str(e), str(e)
+        else:
+            raise AssertionError("DDP(process_group=) took DTensor parameters without an error")
+        ddp = DDP(model, device_mesh=mesh["dp"])
+        ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(dp_rank))
+        try:
+            ddp(ids, labels=ids)
+        except RuntimeError as e:
+            assert "DistributedDataParallel(..., device_mesh=...)" in str(e) and "FSDP2" in str(e), str(e)
             return True
-        raise AssertionError("DDP took DTensor parameters without an error")
+        raise AssertionError("DDP(device_mesh=) ran a forward whose parameters then vanish from named_parameters()")
     else:  # torchtitan's recipe: each decoder layer a unit, then the root
         for layer in model.model.layers:
             fully_shard(layer, mesh=mesh["dp"])
