@@ -44,6 +44,7 @@ shards (MoE, latent attention, gathered-output styles) run on the gathered seque
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from collections.abc import Mapping
 from typing import Any
 
@@ -160,8 +161,86 @@ def _parent(path: str) -> str:
     return path.rsplit(".", 1)[0] if "." in path else ""
 
 
+@dataclass
+class _Checked:
+    """A plan read into style objects and checked (no comm): what the passes read."""
+
+    matches: dict[str, tuple[str, str]]  # {module or parameter path: (style string, plan key)}
+    sites: list[Site]  # every entry with its style object, in plan order (styles.py)
+    builds: dict[str, dict[str, Any]]  # the linears': what each builds (styles.py), by path
+    torch_plan: TorchPlan  # what torch's styles say beyond fusedpar's (torch_styles.py)
+    split_ties: list[list[tuple[str, str]]]  # ties the plan splits (ties.py)
+    literal: bool  # torch's sequence layouts taken literally (module by module plans)
+    region_name: str  # fusedpar's sequence-parallel region: the decoder layers' path ("" when off)
+    region: Any  # ... and the layers themselves (None when off)
+    state: SequenceRegion | None
+    islands: set[str]  # blocks run on the whole sequence inside the region (islands.py)
+    unplanned: dict[str, nn.Module]  # modules next to split layers, watched (unplanned.py)
+
+
+def _check(model: nn.Module, plan: Mapping[str, Any] | str, *, group: Any, sequence_parallel: bool,
+           loss_parallel: bool, knobs: Knobs) -> _Checked:
+    """Read `plan` into style objects and check everything (no comm), so a bad plan raises on
+    every rank before any collective: the plan keys, the linears (what each builds), what
+    their inputs need, every other style, then the sequence layout."""
+    world = dist.get_world_size(group)
+    torch_plan = read_plan(model, plan) if isinstance(plan, Mapping) else TorchPlan()
+    if torch_plan.sequence and not sequence_parallel:
+        raise ValueError("parallelize: plan: its torch styles split the sequence (Shard(1) layouts or "
+                         "SequenceParallel), expected sequence_parallel=True, got False")
+    resolved = resolve_plan(model, plan)
+    if loss_parallel:
+        resolved = embedding.loss_parallel_plan(model, resolved)
+    matches = _match(model, resolved, unmatched_ok=isinstance(plan, str))
+    split_ties = complete_tied_plan(model, matches)  # a split tie's other member split the same way (ties.py)
+    sites = plan_sites(model, matches, group=group, knobs=knobs, given=torch_plan.styles)
+    params = dict(model.named_parameters())
+    linears = [at for at in sites if at.style.stage == "linears"]
+    for at in linears:
+        at.style.check(at)
+    builds = {at.path: at.build for at in linears}
+    check_row_inputs(linears)
+    for at in sites:
+        if at.style.stage != "linears":
+            at.style.check(at)
+
+    # A torch plan applied module by module (no decoder layers in its keys: torchtitan calls
+    # parallelize_module per block) means its layouts literally: the sequence is split where
+    # a style's output is Shard(1) and gathered where an input is (torch_layouts). Otherwise
+    # sequence parallelism is fusedpar's region over the decoder layers, whatever the layouts.
+    literal = sequence_parallel and torch_plan.has_torch and not has_decoder_layers(model, matches)
+    literal_sp = layouts.literal_sequence_layers(model, matches, torch_plan, builds) if literal else set()
+    region_name, region = decoder_layers(model, matches) if sequence_parallel and not literal else ("", None)
+    islands: set[str] = set()
+    if region is not None:
+        check_layer_inputs(region[0], region_name)
+        islands = sequence_islands(matches, set(params), region_name, region)
+
+    def in_region(path: str) -> bool:  # sequence-parallel: in the decoder layers, outside islands
+        return (bool(region_name) and path.startswith(region_name + ".")
+                and not any(path.startswith(i + ".") for i in islands))
+
+    unplanned: dict[str, nn.Module] = {}
+    try:  # decoder-layer models: unplanned modules with parameters in blocks with split layers
+        unplanned = unplanned_modules(matches, *decoder_layers(model, matches))
+        if region is not None:
+            unplanned = {p: m for p, m in unplanned.items() if not in_region(p)}
+    except NoDecoderLayers:
+        pass  # other models: a parameter next to parallel layers may see replicated inputs
+    state = SequenceRegion(world) if region is not None else None
+    for at in sites:  # which modules run on sequence shards
+        if literal:  # torch's layouts: the linears literal_sequence_layers found, SequenceParallel() norms
+            at.sequence_parallel = at.path in literal_sp or at.name == "sequence_parallel"
+        else:  # fusedpar's region (a norm outside it, e.g. the final one, sees every token)
+            at.sequence_parallel = in_region(at.path)
+        at.region = state
+    return _Checked(matches, sites, builds, torch_plan, split_ties, literal, region_name, region, state, islands,
+                    unplanned)
+
+
 def _apply(model: nn.Module, sites: list[Site], stage: str, group: Any) -> None:
-    """Apply every style of `stage`, in plan order; a module a style replaces takes its place."""
+    """Apply every style of `stage` (styles.py), in plan order; a module a style replaces
+    takes its place."""
     for at in sites:
         if at.style.stage != stage:
             continue
@@ -169,6 +248,60 @@ def _apply(model: nn.Module, sites: list[Site], stage: str, group: Any) -> None:
         if new is not at.module:
             parent_path, _, leaf = at.path.rpartition(".")
             setattr(model.get_submodule(parent_path), leaf, new)
+
+
+def _column_groups(model: nn.Module, builds: dict[str, dict[str, Any]]) -> None:
+    """Column-parallel siblings that read their parent's input: one fused GEMM per parent and
+    sequence layout (groups.py)."""
+    by_parent: dict[str, list[str]] = {}
+    for path, b in builds.items():
+        if b["kind"] in ("col", "rep") and not b.get("gather_output") and reads_hidden(model, path):
+            by_parent.setdefault(_parent(path), []).append(path)
+    for parent_path, paths in by_parent.items():
+        layers = [model.get_submodule(p) for p in paths]
+        for sp in sorted({layer.spec.sequence_parallel for layer in layers}):  # one fused GEMM per layout
+            install_column_group(model.get_submodule(parent_path), [l for l in layers if l.spec.sequence_parallel == sp],
+                           parent_path)
+
+
+def _sequence_region(model: nn.Module, c: _Checked, *, group: Any, comm: str) -> None:
+    """Split the residual stream inside the decoder layers (region.py); norms and other
+    unplanned blocks with parameters there all-reduce their gradients; islands run on the
+    whole sequence (islands.py)."""
+    assert c.region is not None and c.state is not None
+    entry_check = install_input_check(model, c.region_name, group=group, planned=set(c.matches))
+    install_sequence_region(c.region, c.region_name, group=group, comm=comm, state=c.state, entry_check=entry_check)
+    planned = set(c.matches)
+    for i, layer in enumerate(c.region):
+        for path, child in layer_blocks(layer, f"{c.region_name}.{i}"):  # lists opened: LongCat's two norms
+            owns_params = any(True for _ in child.parameters(recurse=False))
+            holds_plan = any(p == path or p.startswith(path + ".") for p in planned)
+            if owns_params and not holds_plan and path not in c.islands:
+                all_reduce_grads(child, group=group, comm=comm, region=c.state)
+    install_islands(model, c.islands, c.region, group=group, comm=comm, state=c.state)
+
+
+def _block_reductions(model: nn.Module, c: _Checked, *, group: Any, comm: str) -> None:
+    """MoE blocks with a shared expert: one reduction where exact (block_reduction.py)."""
+    try:
+        install_block_reductions(model, c.matches, c.builds, c.islands, *decoder_layers(model, c.matches),
+                                 group=group, comm=comm)
+    except NoDecoderLayers:
+        pass
+
+
+def _fp8(model: nn.Module, builds: dict[str, dict[str, Any]], recipe: Any, *, loss_parallel: bool) -> None:
+    """The parallel linears' and the grouped expert GEMMs in fp8 (layers/fp8.py). The LM head
+    stays high precision, as the recipe says, also when loss_parallel made it column-parallel:
+    fp8 logits would round the loss itself."""
+    head = model.get_output_embeddings() if loss_parallel else None
+    for path in builds:
+        layer = model.get_submodule(path)
+        if layer is not head:
+            enable_fp8(layer, recipe)
+    for module in model.modules():  # the grouped expert GEMMs (layers/moe.py)
+        if getattr(module, "_fusedpar_experts", None) == "grouped":
+            enable_fp8(module, recipe)
 
 
 def parallelize(
@@ -205,123 +338,33 @@ def parallelize(
     check_parallelize_agrees(model, plan, group=group, settings=dict(  # ranks agree (agreement.py)
         sequence_parallel=sequence_parallel, loss_parallel=loss_parallel, fp8=recipe, chunks=chunks, kernel=kernel,
         comm=comm, save_gathered_input=save_gathered_input), resolve=resolve_plan)
-    world = dist.get_world_size(group)
-    torch_plan = read_plan(model, plan) if isinstance(plan, Mapping) else TorchPlan()
-    if torch_plan.sequence and not sequence_parallel:
-        raise ValueError("parallelize: plan: its torch styles split the sequence (Shard(1) layouts or "
-                         "SequenceParallel), expected sequence_parallel=True, got False")
-    resolved = resolve_plan(model, plan)
-    if loss_parallel:
-        resolved = embedding.loss_parallel_plan(model, resolved)
-    matches = _match(model, resolved, unmatched_ok=isinstance(plan, str))
-    split_ties = complete_tied_plan(model, matches)  # a split tie's other member split the same way (ties.py)
-    sites = plan_sites(model, matches, group=group, knobs=Knobs(chunks, kernel, comm, save_gathered_input),
-                       given=torch_plan.styles)  # every entry a style object (styles.py)
-    params = dict(model.named_parameters())
+    c = _check(model, plan, group=group, sequence_parallel=sequence_parallel, loss_parallel=loss_parallel,
+               knobs=Knobs(chunks, kernel, comm, save_gathered_input))  # raises before any conversion
 
-    # 1. Check everything (no comm), so a bad plan raises on every rank before any collective:
-    #    the linears first (what each builds), then what their inputs need, then every other style.
-    linears = [at for at in sites if at.style.stage == "linears"]
-    for at in linears:
-        at.style.check(at)
-    builds = {at.path: at.build for at in linears}
-    check_row_inputs(linears)
-    for at in sites:
-        if at.style.stage != "linears":
-            at.style.check(at)
-    # A torch plan applied module by module (no decoder layers in its keys: torchtitan calls
-    # parallelize_module per block) means its layouts literally: the sequence is split where
-    # a style's output is Shard(1) and gathered where an input is (torch_layouts). Otherwise
-    # sequence parallelism is fusedpar's region over the decoder layers, whatever the layouts.
-    literal = sequence_parallel and torch_plan.has_torch and not has_decoder_layers(model, matches)
-    literal_sp = layouts.literal_sequence_layers(model, matches, torch_plan, builds) if literal else set()
-    region_name, region = decoder_layers(model, matches) if sequence_parallel and not literal else ("", None)
-    islands: set[str] = set()  # blocks run on the whole sequence inside the region (islands.py)
-    if region is not None:
-        check_layer_inputs(region[0], region_name)
-        islands = sequence_islands(matches, set(params), region_name, region)
-
-    def in_region(path: str) -> bool:  # sequence-parallel: in the decoder layers, outside islands
-        return (bool(region_name) and path.startswith(region_name + ".")
-                and not any(path.startswith(i + ".") for i in islands))
-
-    unplanned: dict[str, nn.Module] = {}
-    try:  # decoder-layer models: unplanned modules with parameters in blocks with split layers
-        unplanned = unplanned_modules(matches, *decoder_layers(model, matches))
-        if region is not None:
-            unplanned = {p: m for p, m in unplanned.items() if not in_region(p)}
-    except NoDecoderLayers:
-        pass  # other models: a parameter next to parallel layers may see replicated inputs
-    state = SequenceRegion(world) if region is not None else None
-    for at in sites:  # which modules run on sequence shards
-        if literal:  # torch's layouts: the linears literal_sequence_layers found, SequenceParallel() norms
-            at.sequence_parallel = at.path in literal_sp or at.name == "sequence_parallel"
-        else:  # fusedpar's region (a norm outside it, e.g. the final one, sees every token)
-            at.sequence_parallel = in_region(at.path)
-        at.region = state
-
-    # 2. Convert: the linears, then the other styles (sharded parameters, experts, embeddings,
-    #    hooks), then the gradient all-reduces of replicated parameters whose gradients are
-    #    per-rank partial sums, once every parameter is a DTensor on the TP mesh (sharding.py:
-    #    torch's tools see the shards; gradient hooks hold on to parameter objects).
-    _apply(model, sites, "linears", group)
-    _apply(model, sites, "modules", group)
-    retie(model, split_ties)
+    _apply(model, c.sites, "linears", group)  # the parallel linears
+    _apply(model, c.sites, "modules", group)  # sharded parameters, experts, embeddings, partial-sum hooks
+    retie(model, c.split_ties)  # a split tie's members share one parameter again (ties.py)
+    # Every parameter a DTensor on the TP mesh (sharding.py): torch's tools see the shards.
+    # Before any gradient hook is registered: hooks hold on to parameter objects.
     replicate_parameters(model, group=group, owned=_PARALLEL_LINEARS)
-    _apply(model, sites, "grads", group)
-
-    # 3. Layouts at module edges, unplanned modules, the vocabulary-split loss.
-    if torch_plan.has_torch:  # DTensors and sequence shards at the modules' edges (layouts.py)
-        layouts.install_torch_layouts(model, matches, builds, torch_plan, literal, group=group, comm=comm)
-    if unplanned:
-        watch_unplanned(model, unplanned, group=group, comm=comm)
+    _apply(model, c.sites, "grads", group)  # replicated parameters whose gradients are partial sums
+    if c.torch_plan.has_torch:  # DTensors and sequence shards at the modules' edges (layouts.py)
+        layouts.install_torch_layouts(model, c.matches, c.builds, c.torch_plan, c.literal, group=group, comm=comm)
+    if c.unplanned:
+        watch_unplanned(model, c.unplanned, group=group, comm=comm)
     if loss_parallel:
         embedding.install_loss_parallel(model, group=group, comm=comm)
-
-    # 4. Attention modules: local head counts; fused column groups under each parent.
-    set_local_heads(model, {p: b for p, b in builds.items() if matches[p][1] not in torch_plan.dtensor_out}, world)
-    by_parent: dict[str, list[str]] = {}
-    for path, b in builds.items():
-        if b["kind"] in ("col", "rep") and not b.get("gather_output") and reads_hidden(model, path):
-            by_parent.setdefault(_parent(path), []).append(path)
-    for parent_path, paths in by_parent.items():
-        layers = [model.get_submodule(p) for p in paths]
-        for sp in sorted({layer.spec.sequence_parallel for layer in layers}):  # one fused GEMM per layout
-            install_column_group(model.get_submodule(parent_path), [l for l in layers if l.spec.sequence_parallel == sp],
-                           parent_path)
-
-    # 5. Sequence parallelism: split the residual stream inside the decoder layers.
-    if region is not None:
-        assert region is not None and state is not None
-        entry_check = install_input_check(model, region_name, group=group, planned=set(matches))
-        install_sequence_region(region, region_name, group=group, comm=comm, state=state, entry_check=entry_check)
-        planned = set(matches)
-        for i, layer in enumerate(region):
-            for path, child in layer_blocks(layer, f"{region_name}.{i}"):  # lists opened: LongCat's two norms
-                owns_params = any(True for _ in child.parameters(recurse=False))
-                holds_plan = any(p == path or p.startswith(path + ".") for p in planned)
-                if owns_params and not holds_plan and path not in islands:
-                    all_reduce_grads(child, group=group, comm=comm, region=state)
-        install_islands(model, islands, region, group=group, comm=comm, state=state)
-    try:  # MoE blocks with a shared expert: one reduction where exact (block_reduction.py)
-        install_block_reductions(model, matches, builds, islands, *decoder_layers(model, matches), group=group,
-                                 comm=comm)
-    except NoDecoderLayers:
-        pass
+    heads = {p: b for p, b in c.builds.items() if c.matches[p][1] not in c.torch_plan.dtensor_out}
+    set_local_heads(model, heads, dist.get_world_size(group))  # attention modules' local head counts (heads.py)
+    _column_groups(model, c.builds)
+    if c.region is not None:
+        _sequence_region(model, c, group=group, comm=comm)
+    _block_reductions(model, c, group=group, comm=comm)
     if recipe is not None:
-        # The LM head stays high precision, as the recipe says, also when loss_parallel made
-        # it column-parallel: fp8 logits would round the loss itself.
-        head = model.get_output_embeddings() if loss_parallel else None
-        for path in builds:
-            layer = model.get_submodule(path)
-            if layer is not head:
-                enable_fp8(layer, recipe)
-        for module in model.modules():  # the grouped expert GEMMs (layers/moe.py)
-            if getattr(module, "_fusedpar_experts", None) == "grouped":
-                enable_fp8(module, recipe)
+        _fp8(model, c.builds, recipe, loss_parallel=loss_parallel)
     replicate_parameters(model, group=group, owned=_PARALLEL_LINEARS)  # any made since (idempotent)
-    model._fusedpar_parallel = {"group": group, "sequence_parallel": sequence_parallel, "plan": dict(matches),
-                                "region": state}
+    model._fusedpar_parallel = {"group": group, "sequence_parallel": sequence_parallel, "plan": dict(c.matches),
+                                "region": c.state}
     return model
 
 
