@@ -5,12 +5,13 @@
     full_state_dict(model)                    the unsharded weights gathered back for saving
     resolve_plan(model, plan)                 the plan as {path pattern: style string}
 
-The plan is data and the styles are behaviour: torch's ParallelStyles are read into
-fusedpar's styles (torch_styles.py), every entry is checked before any conversion
-(parallelize.py, styles.py), then the whole-model passes run, one file each:
+The plan is data and the styles are behaviour: each style is one object with `check(at)`
+and `apply(module, mesh, at)`, and one table maps every Hugging Face string to its object
+(styles.py); torch's ParallelStyles are read as the same objects (torch_styles.py). Every
+entry is checked before any conversion, the styles are applied (the linears, then the other
+styles, then gradient hooks), then the whole-model passes run, one file each:
 
     ties.py             tied weights split alike and re-tied
-    styles.py           non-linear styles: sharded parameters, experts, embeddings, partial sums
     layouts.py          torch's layouts at module edges: DTensor in/out, sequence shards
     islands.py          the sequence-parallel region's blocks that run on the whole sequence
     unplanned.py        unplanned modules next to split layers: gradients all-reduced

@@ -135,7 +135,7 @@ def install_torch_layouts(model: nn.Module, matches: dict[str, tuple[str, str]],
     DTensor inputs taken apart at every parallel linear, and, with literal sequence layouts,
     embeddings whose output leaves as a sequence shard."""
     for path, (style, key) in matches.items():
-        if key not in plan.strings:
+        if key not in plan.styles:
             continue
         module = model.get_submodule(path) if path else model
         if literal and key in plan.seq_out and style.startswith("embedding_"):

@@ -10,7 +10,7 @@ head stay replicated unless the plan names them. Every check (plan keys, styles,
 types, divisibility of heads / features) runs before the first conversion, so a bad plan
 raises on every rank alike and no collective is ever left waiting.
 
-Styles (a key may name a module or a parameter):
+Styles (a key may name a module or a parameter), each one object of styles.py's table:
     colwise                          ColumnParallelLinear (output split on features); on a
                                      bare parameter: split dim ndim-2 (layers/sharding.py)
     colwise_rep, colwise_gather_output   ColumnParallelLinear(gather_output=True)
@@ -43,8 +43,8 @@ shards (MoE, latent attention, gathered-output styles) run on the gathered seque
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
+from dataclasses import dataclass
 from collections.abc import Mapping
 from typing import Any
 
@@ -56,8 +56,7 @@ from ..layers import embedding
 from ..layers.fp8 import as_recipe, enable_fp8
 from ..layers.linear import ColumnParallelLinear, ReplicatedColumnLinear, RowParallelLinear, SequenceRegion
 from ..layers.norm import all_reduce_grads
-from ..layers.packed import PackedColumnParallelLinear, PackedRowParallelLinear
-from ..layers.sharding import ParamShard, gather_shard, local_tensor, param_shards, replicate_parameters
+from ..layers.sharding import gather_shard, local_tensor, param_shards, replicate_parameters
 from . import layouts
 from .agreement import check_parallelize_agrees, install_input_check
 from .block_reduction import install_block_reductions
@@ -66,7 +65,7 @@ from .heads import set_local_heads
 from .blocks import layer_blocks
 from .islands import check_layer_inputs, install_islands, sequence_islands
 from .region import NoDecoderLayers, decoder_layers, has_decoder_layers, install_sequence_region
-from .styles import check_row_inputs, inside_experts, plan_styles
+from .styles import STYLES, Knobs, Site, check_row_inputs, plan_sites
 from .ties import complete_tied_plan, retie
 from .torch_styles import TorchPlan, key_regex, read_plan
 from .unplanned import unplanned_modules, watch_unplanned
@@ -75,17 +74,6 @@ __all__ = ["parallelize", "full_state_dict", "STYLES", "resolve_plan"]
 
 logger = logging.getLogger("fusedpar")
 
-STYLES = (
-    "colwise", "colwise_rep", "colwise_gather_output",
-    "rowwise", "rowwise_rep", "rowwise_split_input",
-    "packed_colwise", "packed_rowwise",
-    "embedding_rowwise", "embedding_colwise",
-    "moe_tp_experts", "moe_identity_expert", "mla_kv_a_proj", "all_reduce", "local_params",
-    "replicated_with_grad_allreduce", "sequence_parallel", "replicate",
-)
-_COLWISE = {"colwise": False, "colwise_rep": True, "colwise_gather_output": True}  # style → gather_output
-_ROWWISE = {"rowwise": True, "rowwise_rep": False, "rowwise_split_input": False}  # style → input_is_parallel
-_PACKED = {"packed_colwise": "col", "packed_rowwise": "row"}
 _PARALLEL_LINEARS = (ColumnParallelLinear, ReplicatedColumnLinear, RowParallelLinear)
 
 
@@ -173,62 +161,147 @@ def _parent(path: str) -> str:
     return path.rsplit(".", 1)[0] if "." in path else ""
 
 
-def _head_dim(model: nn.Module, parent: nn.Module) -> int | None:
-    hd = getattr(parent, "head_dim", None)
-    return hd if isinstance(hd, int) and hd > 0 else None
+@dataclass
+class _Checked:
+    """A plan read into style objects and checked (no comm): what the passes read."""
+
+    matches: dict[str, tuple[str, str]]  # {module or parameter path: (style string, plan key)}
+    sites: list[Site]  # every entry with its style object, in plan order (styles.py)
+    builds: dict[str, dict[str, Any]]  # the linears': what each builds (styles.py), by path
+    torch_plan: TorchPlan  # what torch's styles say beyond fusedpar's (torch_styles.py)
+    split_ties: list[list[tuple[str, str]]]  # ties the plan splits (ties.py)
+    literal: bool  # torch's sequence layouts taken literally (module by module plans)
+    region_name: str  # fusedpar's sequence-parallel region: the decoder layers' path ("" when off)
+    region: Any  # ... and the layers themselves (None when off)
+    state: SequenceRegion | None
+    islands: set[str]  # blocks run on the whole sequence inside the region (islands.py)
+    unplanned: dict[str, nn.Module]  # modules next to split layers, watched (unplanned.py)
 
 
-def _plan_linear(model: nn.Module, path: str, style: str, key: str, group: Any) -> dict[str, Any]:
-    """Check one planned linear (no comm); return what to build for it."""
+def _check(model: nn.Module, plan: Mapping[str, Any] | str, *, group: Any, sequence_parallel: bool,
+           loss_parallel: bool, knobs: Knobs) -> _Checked:
+    """Read `plan` into style objects and check everything (no comm), so a bad plan raises on
+    every rank before any collective: the plan keys, the linears (what each builds), what
+    their inputs need, every other style, then the sequence layout."""
     world = dist.get_world_size(group)
-    module = model.get_submodule(path)
-    where = f"parallelize: {path} (plan key {key!r}, style {style!r})"
-    if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
-        # converted by an earlier call (torch's plans come module by module; a tied LM head
-        # is split with its embedding): the style sets its output / input layout again
-        col = isinstance(module, ColumnParallelLinear)
-        if (style in _COLWISE) != col or style in _PACKED or dist.get_process_group_ranks(module.spec.group) != \
-                dist.get_process_group_ranks(group):
-            raise TypeError(f"{where}: expected an nn.Linear (or a fusedpar layer of this style on this group), "
-                            f"got {type(module).__name__} on ranks {dist.get_process_group_ranks(module.spec.group)}")
-        return {"kind": "keep", "gather_output": _COLWISE.get(style), "input_is_parallel": _ROWWISE.get(style)}
-    if not isinstance(module, nn.Linear):
-        raise TypeError(f"{where}: expected an nn.Linear, got {type(module).__name__}")
-    if style in _PACKED:  # [gate; up] halves split on their own (packed.py)
-        dim = 0 if _PACKED[style] == "col" else 1
-        ParamShard(dim, 2).check(module.weight.shape, world, where=f"{where}: weight")
-        return {"kind": _PACKED[style], "parts": 2, "gather_output": False, "input_is_parallel": True}
-    if style in _ROWWISE:
-        if module.in_features % world:
-            raise ValueError(f"{where}: in_features: expected a multiple of the world size {world}, "
-                             f"got {module.in_features}")
-        config = getattr(model, "config", None)
-        heads = {getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)} - {None}
-        if module.out_features in heads and module.out_features != getattr(config, "hidden_size", None):
-            raise ValueError(f"{where}: out_features: {module.out_features} is one feature per attention head, which "
-                             f"the attention reads for its local heads only; a row-parallel layer returns every "
-                             f"head (expected a layer with a hidden-size output, e.g. o_proj)")
-        return {"kind": "row", "input_is_parallel": _ROWWISE[style]}
-    parent = model.get_submodule(_parent(path))
-    hd = _head_dim(model, parent)
-    out = module.out_features
-    if hd is not None and not _COLWISE[style] and out % hd == 0:  # heads (not e.g. one gate per head)
-        heads = out // hd
-        if heads % world == 0:
-            return {"kind": "col", "gather_output": False, "heads": heads, "head_dim": hd}
-        config = getattr(model, "config", None)
-        n_kv = getattr(config, "num_key_value_heads", None)
-        n_q = getattr(config, "num_attention_heads", None)
-        if heads == n_kv and n_q is not None and heads < n_q and world % heads == 0:
-            return {"kind": "rep", "parts": heads, "heads": heads, "head_dim": hd}
-        raise ValueError(
-            f"{where}: heads: expected the number of heads (out_features {out} / head_dim {hd}) to be a "
-            f"multiple of the world size {world} (or, for kv heads, a divisor of it), got {heads}"
-        )
-    if out % world:
-        raise ValueError(f"{where}: out_features: expected a multiple of the world size {world} (the output "
-                         f"features are split across ranks), got {out}")
-    return {"kind": "col", "gather_output": _COLWISE[style]}
+    torch_plan = read_plan(model, plan) if isinstance(plan, Mapping) else TorchPlan()
+    if torch_plan.sequence and not sequence_parallel:
+        raise ValueError("parallelize: plan: its torch styles split the sequence (Shard(1) layouts or "
+                         "SequenceParallel), expected sequence_parallel=True, got False")
+    resolved = resolve_plan(model, plan)
+    if loss_parallel:
+        resolved = embedding.loss_parallel_plan(model, resolved)
+    matches = _match(model, resolved, unmatched_ok=isinstance(plan, str))
+    split_ties = complete_tied_plan(model, matches)  # a split tie's other member split the same way (ties.py)
+    sites = plan_sites(model, matches, group=group, knobs=knobs, given=torch_plan.styles)
+    params = dict(model.named_parameters())
+    linears = [at for at in sites if at.style.stage == "linears"]
+    for at in linears:
+        at.style.check(at)
+    builds = {at.path: at.build for at in linears}
+    check_row_inputs(linears)
+    for at in sites:
+        if at.style.stage != "linears":
+            at.style.check(at)
+
+    # A torch plan applied module by module (no decoder layers in its keys: torchtitan calls
+    # parallelize_module per block) means its layouts literally: the sequence is split where
+    # a style's output is Shard(1) and gathered where an input is (torch_layouts). Otherwise
+    # sequence parallelism is fusedpar's region over the decoder layers, whatever the layouts.
+    literal = sequence_parallel and torch_plan.has_torch and not has_decoder_layers(model, matches)
+    literal_sp = layouts.literal_sequence_layers(model, matches, torch_plan, builds) if literal else set()
+    region_name, region = decoder_layers(model, matches) if sequence_parallel and not literal else ("", None)
+    islands: set[str] = set()
+    if region is not None:
+        check_layer_inputs(region[0], region_name)
+        islands = sequence_islands(matches, set(params), region_name, region)
+
+    def in_region(path: str) -> bool:  # sequence-parallel: in the decoder layers, outside islands
+        return (bool(region_name) and path.startswith(region_name + ".")
+                and not any(path.startswith(i + ".") for i in islands))
+
+    unplanned: dict[str, nn.Module] = {}
+    try:  # decoder-layer models: unplanned modules with parameters in blocks with split layers
+        unplanned = unplanned_modules(matches, *decoder_layers(model, matches))
+        if region is not None:
+            unplanned = {p: m for p, m in unplanned.items() if not in_region(p)}
+    except NoDecoderLayers:
+        pass  # other models: a parameter next to parallel layers may see replicated inputs
+    state = SequenceRegion(world) if region is not None else None
+    for at in sites:  # which modules run on sequence shards
+        if literal:  # torch's layouts: the linears literal_sequence_layers found, SequenceParallel() norms
+            at.sequence_parallel = at.path in literal_sp or at.name == "sequence_parallel"
+        else:  # fusedpar's region (a norm outside it, e.g. the final one, sees every token)
+            at.sequence_parallel = in_region(at.path)
+        at.region = state
+    return _Checked(matches, sites, builds, torch_plan, split_ties, literal, region_name, region, state, islands,
+                    unplanned)
+
+
+def _apply(model: nn.Module, sites: list[Site], stage: str, group: Any) -> None:
+    """Apply every style of `stage` (styles.py), in plan order; a module a style replaces
+    takes its place."""
+    for at in sites:
+        if at.style.stage != stage:
+            continue
+        new = at.style.apply(at.module, group, at)
+        if new is not at.module:
+            parent_path, _, leaf = at.path.rpartition(".")
+            setattr(model.get_submodule(parent_path), leaf, new)
+
+
+def _column_groups(model: nn.Module, builds: dict[str, dict[str, Any]]) -> None:
+    """Column-parallel siblings that read their parent's input: one fused GEMM per parent and
+    sequence layout (groups.py)."""
+    by_parent: dict[str, list[str]] = {}
+    for path, b in builds.items():
+        if b["kind"] in ("col", "rep") and not b.get("gather_output") and reads_hidden(model, path):
+            by_parent.setdefault(_parent(path), []).append(path)
+    for parent_path, paths in by_parent.items():
+        layers = [model.get_submodule(p) for p in paths]
+        for sp in sorted({layer.spec.sequence_parallel for layer in layers}):  # one fused GEMM per layout
+            install_column_group(model.get_submodule(parent_path), [l for l in layers if l.spec.sequence_parallel == sp],
+                           parent_path)
+
+
+def _sequence_region(model: nn.Module, c: _Checked, *, group: Any, comm: str) -> None:
+    """Split the residual stream inside the decoder layers (region.py); norms and other
+    unplanned blocks with parameters there all-reduce their gradients; islands run on the
+    whole sequence (islands.py)."""
+    assert c.region is not None and c.state is not None
+    entry_check = install_input_check(model, c.region_name, group=group, planned=set(c.matches))
+    install_sequence_region(c.region, c.region_name, group=group, comm=comm, state=c.state, entry_check=entry_check)
+    planned = set(c.matches)
+    for i, layer in enumerate(c.region):
+        for path, child in layer_blocks(layer, f"{c.region_name}.{i}"):  # lists opened: LongCat's two norms
+            owns_params = any(True for _ in child.parameters(recurse=False))
+            holds_plan = any(p == path or p.startswith(path + ".") for p in planned)
+            if owns_params and not holds_plan and path not in c.islands:
+                all_reduce_grads(child, group=group, comm=comm, region=c.state)
+    install_islands(model, c.islands, c.region, group=group, comm=comm, state=c.state)
+
+
+def _block_reductions(model: nn.Module, c: _Checked, *, group: Any, comm: str) -> None:
+    """MoE blocks with a shared expert: one reduction where exact (block_reduction.py)."""
+    try:
+        install_block_reductions(model, c.matches, c.builds, c.islands, *decoder_layers(model, c.matches),
+                                 group=group, comm=comm)
+    except NoDecoderLayers:
+        pass
+
+
+def _fp8(model: nn.Module, builds: dict[str, dict[str, Any]], recipe: Any, *, loss_parallel: bool) -> None:
+    """The parallel linears' and the grouped expert GEMMs in fp8 (layers/fp8.py). The LM head
+    stays high precision, as the recipe says, also when loss_parallel made it column-parallel:
+    fp8 logits would round the loss itself."""
+    head = model.get_output_embeddings() if loss_parallel else None
+    for path in builds:
+        layer = model.get_submodule(path)
+        if layer is not head:
+            enable_fp8(layer, recipe)
+    for module in model.modules():  # the grouped expert GEMMs (layers/moe.py)
+        if getattr(module, "_fusedpar_experts", None) == "grouped":
+            enable_fp8(module, recipe)
 
 
 def parallelize(
@@ -265,148 +338,33 @@ def parallelize(
     check_parallelize_agrees(model, plan, group=group, settings=dict(  # ranks agree (agreement.py)
         sequence_parallel=sequence_parallel, loss_parallel=loss_parallel, fp8=recipe, chunks=chunks, kernel=kernel,
         comm=comm, save_gathered_input=save_gathered_input), resolve=resolve_plan)
-    world = dist.get_world_size(group)
-    torch_plan = read_plan(model, plan) if isinstance(plan, Mapping) else TorchPlan()
-    if torch_plan.sequence and not sequence_parallel:
-        raise ValueError("parallelize: plan: its torch styles split the sequence (Shard(1) layouts or "
-                         "SequenceParallel), expected sequence_parallel=True, got False")
-    resolved = resolve_plan(model, plan)
-    if loss_parallel:
-        resolved = embedding.loss_parallel_plan(model, resolved)
-    matches = _match(model, resolved, unmatched_ok=isinstance(plan, str))
-    split_ties = complete_tied_plan(model, matches)  # a split tie's other member split the same way (ties.py)
-    params = dict(model.named_parameters())
+    c = _check(model, plan, group=group, sequence_parallel=sequence_parallel, loss_parallel=loss_parallel,
+               knobs=Knobs(chunks, kernel, comm, save_gathered_input))  # raises before any conversion
 
-    # 1. Check everything (no comm), so a bad plan raises on every rank before any collective.
-    linears = {p: m for p, m in matches.items() if p not in params and m[0] in (*_COLWISE, *_ROWWISE, *_PACKED)
-               and not inside_experts(p, matches)}
-    builds = {p: _plan_linear(model, p, s, k, group) for p, (s, k) in linears.items()}
-    check_row_inputs(builds, matches)
-    others = plan_styles(model, matches, params, world, kernel=kernel, comm=comm)  # styles.py
-    # A torch plan applied module by module (no decoder layers in its keys: torchtitan calls
-    # parallelize_module per block) means its layouts literally: the sequence is split where
-    # a style's output is Shard(1) and gathered where an input is (torch_layouts). Otherwise
-    # sequence parallelism is fusedpar's region over the decoder layers, whatever the layouts.
-    literal = sequence_parallel and torch_plan.has_torch and not has_decoder_layers(model, matches)
-    literal_sp = layouts.literal_sequence_layers(model, matches, torch_plan, builds) if literal else set()
-    region_name, region = decoder_layers(model, matches) if sequence_parallel and not literal else ("", None)
-    islands: set[str] = set()  # blocks run on the whole sequence inside the region (islands.py)
-    if region is not None:
-        check_layer_inputs(region[0], region_name)
-        islands = sequence_islands(matches, set(params), region_name, region)
-
-    def in_region(path: str) -> bool:  # sequence-parallel: in the decoder layers, outside islands
-        return (bool(region_name) and path.startswith(region_name + ".")
-                and not any(path.startswith(i + ".") for i in islands))
-
-    unplanned: dict[str, nn.Module] = {}
-    try:  # decoder-layer models: unplanned modules with parameters in blocks with split layers
-        unplanned = unplanned_modules(matches, *decoder_layers(model, matches))
-        if region is not None:
-            unplanned = {p: m for p, m in unplanned.items() if not in_region(p)}
-    except NoDecoderLayers:
-        pass  # other models: a parameter next to parallel layers may see replicated inputs
-
-    # 2. Convert the linears.
-    state = SequenceRegion(world) if region is not None else None
-    knobs = dict(chunks=chunks, kernel=kernel, comm=comm, sequence_dim=-2)
-    for path, b in builds.items():
-        linear = model.get_submodule(path)
-        sp = path in literal_sp if literal else in_region(path)
-        if b["kind"] == "keep":
-            kept = model.get_submodule(path)
-            kept.spec = dataclasses.replace(kept.spec, sequence_parallel=sp)
-            if isinstance(kept, ColumnParallelLinear):
-                kept.gather_output = b["gather_output"]
-            else:
-                kept.input_is_parallel = b["input_is_parallel"]
-            b["kind"] = "col" if isinstance(kept, ColumnParallelLinear) else "row"
-            continue
-        if b["kind"] == "row":
-            row_cls = PackedRowParallelLinear if b.get("parts", 1) > 1 else RowParallelLinear
-            new = row_cls.from_linear(linear, group=group, name=path, input_is_parallel=b["input_is_parallel"],
-                                      sequence_parallel=sp, **knobs)
-        elif b["kind"] == "rep":
-            new = ReplicatedColumnLinear.from_linear(linear, group=group, parts=b["parts"], name=path,
-                                                     sequence_parallel=sp, save_gathered_input=save_gathered_input,
-                                                     **knobs)
-        else:
-            col_cls = PackedColumnParallelLinear if b.get("parts", 1) > 1 else ColumnParallelLinear
-            new = col_cls.from_linear(linear, group=group, name=path, gather_output=b["gather_output"],
-                                      sequence_parallel=sp, save_gathered_input=save_gathered_input, **knobs)
-        if sp:
-            new._fusedpar_region = state
-        parent_path, _, leaf = path.rpartition(".")
-        setattr(model.get_submodule(parent_path), leaf, new)
-
-    # 2b. The other styles: sharded parameters, experts, embeddings, hooks (styles.py).
-    for apply in others:
-        apply(group)
-    retie(model, split_ties)
+    _apply(model, c.sites, "linears", group)  # the parallel linears
+    _apply(model, c.sites, "modules", group)  # sharded parameters, experts, embeddings, partial-sum hooks
+    retie(model, c.split_ties)  # a split tie's members share one parameter again (ties.py)
     # Every parameter a DTensor on the TP mesh (sharding.py): torch's tools see the shards.
-    # Before any gradient hook below is registered: hooks hold on to parameter objects.
+    # Before any gradient hook is registered: hooks hold on to parameter objects.
     replicate_parameters(model, group=group, owned=_PARALLEL_LINEARS)
-
-    # 3. Replicated parameters whose gradients are per-rank partial sums: per-head norms
-    #    always; sequence-parallel norms only while their region runs split.
-    for path, (style, _) in matches.items():
-        if style == "replicated_with_grad_allreduce":
-            all_reduce_grads(model.get_submodule(path), group=group, comm=comm)
-        elif style == "sequence_parallel" and sequence_parallel and (literal or in_region(path)):
-            # only on shards: a norm outside fusedpar's region (the final norm, torch's
-            # SequenceParallel() on the root) sees every token, so its gradient is already whole
-            all_reduce_grads(model.get_submodule(path), group=group, comm=comm, region=state)
-    if torch_plan.has_torch:  # DTensors and sequence shards at the modules' edges (layouts.py)
-        layouts.install_torch_layouts(model, matches, builds, torch_plan, literal, group=group, comm=comm)
-    if unplanned:
-        watch_unplanned(model, unplanned, group=group, comm=comm)
+    _apply(model, c.sites, "grads", group)  # replicated parameters whose gradients are partial sums
+    if c.torch_plan.has_torch:  # DTensors and sequence shards at the modules' edges (layouts.py)
+        layouts.install_torch_layouts(model, c.matches, c.builds, c.torch_plan, c.literal, group=group, comm=comm)
+    if c.unplanned:
+        watch_unplanned(model, c.unplanned, group=group, comm=comm)
     if loss_parallel:
         embedding.install_loss_parallel(model, group=group, comm=comm)
-
-    # 4. Attention modules: local head counts; fused column groups under each parent.
-    set_local_heads(model, {p: b for p, b in builds.items() if matches[p][1] not in torch_plan.dtensor_out}, world)
-    by_parent: dict[str, list[str]] = {}
-    for path, b in builds.items():
-        if b["kind"] in ("col", "rep") and not b.get("gather_output") and reads_hidden(model, path):
-            by_parent.setdefault(_parent(path), []).append(path)
-    for parent_path, paths in by_parent.items():
-        layers = [model.get_submodule(p) for p in paths]
-        for sp in sorted({layer.spec.sequence_parallel for layer in layers}):  # one fused GEMM per layout
-            install_column_group(model.get_submodule(parent_path), [l for l in layers if l.spec.sequence_parallel == sp],
-                           parent_path)
-
-    # 5. Sequence parallelism: split the residual stream inside the decoder layers.
-    if region is not None:
-        assert region is not None and state is not None
-        entry_check = install_input_check(model, region_name, group=group, planned=set(matches))
-        install_sequence_region(region, region_name, group=group, comm=comm, state=state, entry_check=entry_check)
-        planned = set(matches)
-        for i, layer in enumerate(region):
-            for path, child in layer_blocks(layer, f"{region_name}.{i}"):  # lists opened: LongCat's two norms
-                owns_params = any(True for _ in child.parameters(recurse=False))
-                holds_plan = any(p == path or p.startswith(path + ".") for p in planned)
-                if owns_params and not holds_plan and path not in islands:
-                    all_reduce_grads(child, group=group, comm=comm, region=state)
-        install_islands(model, islands, region, group=group, comm=comm, state=state)
-    try:  # MoE blocks with a shared expert: one reduction where exact (block_reduction.py)
-        install_block_reductions(model, matches, builds, islands, *decoder_layers(model, matches), group=group,
-                                 comm=comm)
-    except NoDecoderLayers:
-        pass
+    heads = {p: b for p, b in c.builds.items() if c.matches[p][1] not in c.torch_plan.dtensor_out}
+    set_local_heads(model, heads, dist.get_world_size(group))  # attention modules' local head counts (heads.py)
+    _column_groups(model, c.builds)
+    if c.region is not None:
+        _sequence_region(model, c, group=group, comm=comm)
+    _block_reductions(model, c, group=group, comm=comm)
     if recipe is not None:
-        # The LM head stays high precision, as the recipe says, also when loss_parallel made
-        # it column-parallel: fp8 logits would round the loss itself.
-        head = model.get_output_embeddings() if loss_parallel else None
-        for path in builds:
-            layer = model.get_submodule(path)
-            if layer is not head:
-                enable_fp8(layer, recipe)
-        for module in model.modules():  # the grouped expert GEMMs (layers/moe.py)
-            if getattr(module, "_fusedpar_experts", None) == "grouped":
-                enable_fp8(module, recipe)
+        _fp8(model, c.builds, recipe, loss_parallel=loss_parallel)
     replicate_parameters(model, group=group, owned=_PARALLEL_LINEARS)  # any made since (idempotent)
-    model._fusedpar_parallel = {"group": group, "sequence_parallel": sequence_parallel, "plan": dict(matches),
-                                "region": state}
+    model._fusedpar_parallel = {"group": group, "sequence_parallel": sequence_parallel, "plan": dict(c.matches),
+                                "region": c.state}
     return model
 
 

@@ -1,27 +1,52 @@
-"""The plan styles that are not linears: checked up front, applied after the linears.
+"""Styles as objects: each way fusedpar splits a module or a parameter is one small class.
 
-`plan_styles` turns every such plan entry into one `apply(group)` closure, after checking it
-(no comm), so `parallelize` raises on a bad entry before anything is converted:
+The plan is data (a path pattern → a Hugging Face style string, or a torch ParallelStyle that
+torch_styles.py reads into the same objects); the style is behaviour, as in torch's
+`distributed/tensor/parallel/style.py`. `TABLE` is the one map from every string to the
+class that does it. Each style has two steps:
 
-    a bare parameter planned colwise / rowwise / packed_*   shard it in place (sharding.py)
-    moe_tp_experts                                          experts block (moe.py)
-    embedding_rowwise / embedding_colwise                   vocab / hidden split (embedding.py)
-    moe_identity_expert, all_reduce, mla_kv_a_proj          hooks (partial.py)
-    local_params, replicate                                 nothing: fusedpar's parameters are local tensors
+    check(at)                 raise (no comm) if the module or parameter at `at` cannot take it
+    apply(module, mesh, at)   convert it over `mesh` (the TP group); return what takes its place
 
-Parameters named under a "moe_tp_experts" module are sharded by that block, which checks
-them as a set (layout flags, packed parts).
+`at` is the plan entry at one path (`Site`): the model, the path and plan key, and what the
+passes decide for it (what a linear builds, whether it runs on sequence shards). A style's
+`stage` is the pass of `parallelize` that applies it: "linears" first, then "modules" (after
+every linear is converted), then "grads" (after every parameter is a DTensor: gradient hooks
+hold on to the parameter objects).
+
+    colwise, colwise_rep, colwise_gather_output      ColwiseLinear    ColumnParallelLinear (split heads,
+                                                                      or kv heads replicated)
+    rowwise, rowwise_rep, rowwise_split_input        RowwiseLinear    RowParallelLinear
+    packed_colwise, packed_rowwise                   PackedLinear     [gate; up] halves split apart
+    colwise, rowwise, packed_* on a bare parameter   ShardParameter   split in place (sharding.py)
+    embedding_rowwise, embedding_colwise             EmbeddingStyle   vocab / hidden split (embedding.py)
+    moe_tp_experts                                   ExpertsStyle     experts split, grouped GEMMs (moe.py)
+    moe_identity_expert, all_reduce, mla_kv_a_proj   DivideInput, ReduceOutput, MlaKvAProj (partial.py)
+    replicated_with_grad_allreduce                   GradAllReduce    gradients all-reduced (per-head norms)
+    sequence_parallel                                SequenceNorm     the same, while on sequence shards
+    replicate, local_params                          Unchanged        nothing: the module stays replicated
+
+Parameters under a "moe_tp_experts" module are the experts' to split (it checks them as a set),
+so their own entries, and linear styles on modules under it, resolve to `Unchanged`.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
+import torch.distributed as dist
 from torch import nn
 
 from ..layers import embedding, moe, partial
+from ..layers.linear import ColumnParallelLinear, ReplicatedColumnLinear, RowParallelLinear
+from ..layers.norm import all_reduce_grads
+from ..layers.packed import PackedColumnParallelLinear, PackedRowParallelLinear
 from ..layers.sharding import ParamShard, shard_parameter
 
-__all__ = ["plan_styles", "param_shard", "inside_experts", "check_row_inputs", "PARAM_STYLES"]
+__all__ = ["Style", "Site", "Knobs", "TABLE", "STYLES", "style_for", "plan_sites", "param_shard", "inside_experts",
+           "check_row_inputs", "PARAM_STYLES"]
 
 # style on a bare parameter → (dim for >= 2-D, dim for 1-D, packed parts); Hugging Face: colwise
 # splits dim ndim-2 (dim 0 of a vector), rowwise the last dim (a bias stays replicated)
@@ -33,6 +58,227 @@ def _parent(path: str) -> str:
     return path.rpartition(".")[0]
 
 
+@dataclass(frozen=True)
+class Knobs:
+    """parallelize's settings for the layers it builds (every parallel linear, the experts)."""
+
+    chunks: int | None
+    kernel: str
+    comm: str
+    save_gathered_input: bool
+
+
+@dataclass
+class Site:
+    """One plan entry at one path: what a style's check reads and its apply is told."""
+
+    model: nn.Module
+    path: str  # the module's (or the bare parameter's) path
+    key: str  # the plan key that matched it
+    style: Style
+    ranks: list[int]  # the TP group's ranks
+    matches: Mapping[str, tuple[str, str]]  # the whole plan: {path: (style string, plan key)}
+    params: Mapping[str, nn.Parameter]  # the model's parameters before any conversion
+    knobs: Knobs
+    module: nn.Module  # the module at `path` (a bare parameter's owner), taken before any conversion
+    build: Any = None  # what check decided for apply (a linear's build dict, the experts' shards)
+    sequence_parallel: bool = False  # the module runs on sequence shards (set before apply)
+    region: Any = None  # fusedpar's SequenceRegion when it has one (set before apply)
+
+    @property
+    def name(self) -> str:  # the style string
+        return self.style.name
+
+    @property
+    def world(self) -> int:
+        return len(self.ranks)
+
+    @property
+    def where(self) -> str:
+        return f"parallelize: {self.path} (plan key {self.key!r}, style {self.name!r})"
+
+    @property
+    def leaf(self) -> str:
+        return self.path.rpartition(".")[2]
+
+
+class Style:
+    """One way of splitting a module: `check` raises before anything is converted, `apply` converts."""
+
+    stage: ClassVar[str] = "modules"
+
+    def __init__(self, name: str) -> None:
+        self.name = name  # the Hugging Face string this object stands for
+
+    def check(self, at: Site) -> None:
+        """Raise (no comm) if the target at `at` cannot take this style."""
+
+    def apply(self, module: nn.Module, mesh: dist.ProcessGroup, at: Site) -> nn.Module:
+        """Convert `module` over `mesh`; return the module that takes its place."""
+        return module
+
+    def on_parameter(self) -> Style:
+        """The style for a plan entry naming a bare parameter."""
+        return ModuleOnly(self.name)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+
+# ---------------------------------------------------------------- parallel linears
+
+
+class _LinearStyle(Style):
+    """A linear replaced by a fusedpar layer; `at.build` says which (kind "col", "rep", "row";
+    "keep" for a layer converted by an earlier call, whose layout the style sets again)."""
+
+    stage = "linears"
+    keeps: ClassVar[type | None] = None  # the fusedpar layer an earlier call may have built
+    gather_output: bool | None = None
+    input_is_parallel: bool | None = None
+
+    def check(self, at: Site) -> None:
+        module = at.module
+        if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+            # converted by an earlier call (torch's plans come module by module; a tied LM head
+            # is split with its embedding): the style sets its output / input layout again
+            col = isinstance(module, ColumnParallelLinear)
+            ranks = dist.get_process_group_ranks(module.spec.group)
+            if self.keeps is None or col != (self.keeps is ColumnParallelLinear) or ranks != at.ranks:
+                raise TypeError(f"{at.where}: expected an nn.Linear (or a fusedpar layer of this style on this "
+                                f"group), got {type(module).__name__} on ranks {ranks}")
+            at.build = {"kind": "keep", "gather_output": self.gather_output, "input_is_parallel": self.input_is_parallel}
+            return
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"{at.where}: expected an nn.Linear, got {type(module).__name__}")
+        at.build = self._plan(module, at)
+
+    def _plan(self, module: nn.Linear, at: Site) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def apply(self, module: nn.Module, mesh: dist.ProcessGroup, at: Site) -> nn.Module:
+        b = at.build
+        if b["kind"] == "keep":
+            module.spec = dataclasses.replace(module.spec, sequence_parallel=at.sequence_parallel)
+            if isinstance(module, ColumnParallelLinear):
+                module.gather_output = b["gather_output"]
+            else:
+                module.input_is_parallel = b["input_is_parallel"]
+            b["kind"] = "col" if isinstance(module, ColumnParallelLinear) else "row"
+            return module
+        k = at.knobs
+        knobs = dict(chunks=k.chunks, kernel=k.kernel, comm=k.comm, sequence_dim=-2)
+        sp = at.sequence_parallel
+        if b["kind"] == "row":
+            row_cls = PackedRowParallelLinear if b.get("parts", 1) > 1 else RowParallelLinear
+            new = row_cls.from_linear(module, group=mesh, name=at.path, input_is_parallel=b["input_is_parallel"],
+                                      sequence_parallel=sp, **knobs)
+        elif b["kind"] == "rep":
+            new = ReplicatedColumnLinear.from_linear(module, group=mesh, parts=b["parts"], name=at.path,
+                                                     sequence_parallel=sp, save_gathered_input=k.save_gathered_input,
+                                                     **knobs)
+        else:
+            col_cls = PackedColumnParallelLinear if b.get("parts", 1) > 1 else ColumnParallelLinear
+            new = col_cls.from_linear(module, group=mesh, name=at.path, gather_output=b["gather_output"],
+                                      sequence_parallel=sp, save_gathered_input=k.save_gathered_input, **knobs)
+        if sp:
+            new._fusedpar_region = at.region
+        return new
+
+    def on_parameter(self) -> Style:
+        return ShardParameter(self.name) if self.name in PARAM_STYLES else ModuleOnly(self.name)
+
+
+class ColwiseLinear(_LinearStyle):
+    """ColumnParallelLinear: output split on features (Shard(-1)), or gathered (Replicate()).
+    Attention projections split whole heads; kv heads fewer than the ranks are replicated."""
+
+    keeps = ColumnParallelLinear
+
+    def __init__(self, name: str, *, gather_output: bool) -> None:
+        super().__init__(name)
+        self.gather_output = gather_output
+
+    def _plan(self, module: nn.Linear, at: Site) -> dict[str, Any]:
+        model, world = at.model, at.world
+        hd = getattr(model.get_submodule(_parent(at.path)), "head_dim", None)
+        hd = hd if isinstance(hd, int) and hd > 0 else None
+        out = module.out_features
+        if hd is not None and not self.gather_output and out % hd == 0:  # heads (not e.g. one gate per head)
+            heads = out // hd
+            if heads % world == 0:
+                return {"kind": "col", "gather_output": False, "heads": heads, "head_dim": hd}
+            config = getattr(model, "config", None)
+            n_kv = getattr(config, "num_key_value_heads", None)
+            n_q = getattr(config, "num_attention_heads", None)
+            if heads == n_kv and n_q is not None and heads < n_q and world % heads == 0:
+                return {"kind": "rep", "parts": heads, "heads": heads, "head_dim": hd}
+            raise ValueError(
+                f"{at.where}: heads: expected the number of heads (out_features {out} / head_dim {hd}) to be a "
+                f"multiple of the world size {world} (or, for kv heads, a divisor of it), got {heads}"
+            )
+        if out % world:
+            raise ValueError(f"{at.where}: out_features: expected a multiple of the world size {world} (the output "
+                             f"features are split across ranks), got {out}")
+        return {"kind": "col", "gather_output": self.gather_output}
+
+
+class RowwiseLinear(_LinearStyle):
+    """RowParallelLinear: input split on features (Shard(-1)), or split here from a Replicate()
+    input; partial sums reduced to a Replicate() output."""
+
+    keeps = RowParallelLinear
+
+    def __init__(self, name: str, *, input_is_parallel: bool) -> None:
+        super().__init__(name)
+        self.input_is_parallel = input_is_parallel
+
+    def _plan(self, module: nn.Linear, at: Site) -> dict[str, Any]:
+        world = at.world
+        if module.in_features % world:
+            raise ValueError(f"{at.where}: in_features: expected a multiple of the world size {world}, "
+                             f"got {module.in_features}")
+        config = getattr(at.model, "config", None)
+        heads = {getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)} - {None}
+        if module.out_features in heads and module.out_features != getattr(config, "hidden_size", None):
+            raise ValueError(f"{at.where}: out_features: {module.out_features} is one feature per attention head, "
+                             f"which the attention reads for its local heads only; a row-parallel layer returns "
+                             f"every head (expected a layer with a hidden-size output, e.g. o_proj)")
+        return {"kind": "row", "input_is_parallel": self.input_is_parallel}
+
+
+class PackedLinear(_LinearStyle):
+    """A fused [gate; up] weight whose halves are split apart (layers/packed.py): column- (dim
+    0) or row-parallel (dim 1)."""
+
+    def __init__(self, name: str, *, dim: int) -> None:
+        super().__init__(name)
+        self.dim = dim
+
+    def _plan(self, module: nn.Linear, at: Site) -> dict[str, Any]:
+        ParamShard(self.dim, 2).check(module.weight.shape, at.world, where=f"{at.where}: weight")
+        return {"kind": "col" if self.dim == 0 else "row", "parts": 2, "gather_output": False,
+                "input_is_parallel": True}
+
+
+def check_row_inputs(sites: list[Site]) -> None:
+    """A row-parallel layer that takes split features needs a column-parallel layer in its
+    block to split them; otherwise an unplanned layer would hand it whole features."""
+    matches = sites[0].matches if sites else {}
+    splitting = [p for p, (style, _) in matches.items() if style in ("colwise", "packed_colwise")]
+    for at in sites:
+        b = at.build
+        if at.style.stage == "linears" and b["kind"] == "row" and b["input_is_parallel"]:
+            block = _parent(at.path)
+            if not any(p != at.path and (not block or p.startswith(block + ".")) for p in splitting):
+                raise ValueError(f"{at.where}: expected a column-parallel layer under {block or 'the model'} to split "
+                                 f"its input features, got none (an unplanned layer would hand it whole features; "
+                                 f"plan it 'colwise', or this one 'rowwise_split_input')")
+
+
+# ---------------------------------------------------------------- parameters, embeddings, experts
+
+
 def param_shard(style: str, leaf: str, ndim: int) -> ParamShard | None:
     """How `style` splits a bare parameter named `leaf` of `ndim` dims (None: replicated)."""
     if style == "rowwise" and leaf == "bias":
@@ -41,66 +287,174 @@ def param_shard(style: str, leaf: str, ndim: int) -> ParamShard | None:
     return ParamShard(matrix_dim % ndim if ndim >= 2 else vector_dim, parts)
 
 
-def inside_experts(path: str, matches: dict[str, tuple[str, str]]) -> bool:
+class ShardParameter(Style):
+    """A bare parameter split in place (Hugging Face's colwise / rowwise / packed_* on a parameter)."""
+
+    def check(self, at: Site) -> None:
+        param = at.params[at.path]
+        shard = param_shard(self.name, at.leaf, param.ndim)
+        if shard is not None:
+            shard.check(param.shape, at.world, where=at.where)
+
+    def apply(self, module: nn.Module, mesh: dist.ProcessGroup, at: Site) -> nn.Module:
+        shard = param_shard(self.name, at.leaf, at.params[at.path].ndim)
+        if shard is not None:
+            shard_parameter(module, at.leaf, shard, group=mesh, where=at.where)
+        return module
+
+    def on_parameter(self) -> Style:
+        return self
+
+
+class ModuleOnly(Style):
+    """A module's style planned on a bare parameter: refused."""
+
+    def check(self, at: Site) -> None:
+        raise ValueError(f"{at.where}: expected a module for this style, got a parameter "
+                         f"(parameters take {sorted(PARAM_STYLES)})")
+
+
+class EmbeddingStyle(Style):
+    """An nn.Embedding split on the vocabulary (rows) or the hidden dim (columns); output Replicate()."""
+
+    def check(self, at: Site) -> None:
+        embedding.check_embedding(at.module, self.name, at.world, where=at.where)
+
+    def apply(self, module: nn.Module, mesh: dist.ProcessGroup, at: Site) -> nn.Module:
+        embedding.shard_embedding(module, self.name, group=mesh, comm=at.knobs.comm, name=at.path)
+        return module
+
+
+def inside_experts(path: str, matches: Mapping[str, tuple[str, str]]) -> bool:
     """Whether `path` is a direct child (a weight) of a module planned "moe_tp_experts"."""
     return matches.get(_parent(path), ("",))[0] == "moe_tp_experts"
 
 
-def check_row_inputs(builds: dict[str, dict[str, Any]], matches: dict[str, tuple[str, str]]) -> None:
-    """A row-parallel layer that takes split features needs a column-parallel layer in its
-    block to split them; otherwise an unplanned layer would hand it whole features."""
-    splitting = [p for p, (style, _) in matches.items() if style in ("colwise", "packed_colwise")]
-    for path, b in builds.items():
-        if b["kind"] == "row" and b["input_is_parallel"]:
-            block = _parent(path)
-            if not any(p != path and (not block or p.startswith(block + ".")) for p in splitting):
-                style, key = matches[path]
-                raise ValueError(f"parallelize: {path} (plan key {key!r}, style {style!r}): expected a column-parallel "
-                                 f"layer under {block or 'the model'} to split its input features, got none (an "
-                                 f"unplanned layer would hand it whole features; plan it 'colwise', or this one "
-                                 f"'rowwise_split_input')")
+class ExpertsStyle(Style):
+    """An experts module split on the intermediate dim, its weights planned as a set; grouped GEMMs."""
+
+    def check(self, at: Site) -> None:
+        own = {p.rpartition(".")[2]: m[0] for p, m in at.matches.items() if p in at.params and _parent(p) == at.path}
+        at.build = moe.plan_experts(at.module, own, at.world, where=at.where)
+
+    def apply(self, module: nn.Module, mesh: dist.ProcessGroup, at: Site) -> nn.Module:
+        moe.shard_experts(module, at.build, group=mesh, comm=at.knobs.comm, kernel=at.knobs.kernel, name=at.path)
+        return module
 
 
-def plan_styles(model: nn.Module, matches: dict[str, tuple[str, str]], params: dict[str, Any], world: int,
-                *, kernel: str, comm: str) -> list[Callable[[Any], None]]:
-    """Check every plan entry that is not a linear (no comm); return one `apply(group)` each."""
-    applies: list[Callable[[Any], None]] = []
-    for path, (style, key) in matches.items():
-        where = f"parallelize: {path} (plan key {key!r}, style {style!r})"
-        if path in params:
-            if inside_experts(path, matches) or style in ("replicate", "local_params"):
-                continue
-            if style not in PARAM_STYLES:
-                raise ValueError(f"{where}: expected a module for this style, got a parameter "
-                                 f"(parameters take {sorted(PARAM_STYLES)})")
-            owner_path, _, leaf = path.rpartition(".")
-            shard = param_shard(style, leaf, params[path].ndim)
-            if shard is not None:
-                shard.check(params[path].shape, world, where=where)
-                owner = model.get_submodule(owner_path)
-                applies.append(lambda g, o=owner, n=leaf, sh=shard, w=where: shard_parameter(o, n, sh, group=g, where=w))
-            continue
-        module = model.get_submodule(path)
-        if style == "moe_tp_experts":
-            own = {p.rpartition(".")[2]: m[0] for p, m in matches.items() if p in params and _parent(p) == path}
-            shards = moe.plan_experts(module, own, world, where=where)
-            applies.append(lambda g, m=module, sh=shards, n=path: moe.shard_experts(m, sh, group=g, comm=comm,
-                                                                                    kernel=kernel, name=n))
-        elif style in embedding.EMBEDDING_STYLES:
-            embedding.check_embedding(module, style, world, where=where)
-            applies.append(lambda g, m=module, st=style, n=path: embedding.shard_embedding(m, st, group=g, comm=comm,
-                                                                                           name=n))
-        elif style == "moe_identity_expert":
-            applies.append(lambda g, m=module: partial.install_divide_input(m, world=world))
-        elif style == "all_reduce":
-            applies.append(lambda g, m=module: partial.install_reduce_output(m, group=g, comm=comm))
-        elif style == "mla_kv_a_proj":
-            config = getattr(model, "config", None)
-            config = config.get_text_config() if hasattr(config, "get_text_config") else config
-            rope_dim = getattr(config, "qk_rope_head_dim", None)
-            if not isinstance(rope_dim, int) or not isinstance(module, nn.Linear) or rope_dim >= module.out_features:
-                raise ValueError(f"{where}: expected an nn.Linear whose output ends with config.qk_rope_head_dim "
-                                 f"rope features, got {type(module).__name__} and qk_rope_head_dim={rope_dim!r}")
-            applies.append(lambda g, m=module, r=rope_dim: partial.install_mla_kv_a_proj(m, rope_dim=r, group=g,
-                                                                                         comm=comm))
-    return applies
+# ---------------------------------------------------------------- partial sums and gradient hooks
+
+
+class DivideInput(Style):
+    """An identity expert under experts that sum over ranks: its input divided by the world size."""
+
+    def apply(self, module: nn.Module, mesh: dist.ProcessGroup, at: Site) -> nn.Module:
+        partial.install_divide_input(module, world=at.world)
+        return module
+
+
+class ReduceOutput(Style):
+    """A module whose output is a partial sum: all-reduced after its forward."""
+
+    def apply(self, module: nn.Module, mesh: dist.ProcessGroup, at: Site) -> nn.Module:
+        partial.install_reduce_output(module, group=mesh, comm=at.knobs.comm)
+        return module
+
+
+class MlaKvAProj(Style):
+    """Latent attention's kv_a_proj: its rope features (the last qk_rope_head_dim) reduced."""
+
+    def check(self, at: Site) -> None:
+        config = getattr(at.model, "config", None)
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        rope_dim = getattr(config, "qk_rope_head_dim", None)
+        if not isinstance(rope_dim, int) or not isinstance(at.module, nn.Linear) or \
+                rope_dim >= at.module.out_features:
+            raise ValueError(f"{at.where}: expected an nn.Linear whose output ends with config.qk_rope_head_dim "
+                             f"rope features, got {type(at.module).__name__} and qk_rope_head_dim={rope_dim!r}")
+        at.build = rope_dim
+
+    def apply(self, module: nn.Module, mesh: dist.ProcessGroup, at: Site) -> nn.Module:
+        partial.install_mla_kv_a_proj(module, rope_dim=at.build, group=mesh, comm=at.knobs.comm)
+        return module
+
+
+class GradAllReduce(Style):
+    """An unchanged module whose gradients are per-rank partial sums (per-head norms): all-reduced."""
+
+    stage = "grads"
+
+    def apply(self, module: nn.Module, mesh: dist.ProcessGroup, at: Site) -> nn.Module:
+        all_reduce_grads(module, group=mesh, comm=at.knobs.comm)
+        return module
+
+
+class SequenceNorm(Style):
+    """An unchanged norm on sequence shards: gradients all-reduced while it runs on shards (a
+    norm that sees every token, the final norm, already has whole gradients)."""
+
+    stage = "grads"
+
+    def apply(self, module: nn.Module, mesh: dist.ProcessGroup, at: Site) -> nn.Module:
+        if at.sequence_parallel:
+            all_reduce_grads(module, group=mesh, comm=at.knobs.comm, region=at.region)
+        return module
+
+
+class Unchanged(Style):
+    """Nothing to do: the module or parameter stays replicated (every parameter becomes a
+    Replicate() DTensor at the end of parallelize)."""
+
+    def on_parameter(self) -> Style:
+        return self
+
+
+# ---------------------------------------------------------------- the table
+
+
+TABLE: dict[str, Callable[[], Style]] = {  # Hugging Face's style string → the object that does it
+    "colwise": lambda: ColwiseLinear("colwise", gather_output=False),
+    "colwise_rep": lambda: ColwiseLinear("colwise_rep", gather_output=True),
+    "colwise_gather_output": lambda: ColwiseLinear("colwise_gather_output", gather_output=True),
+    "rowwise": lambda: RowwiseLinear("rowwise", input_is_parallel=True),
+    "rowwise_rep": lambda: RowwiseLinear("rowwise_rep", input_is_parallel=False),
+    "rowwise_split_input": lambda: RowwiseLinear("rowwise_split_input", input_is_parallel=False),
+    "packed_colwise": lambda: PackedLinear("packed_colwise", dim=0),
+    "packed_rowwise": lambda: PackedLinear("packed_rowwise", dim=1),
+    "embedding_rowwise": lambda: EmbeddingStyle("embedding_rowwise"),
+    "embedding_colwise": lambda: EmbeddingStyle("embedding_colwise"),
+    "moe_tp_experts": lambda: ExpertsStyle("moe_tp_experts"),
+    "moe_identity_expert": lambda: DivideInput("moe_identity_expert"),
+    "mla_kv_a_proj": lambda: MlaKvAProj("mla_kv_a_proj"),
+    "all_reduce": lambda: ReduceOutput("all_reduce"),
+    "local_params": lambda: Unchanged("local_params"),
+    "replicated_with_grad_allreduce": lambda: GradAllReduce("replicated_with_grad_allreduce"),
+    "sequence_parallel": lambda: SequenceNorm("sequence_parallel"),
+    "replicate": lambda: Unchanged("replicate"),
+}
+STYLES = tuple(TABLE)
+
+
+def style_for(name: str, path: str, matches: Mapping[str, tuple[str, str]], params: Mapping[str, Any],
+              given: Style | None = None) -> Style:
+    """The style object for the plan entry `name` at `path` (a module or a bare parameter):
+    `given` (what torch_styles.py read a torch style as) or the table's."""
+    style = given if isinstance(given, Style) and given.name == name else TABLE[name]()
+    if inside_experts(path, matches) and (path in params or style.stage == "linears"):
+        return Unchanged(name)  # the experts module splits its own weights (ExpertsStyle)
+    return style.on_parameter() if path in params else style
+
+
+def plan_sites(model: nn.Module, matches: Mapping[str, tuple[str, str]], *, group: dist.ProcessGroup,
+               knobs: Knobs, given: Mapping[str, Any] | None = None) -> list[Site]:
+    """Every plan entry as a `Site` with its style object, in plan order (no comm). `given`:
+    plan key → a style object already read (torch's ParallelStyles, torch_styles.py)."""
+    given = given or {}
+    params = dict(model.named_parameters())
+    ranks = dist.get_process_group_ranks(group)
+    sites = []
+    for path, (name, key) in matches.items():
+        module = model.get_submodule(_parent(path) if path in params else path)
+        style = style_for(name, path, matches, params, given.get(key))
+        sites.append(Site(model, path, key, style, ranks, matches, params, knobs, module))
+    return sites

@@ -1,4 +1,6 @@
-"""torch's ParallelStyle objects in a plan, read as the fusedpar styles they mean.
+"""torch's ParallelStyle objects in a plan, read as the fusedpar style objects they mean.
+
+Each torch style becomes the object `styles.TABLE` gives for a Hugging Face string:
 
     ColwiseParallel()                                   "colwise"
     ColwiseParallel(output_layouts=Replicate())         "colwise_gather_output"
@@ -32,6 +34,8 @@ from typing import Any
 
 from torch import nn
 
+from .styles import TABLE, Style
+
 __all__ = ["is_torch_style", "string_plan", "read_plan", "TorchPlan", "key_regex"]
 
 _SEQ = ("shard(1)", "shard(-2)")
@@ -39,16 +43,25 @@ _SEQ = ("shard(1)", "shard(-2)")
 
 @dataclass
 class TorchPlan:
-    """A plan with torch styles read: `strings` (key → fusedpar style, for every key but
-    PrepareModuleInput's), and what the strings cannot say, per plan key."""
+    """A plan with torch styles read: `styles` (key → fusedpar's style object, or the plan's
+    own string, for every key but PrepareModuleInput's), and what a style cannot say, per plan key."""
 
-    strings: dict[str, str] = field(default_factory=dict)
+    styles: dict[str, Any] = field(default_factory=dict)
     sequence: bool = False  # some style splits the sequence
     has_torch: bool = False  # some style was a torch ParallelStyle
     seq_in: set[str] = field(default_factory=set)  # column styles whose input is a sequence shard
     seq_out: dict[str, int] = field(default_factory=dict)  # rowwise / embedding keys → the sequence dim split at exit
     gathers: set[str] = field(default_factory=set)  # PrepareModuleInput keys: their input is gathered
     dtensor_out: dict[str, str] = field(default_factory=dict)  # key → "replicate" / "shard(d)" for DTensor outputs
+
+    @property
+    def strings(self) -> dict[str, Any]:
+        """key → the style string (the plan's strings, and None, as they are)."""
+        return {key: s.name if isinstance(s, Style) else s for key, s in self.styles.items()}
+
+    def read(self, key: str, name: str) -> None:
+        """Plan `key` reads as fusedpar's style `name` (the table's object)."""
+        self.styles[key] = TABLE[name]()
 
 
 def key_regex(key: str) -> re.Pattern[str]:
@@ -131,7 +144,8 @@ def _one(model: nn.Module, key: str, style: Any, out: TorchPlan) -> None:
         else:
             # fusedpar's norms return local shards; torch's default use_local_output=False only
             # wraps them for the DTensor modules that follow, which fusedpar's layers do not need
-            out.strings[key], out.sequence = "sequence_parallel", True
+            out.sequence = True
+            out.read(key, "sequence_parallel")
             return
     elif type(style) is PrepareModuleInput:
         why = _prepare_input(key, style, out)
@@ -143,11 +157,11 @@ def _one(model: nn.Module, key: str, style: Any, out: TorchPlan) -> None:
         seq_out = {"shard(1)": -2, "shard(-2)": -2, "shard(0)": 0}.get(outp)
         if isinstance(style, ColwiseParallel):
             if embedding and inp == "replicate" and (outp == "replicate" or seq_out is not None):
-                out.strings[key] = "embedding_colwise"
+                out.read(key, "embedding_colwise")
             elif inp in ("replicate", *_SEQ) and outp == "shard(-1)":
-                out.strings[key] = "colwise"
+                out.read(key, "colwise")
             elif inp in ("replicate", *_SEQ) and outp == "replicate":
-                out.strings[key] = "colwise_gather_output"
+                out.read(key, "colwise_gather_output")
             else:
                 why = (f"input_layouts={inp}, output_layouts={outp}: expected input Replicate() or Shard(1) "
                        f"and output Shard(-1) or Replicate()")
@@ -155,11 +169,11 @@ def _one(model: nn.Module, key: str, style: Any, out: TorchPlan) -> None:
                 out.seq_in.add(key)
         else:
             if embedding and inp == "replicate" and (outp == "replicate" or seq_out is not None):
-                out.strings[key] = "embedding_rowwise"
+                out.read(key, "embedding_rowwise")
             elif inp == "shard(-1)" and (outp == "replicate" or seq_out == -2):
-                out.strings[key] = "rowwise"
+                out.read(key, "rowwise")
             elif inp == "replicate" and outp == "replicate":
-                out.strings[key] = "rowwise_split_input"
+                out.read(key, "rowwise_split_input")
             else:
                 why = (f"input_layouts={inp}, output_layouts={outp}: expected input Shard(-1) and output "
                        f"Replicate() or Shard(1), or Replicate() in and out")
@@ -188,7 +202,7 @@ def read_plan(model: nn.Module, plan: Mapping[str, Any]) -> TorchPlan:
             out.has_torch = True
             _one(model, key, style, out)
         else:
-            out.strings[key] = style
+            out.styles[key] = style
     return out
 
 
