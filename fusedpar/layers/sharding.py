@@ -300,14 +300,21 @@ def _grad_leaf(p: Tensor) -> Tensor:
     AccumulateGrad (`detach`, and `add_` when gradients accumulate), which cost 30 % of a
     decode-sized linear's forward+backward (bench/dtensor_params.py)."""
     lt = p._local_tensor
-    kept = p.__dict__.get("_fusedpar_leaf")
-    if kept is not None and kept[0] is lt:
-        return kept[1]
+    kept = _LEAVES.get(id(p))
+    if kept is not None and kept[1] is lt and kept[0]() is p:
+        return kept[2]
     leaf = _kernel_layout(lt, p.__dict__.get("_fusedpar_packed")).detach().requires_grad_(True)
     leaf.register_post_accumulate_grad_hook(_GradToParam(p))
     leaf._fusedpar_param = weakref.ref(p)  # graph walkers see the parameter behind it (`param_of`)
-    p.__dict__["_fusedpar_leaf"] = (lt, leaf)
+    if kept is None or kept[0]() is not p:
+        weakref.finalize(p, _LEAVES.pop, id(p), None)
+    _LEAVES[id(p)] = (weakref.ref(p), lt, leaf)
     return leaf
+
+
+# id(parameter) -> (the parameter, weakly; its local tensor; its gradient leaf): kept here, not
+# on the parameter, so that pickling or deep-copying a parameter never meets the leaf's hook
+_LEAVES: dict[int, tuple[weakref.ref, Tensor, Tensor]] = {}
 
 
 def param_of(t: Tensor) -> Tensor:

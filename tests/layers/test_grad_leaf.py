@@ -9,11 +9,13 @@ on real gloo ranks against one process in float64 (an MLP: column, tanh, row lay
   (two backwards give twice one).
 - A DTensor computed in forward (torch.func.functional_call with `1.5 * w`) keeps its
   autograd history: the gradient reaches the tensor it was computed from.
-- An optimizer step is seen by the next forward (the leaf aliases the parameter's storage).
+- An optimizer step is seen by the next forward (the leaf aliases the parameter's storage);
+  a parameter still pickles and deep-copies after a backward.
 """
 from __future__ import annotations
 
 import copy
+import io
 
 import torch
 import torch.distributed as dist
@@ -79,6 +81,10 @@ def _run_hooks_and_accumulation(group):
     par(_x(3)).square().sum().backward()
     _grads(par, ref, "after zero_grad(set_to_none=True)")
     assert w.grad is not held
+    # nothing unpicklable is left on a parameter by its gradient leaf
+    buf = io.BytesIO()
+    torch.save(w, buf)
+    copy.deepcopy(w)
     return True
 
 
