@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -104,10 +104,79 @@ def _keep_frozen(layer: nn.Module, linear: nn.Linear) -> None:
         getattr(layer, name).requires_grad_(param.requires_grad)
 
 
+_L = TypeVar("_L", bound="_ParallelLinearBase")
+_FEATURES = {0: ("out_features", "output"), 1: ("in_features", "input")}  # weight dim -> its features
+
+
 class _ParallelLinearBase(nn.Module):
+    """What the parallel linears share. A subclass declares its layout once, in
+    `tp_shard_dims` (parameter -> the dim split across the group, in rank order; a parameter
+    not named is replicated), and creating the parameters, sharding an `nn.Linear` and
+    gathering the unsharded state dict all read it."""
+
     in_features: int
     out_features: int
     spec: LinearSpec
+    tp_shard_dims: dict[str, int]
+    _from_what = "an nn.Linear"  # `from_linear`'s expectation, in its TypeError
+
+    def _init_params(self, in_features: int, out_features: int, *, bias: bool, dtype: torch.dtype | None,
+                     device: torch.device | str | None, where: str) -> None:
+        """This rank's weight `[out_features, in_features]` and bias `[out_features]`, split on
+        the dims of `tp_shard_dims`, as DTensor parameters initialized like `nn.Linear`'s
+        (over the full fan-in)."""
+        world = _rank_world(self.spec)[1]
+        split = self.tp_shard_dims.get("weight")
+        if split is not None:
+            arg, features = _FEATURES[split]
+            size = (out_features, in_features)[split]
+            if size % world:
+                raise ValueError(f"{where}: {arg}: expected a multiple of the world size {world} "
+                                 f"(the {features} features are split across ranks), got {size}")
+        self.in_features, self.out_features = in_features, out_features
+        kw = {"dtype": dtype, "device": device}
+
+        def make(name: str, shape: list[int]) -> nn.Parameter:
+            dim = self.tp_shard_dims.get(name)
+            if dim is not None:
+                shape[dim] //= world
+            return tp_parameter(_init_uniform(torch.empty(shape, **kw), in_features),
+                                None if dim is None else ParamShard(dim), group=self.spec.group)
+
+        self.weight = make("weight", [out_features, in_features])
+        self.bias = make("bias", [out_features]) if bias else None
+        register_state_dict_hooks(self)
+
+    @classmethod
+    def from_linear(cls: type[_L], linear: nn.Linear, *, group: dist.ProcessGroup, name: str = "linear",
+                    **kwargs: Any) -> _L:
+        """Shard an existing `nn.Linear` (pretrained weights survive); `name` appears in errors."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"{name}: expected {cls._from_what}, got {type(linear).__name__}")
+        w = linear.weight
+        layer = cls(linear.in_features, linear.out_features, group=group, bias=linear.bias is not None,
+                    dtype=w.dtype, device=w.device, _name=name, **kwargs)
+        rank, world = _rank_world(layer.spec)
+        with torch.no_grad():
+            for key, src in (("weight", w), ("bias", linear.bias)):
+                if src is not None:
+                    full, dim = local_tensor(src), cls.tp_shard_dims.get(key)
+                    local_tensor(getattr(layer, key)).copy_(full if dim is None else full.chunk(world, dim)[rank])
+        _keep_frozen(layer, linear)
+        return layer
+
+    def full_state_dict(self) -> dict[str, Tensor]:
+        """The unsharded `{"weight", "bias"}` (a collective where one is split: every rank of
+        the group must call it); packed parameters (`tp_shard_parts`) come back in packed order."""
+        parts = getattr(self, "tp_shard_parts", {})
+        out = {}
+        for name in ("weight", "bias"):
+            p = getattr(self, name)
+            if p is not None:
+                dim = self.tp_shard_dims.get(name)
+                out[name] = (local_tensor(p).detach().clone() if dim is None else
+                             ParamShard(dim, parts.get(name, 1)).gather(p, self.spec.communicator()))
+        return out
 
     def _knobs_repr(self) -> str:
         _, world = _rank_world(self.spec)
@@ -136,6 +205,7 @@ class ColumnParallelLinear(_ParallelLinearBase):
     # parameter -> the dim split evenly across the group in rank order (what grad_norm, the
     # checkpoint loader and saver read); parameters not named are replicated
     tp_shard_dims = {"weight": 0, "bias": 0}
+    _from_what = "an nn.Linear to shard column-wise"
 
     def __init__(
         self,
@@ -158,37 +228,8 @@ class ColumnParallelLinear(_ParallelLinearBase):
         super().__init__()
         self.spec = _make_spec(group, sequence_parallel=sequence_parallel, sequence_dim=sequence_dim, chunks=chunks,
                                kernel=kernel, comm=comm, save_gathered_input=save_gathered_input, where=_name)
-        _, world = _rank_world(self.spec)
-        if out_features % world:
-            raise ValueError(
-                f"{_name}: out_features: expected a multiple of the world size {world} "
-                f"(the output features are split across ranks), got {out_features}"
-            )
-        self.in_features, self.out_features = in_features, out_features
         self.gather_output = gather_output
-        kw = {"dtype": dtype, "device": device}
-        group = self.spec.group
-        self.weight = tp_parameter(_init_uniform(torch.empty(out_features // world, in_features, **kw), in_features),
-                                   ParamShard(0), group=group)
-        self.bias = tp_parameter(_init_uniform(torch.empty(out_features // world, **kw), in_features), ParamShard(0),
-                                 group=group) if bias else None
-        register_state_dict_hooks(self)
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, *, group: dist.ProcessGroup, name: str = "linear", **kwargs: Any) -> ColumnParallelLinear:
-        """Shard an existing `nn.Linear` (pretrained weights survive); `name` appears in errors."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"{name}: expected an nn.Linear to shard column-wise, got {type(linear).__name__}")
-        w = linear.weight
-        layer = cls(linear.in_features, linear.out_features, group=group, bias=linear.bias is not None,
-                    dtype=w.dtype, device=w.device, _name=name, **kwargs)
-        rank, world = _rank_world(layer.spec)
-        with torch.no_grad():
-            local_tensor(layer.weight).copy_(local_tensor(w).chunk(world, 0)[rank])
-            if linear.bias is not None:
-                local_tensor(layer.bias).copy_(local_tensor(linear.bias).chunk(world, 0)[rank])
-        _keep_frozen(layer, linear)
-        return layer
+        self._init_params(in_features, out_features, bias=bias, dtype=dtype, device=device, where=_name)
 
     def column_operands(self) -> tuple[Tensor, Tensor | None]:
         """The local `(weight [N/world, K], bias [N/world] | None)` this layer multiplies by
@@ -205,14 +246,6 @@ class ColumnParallelLinear(_ParallelLinearBase):
         if self.gather_output:
             y = traced.gather(y, -1, spec.group) if torch.compiler.is_compiling() else _GatherFn.apply(y, spec, -1)
         return y
-
-    def full_state_dict(self) -> dict[str, Tensor]:
-        """The unsharded `{"weight", "bias"}` (a collective: every rank of the group must call it)."""
-        comm = self.spec.communicator()
-        out = {"weight": _all_gather_dim(local_tensor(self.weight).detach(), comm, 0)}
-        if self.bias is not None:
-            out["bias"] = _all_gather_dim(local_tensor(self.bias).detach(), comm, 0)
-        return out
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features} "
@@ -259,32 +292,17 @@ class ReplicatedColumnLinear(_ParallelLinearBase):
                 f"{_name}: parts: expected a divisor of both the world size {world} and "
                 f"out_features {out_features}, got {parts}"
             )
-        self.in_features, self.out_features, self.parts = in_features, out_features, parts
-        self.block = rank // (world // parts)
+        self.parts, self.block = parts, rank // (world // parts)
         self.gather_output = False
-        kw = {"dtype": dtype, "device": device}
-        group = self.spec.group
-        self.weight = tp_parameter(_init_uniform(torch.empty(out_features, in_features, **kw), in_features), None,
-                                   group=group)
-        self.bias = tp_parameter(_init_uniform(torch.empty(out_features, **kw), in_features), None,
-                                 group=group) if bias else None
-        register_state_dict_hooks(self)
+        self._init_params(in_features, out_features, bias=bias, dtype=dtype, device=device, where=_name)
         all_reduce_grads(self, group=self.spec.group, comm=self.spec.comm)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, group: dist.ProcessGroup, parts: int, name: str = "linear",
                     **kwargs: Any) -> ReplicatedColumnLinear:
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"{name}: expected an nn.Linear, got {type(linear).__name__}")
-        w = linear.weight
-        layer = cls(linear.in_features, linear.out_features, group=group, parts=parts,
-                    bias=linear.bias is not None, dtype=w.dtype, device=w.device, _name=name, **kwargs)
-        with torch.no_grad():
-            local_tensor(layer.weight).copy_(local_tensor(w))
-            if linear.bias is not None:
-                local_tensor(layer.bias).copy_(local_tensor(linear.bias))
-        _keep_frozen(layer, linear)
-        return layer
+        """Copy an existing `nn.Linear` onto every rank (pretrained weights survive); this rank
+        multiplies by its block of `parts`."""
+        return super().from_linear(linear, group=group, name=name, parts=parts, **kwargs)
 
     def column_operands(self) -> tuple[Tensor, Tensor | None]:
         n = self.out_features // self.parts
@@ -298,12 +316,6 @@ class ReplicatedColumnLinear(_ParallelLinearBase):
             return precomputed
         w, b = self.column_operands()
         return _column_apply(x, [w], b, effective_spec(self), None)
-
-    def full_state_dict(self) -> dict[str, Tensor]:
-        out = {"weight": local_tensor(self.weight).detach().clone()}
-        if self.bias is not None:
-            out["bias"] = local_tensor(self.bias).detach().clone()
-        return out
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features} (block {self.block} of "
@@ -321,6 +333,7 @@ class RowParallelLinear(_ParallelLinearBase):
     """
 
     tp_shard_dims = {"weight": 1}  # the bias is replicated, added once after the reduction
+    _from_what = "an nn.Linear to shard row-wise"
 
     def __init__(
         self,
@@ -342,37 +355,8 @@ class RowParallelLinear(_ParallelLinearBase):
         super().__init__()
         self.spec = _make_spec(group, sequence_parallel=sequence_parallel, sequence_dim=sequence_dim, chunks=chunks,
                                kernel=kernel, comm=comm, save_gathered_input=True, where=_name)
-        _, world = _rank_world(self.spec)
-        if in_features % world:
-            raise ValueError(
-                f"{_name}: in_features: expected a multiple of the world size {world} "
-                f"(the input features are split across ranks), got {in_features}"
-            )
-        self.in_features, self.out_features = in_features, out_features
         self.input_is_parallel = input_is_parallel
-        kw = {"dtype": dtype, "device": device}
-        group = self.spec.group
-        self.weight = tp_parameter(_init_uniform(torch.empty(out_features, in_features // world, **kw), in_features),
-                                   ParamShard(1), group=group)
-        self.bias = tp_parameter(_init_uniform(torch.empty(out_features, **kw), in_features), None,
-                                 group=group) if bias else None
-        register_state_dict_hooks(self)
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, *, group: dist.ProcessGroup, name: str = "linear", **kwargs: Any) -> RowParallelLinear:
-        """Shard an existing `nn.Linear` (pretrained weights survive); `name` appears in errors."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"{name}: expected an nn.Linear to shard row-wise, got {type(linear).__name__}")
-        w = linear.weight
-        layer = cls(linear.in_features, linear.out_features, group=group, bias=linear.bias is not None,
-                    dtype=w.dtype, device=w.device, _name=name, **kwargs)
-        rank, world = _rank_world(layer.spec)
-        with torch.no_grad():
-            local_tensor(layer.weight).copy_(local_tensor(w).chunk(world, 1)[rank])
-            if linear.bias is not None:
-                local_tensor(layer.bias).copy_(local_tensor(linear.bias))
-        _keep_frozen(layer, linear)
-        return layer
+        self._init_params(in_features, out_features, bias=bias, dtype=dtype, device=device, where=_name)
 
     def forward(self, x: Tensor) -> Tensor:
         spec = effective_spec(self)
@@ -383,13 +367,6 @@ class RowParallelLinear(_ParallelLinearBase):
             _check_divisible(x, spec.sequence_dim, _rank_world(spec)[1],
                              what="RowParallelLinear (sequence_parallel=True)")
         return _row_apply(x, local_param(self.weight), local_param(self.bias), spec)
-
-    def full_state_dict(self) -> dict[str, Tensor]:
-        """The unsharded `{"weight", "bias"}` (a collective: every rank of the group must call it)."""
-        out = {"weight": _all_gather_dim(local_tensor(self.weight).detach(), self.spec.communicator(), 1)}
-        if self.bias is not None:
-            out["bias"] = local_tensor(self.bias).detach().clone()
-        return out
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features} (local {local_tensor(self.weight).shape[1]}), out_features={self.out_features}, "
