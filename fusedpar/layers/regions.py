@@ -35,6 +35,11 @@ def _all_gather_dim(x: Tensor, comm: Communicator, dim: int) -> Tensor:
     return full.movedim(0, dim).contiguous() if dim else full
 
 
+def _piece(x: Tensor, comm: Communicator, dim: int) -> Tensor:
+    """This rank's `x.chunk(world, dim)` piece (a copy: no comm, no view of `x` kept)."""
+    return x.chunk(comm.world_size, dim)[comm.rank].contiguous()
+
+
 def _check_divisible(x: Tensor, dim: int, world: int, *, what: str) -> None:
     if x.shape[dim] % world:
         raise ValueError(
@@ -54,9 +59,8 @@ class _SplitFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, spec: LinearSpec, dim: int) -> Tensor:
-        comm = spec.communicator()
         ctx.spec, ctx.dim = spec, dim
-        return x.chunk(comm.world_size, dim)[comm.rank].contiguous()
+        return _piece(x, spec.communicator(), dim)
 
     @staticmethod
     def backward(ctx: Any, dx_shard: Tensor) -> tuple[Tensor, None, None]:
@@ -78,19 +82,25 @@ class _GatherFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, dx_full: Tensor) -> tuple[Tensor, None, None]:
-        comm = ctx.spec.communicator()
-        return dx_full.chunk(comm.world_size, ctx.dim)[comm.rank].contiguous(), None, None
+        return _piece(dx_full, ctx.spec.communicator(), ctx.dim), None, None
+
+
+def _to_shard(x: Tensor, group: Any, dim: int, comm: str, fn: type[torch.autograd.Function],
+              traceable: Any, what: str) -> Tensor:
+    """`fn` (eager) or `traceable` (under `torch.compile`, traced.py) on `x`, once `dim` is
+    known to divide evenly across the group."""
+    if torch.compiler.is_compiling():
+        group = check_group(group)
+        _check_divisible(x, dim, dist.get_world_size(group), what=what)
+        return traceable(x, dim, group)
+    spec = LinearSpec(check_group(group), comm=comm)
+    _check_divisible(x, dim, spec.communicator().world_size, what=what)
+    return fn.apply(x, spec, dim)
 
 
 def split_to_shard(x: Tensor, *, group: Any, dim: int = -2, comm: str = "torch") -> Tensor:
     """This rank's `x.chunk(world, dim)` piece (backward all-gathers). `dim` must divide evenly."""
-    if torch.compiler.is_compiling():  # the traceable path (traced.py)
-        group = check_group(group)
-        _check_divisible(x, dim, dist.get_world_size(group), what="split_to_shard")
-        return traced.split(x, dim, group)
-    spec = LinearSpec(check_group(group), comm=comm)
-    _check_divisible(x, dim, spec.communicator().world_size, what="split_to_shard")
-    return _SplitFn.apply(x, spec, dim)
+    return _to_shard(x, group, dim, comm, _SplitFn, traced.split, "split_to_shard")
 
 
 class _ReduceScatterFn(torch.autograd.Function):
@@ -118,13 +128,7 @@ class _ReduceScatterFn(torch.autograd.Function):
 def reduce_scatter_to_shard(x: Tensor, *, group: Any, dim: int = -2, comm: str = "torch") -> Tensor:
     """This rank's `dim`-piece of the sum over ranks of the partial sums `x` (backward
     all-gathers). `dim` must divide evenly."""
-    if torch.compiler.is_compiling():
-        group = check_group(group)
-        _check_divisible(x, dim, dist.get_world_size(group), what="reduce_scatter_to_shard")
-        return traced.reduce_scatter_to_shard(x, dim, group)
-    spec = LinearSpec(check_group(group), comm=comm)
-    _check_divisible(x, dim, spec.communicator().world_size, what="reduce_scatter_to_shard")
-    return _ReduceScatterFn.apply(x, spec, dim)
+    return _to_shard(x, group, dim, comm, _ReduceScatterFn, traced.reduce_scatter_to_shard, "reduce_scatter_to_shard")
 
 
 def gather_from_shard(x_shard: Tensor, *, group: Any, dim: int = -2, comm: str = "torch") -> Tensor:
