@@ -85,6 +85,14 @@ def _linked(fused: Tensor, sizes: list[int], parts: list[Tensor | None]) -> Tens
     return _FusedParts.apply(fused, tuple(bounds), *grads) if grads else fused
 
 
+def _cat_biases(operands: Sequence[tuple[Tensor, Tensor | None]]) -> Tensor | None:
+    """The parts' biases `[N_i]` concatenated `[sum N_i]`, zeros for a part without one; None
+    when no part has one."""
+    if all(b is None for _, b in operands):
+        return None
+    return torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in operands], 0)
+
+
 def _fused_operands(layers: Sequence[nn.Module], operands: list[tuple[Tensor, Tensor | None]]
                     ) -> tuple[Tensor, Tensor | None]:
     """The group's weights `[sum N_i, K]` and biases concatenated (zeros for a layer without
@@ -106,8 +114,7 @@ def _fused_operands(layers: Sequence[nn.Module], operands: list[tuple[Tensor, Te
             or (entry[2].is_inference() and not torch.is_inference_mode_enabled())):  # autograd refuses those
         with torch.no_grad():
             w = torch.cat([wi.detach() for wi, _ in operands], 0)
-            b = None if all(bi is None for _, bi in operands) else torch.cat(
-                [bi.detach() if bi is not None else wi.new_zeros(wi.shape[0]) for wi, bi in operands], 0)
+            b = _cat_biases(operands)
         entry = cache[key] = (sources, versions, w, b)  # the sources are held: their ids cannot be reused
     sizes = [wi.shape[0] for wi, _ in operands]
     w, b = entry[2], entry[3]

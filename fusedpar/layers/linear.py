@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from . import traced
 from ..kernels import resolve_kernel
 from .column_group import (  # noqa: F401
+    _cat_biases,
     _fused_operands,
     _FusedParts,
     _linked,
@@ -411,11 +412,7 @@ def column_parallel_group(
     sizes = [w.shape[0] for w, _ in operands]
     holder: list[Tensor] = []
     if spec.fp8 is not None or torch.compiler.is_compiling():  # fp8 quantizes per part; a compiled graph fuses the cat
-        if all(b is None for _, b in operands):
-            b = None
-        else:
-            b = torch.cat([bi if bi is not None else wi.new_zeros(wi.shape[0]) for wi, bi in operands], 0)
-        y = _column_apply(x, [w for w, _ in operands], b, spec, holder)
+        y = _column_apply(x, [w for w, _ in operands], _cat_biases(operands), spec, holder)
     else:
         w, b = _fused_operands(layers, operands)
         y = _ColumnParallelFn.apply(*_autocast_operands(x, w.t(), b), spec, holder)
