@@ -35,11 +35,6 @@ def _all_gather_dim(x: Tensor, comm: Communicator, dim: int) -> Tensor:
     return full.movedim(0, dim).contiguous() if dim else full
 
 
-def _piece(x: Tensor, comm: Communicator, dim: int) -> Tensor:
-    """This rank's `x.chunk(world, dim)` piece (a copy: no comm, no view of `x` kept)."""
-    return x.chunk(comm.world_size, dim)[comm.rank].contiguous()
-
-
 def _check_divisible(x: Tensor, dim: int, world: int, *, what: str) -> None:
     if x.shape[dim] % world:
         raise ValueError(
@@ -59,8 +54,9 @@ class _SplitFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, spec: LinearSpec, dim: int) -> Tensor:
+        comm = spec.communicator()
         ctx.spec, ctx.dim = spec, dim
-        return _piece(x, spec.communicator(), dim)
+        return x.chunk(comm.world_size, dim)[comm.rank].contiguous()
 
     @staticmethod
     def backward(ctx: Any, dx_shard: Tensor) -> tuple[Tensor, None, None]:
@@ -82,7 +78,8 @@ class _GatherFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, dx_full: Tensor) -> tuple[Tensor, None, None]:
-        return _piece(dx_full, ctx.spec.communicator(), ctx.dim), None, None
+        comm = ctx.spec.communicator()
+        return dx_full.chunk(comm.world_size, ctx.dim)[comm.rank].contiguous(), None, None
 
 
 def _to_shard(x: Tensor, group: Any, dim: int, comm: str, fn: type[torch.autograd.Function],
