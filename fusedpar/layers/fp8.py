@@ -58,9 +58,10 @@ from ..kernels import gated_matmul, matmul, resolve_kernel
 from ..kernels.plan import _fp8_device_reason
 from ..kernels.quantize import dequantize, quantize_rowwise, quantize_tensorwise
 from .sharding import version_of
-from .linear import (
-    ColumnParallelLinear, LinearSpec, ReplicatedColumnLinear, RowParallelLinear, _all_gather_dim, _autocast_off,
-    _autocast_operands, _ColumnParallelFn, _RowParallelFn, _sum_rows)
+from .linear import ColumnParallelLinear, ReplicatedColumnLinear, RowParallelLinear
+from .linear_autograd import _autocast_off, _autocast_operands, _ColumnParallelFn, _RowParallelFn, _sum_rows
+from .linear_spec import LinearSpec
+from .regions import _all_gather_dim
 
 __all__ = ["Float8Recipe", "as_recipe", "enable_fp8", "fp8_stats"]
 
@@ -94,8 +95,8 @@ class Float8Recipe:
     def short(self) -> str:
         return f"{self.scaling}, dgrad {self.dgrad}"
 
-    # The parallel linears call these on their spec's recipe, so linear.py needs no import
-    # of this module (which builds on linear.py's autograd functions).
+    # The parallel linears call these on their spec's recipe, so linear_autograd.py needs no import
+    # of this module (which builds on its autograd functions).
     def column_parallel(self, x: Tensor, weights: list[Tensor], bias: Tensor | None, spec: LinearSpec,
                         holder: list | None) -> Tensor:
         """The column-parallel product in fp8: :func:`column_parallel_fp8`."""

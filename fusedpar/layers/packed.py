@@ -10,16 +10,17 @@ its own, so every rank holds its slice of every part and the model's own
 
 `PackedColumnParallelLinear` is a ColumnParallelLinear over that local weight, so it runs
 the same fused GEMM, joins the same column groups (one gather, one backward reduction with
-its siblings) and overlaps the same way; only sharding and `full_state_dict` differ.
+its siblings) and overlaps the same way; only the sharding differs (`tp_shard_parts`, which
+`full_state_dict` and the checkpoint code read).
 `PackedRowParallelLinear` is the row-parallel counterpart (input features packed).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import nn
 
 from ..comm import check_group
 from .linear import ColumnParallelLinear, RowParallelLinear
@@ -27,10 +28,18 @@ from .sharding import ParamShard, local_tensor, tp_parameter
 
 __all__ = ["PackedColumnParallelLinear", "PackedRowParallelLinear"]
 
+_T = TypeVar("_T")
 
-def _packed_copy(linear: nn.Linear, dim: int, parts: int, *, group: dist.ProcessGroup, name: str) -> nn.Linear:
+
+def _packed_copy(linear: nn.Linear, dim: int, parts: int, *, group: dist.ProcessGroup, name: str
+                 ) -> tuple[nn.Linear, dist.ProcessGroup]:
     """A stand-in linear whose weight rows (dim 0) / columns (dim 1) are reordered rank-major,
-    so the plain `from_linear` chunking hands each rank `[part_0[r]; part_1[r]; ...]`."""
+    so the plain `from_linear` chunking hands each rank `[part_0[r]; part_1[r]; ...]`; and the
+    checked group."""
+    how = ("column-wise", "row-wise")[dim]
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"{name}: expected an nn.Linear to shard packed {how}, got {type(linear).__name__}")
+    group = check_group(group, arg=f"{name}: group")
     world = dist.get_world_size(group)
     shard = ParamShard(dim, parts)
     shard.check(linear.weight.shape, world, where=f"{name}: weight")
@@ -43,75 +52,46 @@ def _packed_copy(linear: nn.Linear, dim: int, parts: int, *, group: dist.Process
     stand_in.weight = nn.Parameter(weight, requires_grad=linear.weight.requires_grad)
     if bias is not None:
         stand_in.bias = nn.Parameter(bias, requires_grad=linear.bias.requires_grad)
-    return stand_in
+    return stand_in, group
 
 
-def _as_packed(layer: nn.Module, names: tuple[str, ...], dim: int, parts: int) -> None:
-    """Re-describe the layer's DTensor parameters as packed (sharding.py: the parts unflattened),
-    same local tensors: the plain column / row split it was built with says the wrong rows."""
-    for name in names:
+def _as_packed(layer: nn.Module, parts: int) -> nn.Module:
+    """Re-describe the layer's split DTensor parameters (`tp_shard_dims`) as packed
+    (sharding.py: the parts unflattened), same local tensors: the plain column / row split it
+    was built with says the wrong rows. `tp_shard_parts`, read with `tp_shard_dims` by the
+    checkpoint code and `full_state_dict`, says so too."""
+    layer.parts = parts
+    layer.tp_shard_parts = {name: parts for name in layer.tp_shard_dims}
+    for name, dim in layer.tp_shard_dims.items():
         p = layer._parameters.get(name)
         if p is not None:
             layer._parameters[name] = tp_parameter(local_tensor(p), ParamShard(dim, parts), group=layer.spec.group,
                                                    requires_grad=p.requires_grad)
+    return layer
 
 
-class PackedColumnParallelLinear(ColumnParallelLinear):
+class _Packed:
+    """What both packed linears add to their plain parent (the next class in the MRO): sharding
+    an `nn.Linear` per packed block along the parent's split dim (`tp_shard_dims["weight"]`:
+    0, the output features, for the column layer; 1, the input features, for the row layer)."""
+
+    parts: int = 2
+    tp_shard_dims: dict[str, int]
+
+    @classmethod
+    def from_linear(cls: type[_T], linear: nn.Linear, *, group: dist.ProcessGroup, name: str = "linear",
+                    parts: int = 2, **kwargs: Any) -> _T:
+        """Shard an existing packed `nn.Linear`: `parts` blocks of equal size along the split dim."""
+        stand_in, group = _packed_copy(linear, cls.tp_shard_dims["weight"], parts, group=group, name=name)  # type: ignore[attr-defined]
+        return _as_packed(super().from_linear(stand_in, group=group, name=name, **kwargs), parts)  # type: ignore[misc]
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", packed parts={self.parts}"  # type: ignore[misc]
+
+
+class PackedColumnParallelLinear(_Packed, ColumnParallelLinear):
     """ColumnParallelLinear over a weight of `parts` packed output blocks, each split across ranks."""
 
-    parts: int = 2
 
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, *, group: dist.ProcessGroup, name: str = "linear", parts: int = 2,
-                    **kwargs: Any) -> PackedColumnParallelLinear:
-        """Shard an existing packed `nn.Linear`; `parts` blocks of equal size along its output."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"{name}: expected an nn.Linear to shard packed column-wise, got {type(linear).__name__}")
-        group = check_group(group, arg=f"{name}: group")
-        layer = super().from_linear(_packed_copy(linear, 0, parts, group=group, name=name), group=group, name=name,
-                                    **kwargs)
-        layer.parts = parts
-        layer.tp_shard_parts = {"weight": parts, "bias": parts}  # read with tp_shard_dims by the checkpoint code
-        _as_packed(layer, ("weight", "bias"), 0, parts)
-        return layer
-
-    def full_state_dict(self) -> dict[str, Tensor]:
-        """The unsharded `{"weight", "bias"}` in the packed order (a collective)."""
-        comm = self.spec.communicator()
-        out = {"weight": ParamShard(0, self.parts).gather(local_tensor(self.weight), comm)}
-        if self.bias is not None:
-            out["bias"] = ParamShard(0, self.parts).gather(local_tensor(self.bias), comm)
-        return out
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", packed parts={self.parts}"
-
-
-class PackedRowParallelLinear(RowParallelLinear):
+class PackedRowParallelLinear(_Packed, RowParallelLinear):
     """RowParallelLinear over a weight of `parts` packed input blocks, each split across ranks."""
-
-    parts: int = 2
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, *, group: dist.ProcessGroup, name: str = "linear", parts: int = 2,
-                    **kwargs: Any) -> PackedRowParallelLinear:
-        """Shard an existing `nn.Linear` whose input features pack `parts` equal blocks."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"{name}: expected an nn.Linear to shard packed row-wise, got {type(linear).__name__}")
-        group = check_group(group, arg=f"{name}: group")
-        layer = super().from_linear(_packed_copy(linear, 1, parts, group=group, name=name), group=group, name=name,
-                                    **kwargs)
-        layer.parts = parts
-        layer.tp_shard_parts = {"weight": parts}
-        _as_packed(layer, ("weight",), 1, parts)
-        return layer
-
-    def full_state_dict(self) -> dict[str, Tensor]:
-        """The unsharded `{"weight", "bias"}` in the packed order (a collective)."""
-        out = {"weight": ParamShard(1, self.parts).gather(local_tensor(self.weight), self.spec.communicator())}
-        if self.bias is not None:
-            out["bias"] = local_tensor(self.bias).detach().clone()
-        return out
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", packed parts={self.parts}"

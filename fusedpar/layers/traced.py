@@ -1,5 +1,5 @@
 """The path fusedpar's layers take under `torch.compile`: the layouts and the math of the
-overlapped autograd Functions in linear.py, written in ops the compiler traces.
+overlapped autograd Functions in linear_autograd.py, written in ops the compiler traces.
 
 Eager fusedpar runs chunked schedules (overlap/): GEMM pieces writing into slices of
 preallocated outputs, collectives issued asynchronously and in place on a ProcessGroup,
@@ -21,7 +21,7 @@ grouped MoE expert GEMMs (layers/moe.py) and the vocab-parallel cross-entropy.
     row, SP         y_shard = reduce_scatter(x_part @ w.T) + b      dx_part = all_gather(dy_shard) @ w; db all-reduced
 
 Each region op below is an autograd Function whose backward is the dual collective, like
-the eager ones in linear.py (the functional collectives have no gradients of their own
+the eager ones in regions.py (the functional collectives have no gradients of their own
 except all-gather / reduce-scatter, and those sum where replicated consumers need a slice).
 Weights here are in `nn.Linear`'s `[N, K]` layout.
 """

@@ -1,0 +1,122 @@
+"""What runs several column-parallel linears on one input (q/k/v, gate/up) as one GEMM
+(`column_parallel_group` in linear.py) needs besides the modules: the group's weights and
+biases concatenated once per version of the parameters (`_fused_operands`), linked back to
+each layer's parameters by `_FusedParts`, and the per-layer outputs it leaves for each
+layer's next forward (`stash_precomputed` / `pop_precomputed`).
+
+Layouts: each part is a layer's local `[N_i, K]` weight (column-split, `w_shard_n`, or a
+replicated layer's block) and its `[N_i]` bias; the fused operand is their concatenation
+`[sum N_i, K]`, and a stashed output is the layer's `y_part [.., N_i]` for the input
+`x_full` it was computed from.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
+
+from .sharding import version_of
+
+__all__ = ["stash_precomputed", "pop_precomputed"]
+
+
+def stash_precomputed(layer: nn.Module, x_full: Tensor, y: Tensor) -> None:
+    """Leave `y`, computed for `x_full` by a fused group (`column_parallel_group`, via
+    `parallelize`), for the layer's next forward to return."""
+    if torch.compiler.is_compiling():  # attribute ops torch 2.11's dynamo traces (not __dict__'s)
+        setattr(layer, "_fusedpar_precomputed", (x_full, y))
+    else:  # per forward: the instance dict, not nn.Module.__setattr__
+        layer.__dict__["_fusedpar_precomputed"] = (x_full, y)
+
+
+def pop_precomputed(layer: nn.Module) -> tuple[Tensor, Tensor] | None:
+    """Take what `stash_precomputed` left on `layer` (None: nothing, or already taken)."""
+    if torch.compiler.is_compiling():
+        stash = getattr(layer, "_fusedpar_precomputed", None)
+        if stash is not None:
+            setattr(layer, "_fusedpar_precomputed", None)
+        return stash
+    return layer.__dict__.pop("_fusedpar_precomputed", None)
+
+
+def _take_precomputed(layer: nn.Module, x: Tensor) -> Tensor | None:
+    """The output a fused group already computed for `x` (`stash_precomputed`)."""
+    stash = pop_precomputed(layer)
+    return stash[1] if stash is not None and stash[0] is x else None
+
+
+class _FusedParts(torch.autograd.Function):
+    """`parts → fused`, where `fused` is the parts' concatenation on dim 0, already made (cached).
+
+    forward   fused [sum N_i, ..] returned as an alias             no copy, nothing saved
+    backward  d part_i = d fused[N_0+..+N_{i-1} : ..+N_i]            views, no copy
+    """
+
+    @staticmethod
+    def forward(ctx: Any, fused: Tensor, bounds: tuple[tuple[int, int], ...],  # type: ignore[override]
+                *parts: Tensor) -> Tensor:
+        ctx.bounds = bounds
+        return fused.view_as(fused)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        return (None, None, *(grad[a:b] for a, b in ctx.bounds))
+
+
+def _source(p: Tensor | None) -> Tensor | None:
+    """The tensor whose version says whether `p`'s values changed (a DTensor's local tensor)."""
+    return p._local_tensor if isinstance(p, DTensor) else p
+
+
+def _linked(fused: Tensor, sizes: list[int], parts: list[Tensor | None]) -> Tensor:
+    """`fused` linked by autograd to the parts (of `sizes` rows) that need a gradient, each
+    getting its slice; `fused` itself without grad mode or when none does."""
+    if not torch.is_grad_enabled():
+        return fused
+    bounds, grads, start = [], [], 0
+    for n, part in zip(sizes, parts):
+        if part is not None and part.requires_grad:
+            bounds.append((start, start + n))
+            grads.append(part)
+        start += n
+    return _FusedParts.apply(fused, tuple(bounds), *grads) if grads else fused
+
+
+def _cat_biases(operands: Sequence[tuple[Tensor, Tensor | None]]) -> Tensor | None:
+    """The parts' biases `[N_i]` concatenated `[sum N_i]`, zeros for a part without one; None
+    when no part has one."""
+    if all(b is None for _, b in operands):
+        return None
+    return torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in operands], 0)
+
+
+def _fused_operands(layers: Sequence[nn.Module], operands: list[tuple[Tensor, Tensor | None]]
+                    ) -> tuple[Tensor, Tensor | None]:
+    """The group's weights `[sum N_i, K]` and biases concatenated (zeros for a layer without
+    one), made once per version of the layers' parameters and kept on the first layer: an
+    in-place write (an optimizer step, `load_state_dict`, `copy_` under no_grad; also
+    through a DTensor parameter, `version_of`) or a replaced parameter makes a new one.
+    Writes the version counter does not see (under `torch.inference_mode`, or through
+    `.data`) are not noticed.
+    The kept tensors cost one copy of the group's local weights, where a forward used to
+    allocate (and, training, save for backward) one per call."""
+    sources = tuple(_source(getattr(layer, name)) for layer in layers for name in ("weight", "bias"))
+    # the version and the memory of each: a storage refilled elsewhere (FSDP2's unsharded
+    # parameters are freed and re-gathered around each forward) moves at least one of them
+    versions = tuple(None if t is None else (version_of(t), t.data_ptr()) for t in sources)
+    cache = layers[0].__dict__.setdefault("_fusedpar_fused", {})
+    key = tuple(id(layer) for layer in layers)
+    entry = cache.get(key)
+    if (entry is None or entry[1] != versions or any(a is not b for a, b in zip(entry[0], sources))
+            or (entry[2].is_inference() and not torch.is_inference_mode_enabled())):  # autograd refuses those
+        with torch.no_grad():
+            w = torch.cat([wi.detach() for wi, _ in operands], 0)
+            b = _cat_biases(operands)
+        entry = cache[key] = (sources, versions, w, b)  # the sources are held: their ids cannot be reused
+    sizes = [wi.shape[0] for wi, _ in operands]
+    w, b = entry[2], entry[3]
+    b_linked = None if b is None else _linked(b, sizes, [bi for _, bi in operands])
+    return _linked(w, sizes, [wi for wi, _ in operands]), b_linked

@@ -1,0 +1,195 @@
+"""The autograd Functions of the parallel linears and the helpers that prepare their operands.
+
+`w` is always the local `[K, N]` operand, `weight.t()` (a view); layouts as in linear.py:
+
+    _ColumnParallelFn   x_full / x_shard [.., K] @ w_shard_n [K, N/world] -> y_part [.., N/world]
+    _RowParallelFn      x_part [.., K/world] @ w_shard_k [K/world, N] -> y_full / y_shard / y_partial [.., N]
+
+`_column_apply` / `_row_apply` pick the path a call takes (fp8 recipe, the traceable path
+under `torch.compile`, else these Functions); `_autocast_operands` / `_autocast_off` run
+them under `torch.autocast` as `nn.Linear` would.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import overlap
+from . import traced
+from ..kernels import matmul
+from .linear_spec import LinearSpec
+from .regions import _all_gather_dim
+
+
+def _wgrad(x: Tensor, dy: Tensor, w: Tensor, kernel: str) -> Tensor:
+    """`x_rows.T @ dy_rows` as `[K, N]` whose `.t()` is contiguous (the nn.Linear weight layout)."""
+    dw = w.new_empty(w.shape[1], w.shape[0]).t()
+    matmul(x.reshape(-1, x.shape[-1]).t(), dy.reshape(-1, dy.shape[-1]), out=dw, kernel=kernel)
+    return dw
+
+
+def _sum_rows(dy: Tensor) -> Tensor:
+    return dy.reshape(-1, dy.shape[-1]).sum(0)
+
+
+def _autocast_operands(x: Tensor, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Under `torch.autocast`, the GEMM runs in the autocast dtype, as `nn.Linear`'s would:
+    the input, the (e.g. fp32 master) weight and the bias are cast here, and the casts'
+    backward returns the gradients in each parameter's own dtype."""
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return x, w, b
+    dtype = torch.get_autocast_dtype(device_type)
+    return x.to(dtype), w.to(dtype), b.to(dtype) if b is not None else None
+
+
+def _autocast_off(method: Any) -> Any:
+    """Run an autograd Function's forward/backward with autocast off: its operands already
+    have one dtype (`_autocast_operands`), and the kernels write into preallocated outputs,
+    which autocast would refuse or re-cast."""
+
+    @functools.wraps(method)
+    def run(ctx: Any, x: Tensor, *args: Any) -> Any:
+        device_type = x.device.type
+        if not torch.is_autocast_enabled(device_type):  # the usual case: no context to enter
+            return method(ctx, x, *args)
+        with torch.autocast(device_type, enabled=False):
+            return method(ctx, x, *args)
+
+    return run
+
+
+
+def _column_apply(x: Tensor, weights: list[Tensor], b: Tensor | None, spec: LinearSpec, holder: list | None) -> Tensor:
+    """The column-parallel product of ``x`` and the weights ``[N_i, K]`` (concatenated on N):
+    in fp8 when the spec has a recipe (layers/fp8.py), else ``_ColumnParallelFn``."""
+    if spec.fp8 is not None:  # the recipe runs it: fp8.py builds on this module, not the reverse
+        return spec.fp8.column_parallel(x, weights, b, spec, holder)
+    w = weights[0] if len(weights) == 1 else torch.cat(weights, 0)
+    if torch.compiler.is_compiling():  # the traceable path: functional collectives, the compiler's GEMM (traced.py)
+        y, x_full = traced.column_parallel(x, w, b, group=spec.group, sequence_parallel=spec.sequence_parallel,
+                                           dim=spec.sequence_dim)
+        if holder is not None:
+            holder.append(x_full)
+        return y
+    return _ColumnParallelFn.apply(*_autocast_operands(x, w.t(), b), spec, holder)
+
+
+def _row_apply(x: Tensor, weight: Tensor, b: Tensor | None, spec: LinearSpec) -> Tensor:
+    """The row-parallel product, in fp8 when the spec has a recipe, else ``_RowParallelFn``."""
+    if spec.fp8 is not None:
+        return spec.fp8.row_parallel(x, weight, b, spec)
+    if torch.compiler.is_compiling():
+        return traced.row_parallel(x, weight, b, group=spec.group, sequence_parallel=spec.sequence_parallel,
+                                   dim=spec.sequence_dim, partial_output=spec.partial_output)
+    return _RowParallelFn.apply(*_autocast_operands(x, weight.t(), b), spec)
+
+
+class _ColumnParallelFn(torch.autograd.Function):
+    """Column-parallel `y_part = x @ w_shard_n + b_shard_n` (w `[K, N/world]`).
+
+    sequence_parallel=False (x_full `[.., M, K]` replicated):
+        forward   y_part [.., M, N/world] = x_full @ w_shard_n          no comm
+        dgrad     dx_full = all_reduce(dy_part @ w_shard_n.T)           matmul_all_reduce, chunked
+        wgrad     dw_shard_n [K, N/world] = x_full.T @ dy_part          overlapped with the dgrad all-reduce
+    sequence_parallel=True (x_shard `[.., M/world, K]` split on the sequence dim):
+        forward   y_part [.., M, N/world] = all_gather(x_shard) @ w     all_gather_matmul (ring)
+        dgrad     dx_shard = reduce_scatter(dy_part @ w_shard_n.T)      matmul_reduce_scatter, chunked
+        wgrad     dw_shard_n = x_full.T @ dy_part                       x_full kept from forward or re-gathered
+    """
+
+    @staticmethod
+    @_autocast_off
+    def forward(ctx: Any, x: Tensor, w: Tensor, bias: Tensor | None, spec: LinearSpec, holder: list | None) -> Tensor:
+        ctx.spec = spec
+        if spec.sequence_parallel:
+            y, x_full = overlap.all_gather_matmul(
+                x, w, dim=spec.sequence_dim, bias=bias, return_gathered=True, **spec.knobs()
+            )
+            keep = x_full if spec.save_gathered_input else x
+        else:
+            y = matmul(x, w, bias=bias, kernel=spec.kernel)
+            x_full = keep = x
+        if holder is not None:
+            holder.append(x_full)
+        ctx.save_for_backward(keep, w)
+        return y
+
+    @staticmethod
+    @_autocast_off
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        x_kept, w = ctx.saved_tensors
+        spec: LinearSpec = ctx.spec
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        dx = dw = None
+        if spec.sequence_parallel:
+            if need_dx:
+                dx, dw = overlap.matmul_reduce_scatter_with_wgrad(
+                    dy, w, x_kept, x_is_gathered=spec.save_gathered_input, dim=spec.sequence_dim,
+                    need_wgrad=need_dw, **spec.knobs()
+                )
+            elif need_dw:
+                x_full = x_kept if spec.save_gathered_input else _all_gather_dim(x_kept, spec.communicator(), spec.sequence_dim)
+                dw = _wgrad(x_full, dy, w, spec.kernel)
+        elif need_dx:
+            dx, dw = overlap.matmul_all_reduce_with_wgrad(dy, w, x_kept, need_wgrad=need_dw, **spec.knobs())
+        elif need_dw:
+            dw = _wgrad(x_kept, dy, w, spec.kernel)
+        db = _sum_rows(dy) if need_db else None
+        return dx, dw if need_dw else None, db, None, None
+
+
+class _RowParallelFn(torch.autograd.Function):
+    """Row-parallel `y = sum_ranks(x_part @ w_shard_k) + b` (w `[K/world, N]`, b replicated).
+
+    sequence_parallel=False (x_part `[.., M, K/world]`):
+        forward   y_full [.., M, N] = all_reduce(x_part @ w_shard_k) + b        matmul_all_reduce, chunked
+        dgrad     dx_part = dy_full @ w_shard_k.T                               no comm
+        wgrad     dw_shard_k [K/world, N] = x_part.T @ dy_full; db = Σ dy_full  no comm
+    sequence_parallel=True:
+        forward   y_shard [.., M/world, N] = reduce_scatter(x_part @ w) + b     matmul_reduce_scatter, chunked
+        dgrad     dx_part = all_gather(dy_shard) @ w_shard_k.T                  all_gather_matmul_with_wgrad (ring)
+        wgrad     dw_shard_k = x_part.T @ all_gather(dy_shard); db = all_reduce(Σ dy_shard)
+    """
+
+    @staticmethod
+    @_autocast_off
+    def forward(ctx: Any, x: Tensor, w: Tensor, bias: Tensor | None, spec: LinearSpec) -> Tensor:
+        ctx.spec = spec
+        ctx.save_for_backward(x, w)
+        if spec.partial_output:  # the block reduces it; backward is the non-SP one (no comm)
+            return matmul(x, w, out=x.new_empty(*x.shape[:-1], w.shape[1]), kernel=spec.kernel)
+        # the output is allocated here, not a view of a schedule buffer: autograd forbids in-place
+        # ops on a view made inside a Function, and models add into it (Llama 4: `out.add_(...)`)
+        if spec.sequence_parallel:
+            shape = list(x.shape[:-1]) + [w.shape[1]]
+            shape[spec.sequence_dim] //= spec.communicator().world_size
+            return overlap.matmul_reduce_scatter(x, w, dim=spec.sequence_dim, bias=bias, out=x.new_empty(shape),
+                                                 **spec.knobs())
+        return overlap.matmul_all_reduce(x, w, bias=bias, out=x.new_empty(*x.shape[:-1], w.shape[1]), **spec.knobs())
+
+    @staticmethod
+    @_autocast_off
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        x, w = ctx.saved_tensors
+        spec: LinearSpec = ctx.spec
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        dx = dw = db = None
+        if spec.sequence_parallel:
+            if need_dx or need_dw:
+                dx, dw = overlap.all_gather_matmul_with_wgrad(dy, w, x, dim=spec.sequence_dim, need_wgrad=need_dw,
+                                                              **spec.knobs())
+            if need_db:
+                db = _sum_rows(dy).contiguous()
+                spec.communicator().all_reduce(db).wait()
+        else:
+            if need_dx:
+                dx = matmul(dy, w.t(), kernel=spec.kernel)
+            if need_dw:
+                dw = _wgrad(x, dy, w, spec.kernel)
+            if need_db:
+                db = _sum_rows(dy)
+        return (dx if need_dx else None), (dw if need_dw else None), db, None
