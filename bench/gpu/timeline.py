@@ -5,7 +5,7 @@ so a reader sees the comm stream's transfers under the compute stream's GEMMs.
     python3 bench/gpu/timeline.py --out DIR [--tokens 8192 --hidden 4096 --ffn 14336 --tp 8]
     python3 bench/gpu/timeline.py --out DIR --cpu-smoke        # the plumbing, on CPU
 
-The block is the sequence of calls the layers make (fusedpar/layers/linear.py), with the
+The block is the sequence of calls the layers make (fusedpar/layers/linear_autograd.py), with the
 collectives on `EmulatedLinkCommunicator` (emulated_link.py; its limits apply):
 
     forward   h = gelu(all_gather_matmul(x_shard, w_up))            ring all-gather ‖ GEMMs

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from .sharding import version_of
+from .sharding import tracked_version
 
 __all__ = ["stash_precomputed", "pop_precomputed"]
 
@@ -98,24 +98,29 @@ def _fused_operands(layers: Sequence[nn.Module], operands: list[tuple[Tensor, Te
     """The group's weights `[sum N_i, K]` and biases concatenated (zeros for a layer without
     one), made once per version of the layers' parameters and kept on the first layer: an
     in-place write (an optimizer step, `load_state_dict`, `copy_` under no_grad; also
-    through a DTensor parameter, `version_of`) or a replaced parameter makes a new one.
+    through a DTensor parameter) or a replaced parameter makes a new one.
+    Kept only for the parameters fusedpar made (`tracked_version`); others (FSDP2's unsharded
+    ones, refilled each step without moving their version) are concatenated every forward.
     Writes the version counter does not see (under `torch.inference_mode`, or through
     `.data`) are not noticed.
     The kept tensors cost one copy of the group's local weights, where a forward used to
     allocate (and, training, save for backward) one per call."""
     sources = tuple(_source(getattr(layer, name)) for layer in layers for name in ("weight", "bias"))
-    # the version and the memory of each: a storage refilled elsewhere (FSDP2's unsharded
-    # parameters are freed and re-gathered around each forward) moves at least one of them
-    versions = tuple(None if t is None else (version_of(t), t.data_ptr()) for t in sources)
+    versions = tuple(None if t is None else (tracked_version(t), t.data_ptr()) for t in sources)
     cache = layers[0].__dict__.setdefault("_fusedpar_fused", {})
     key = tuple(id(layer) for layer in layers)
-    entry = cache.get(key)
-    if (entry is None or entry[1] != versions or any(a is not b for a, b in zip(entry[0], sources))
-            or (entry[2].is_inference() and not torch.is_inference_mode_enabled())):  # autograd refuses those
+    if any(v is not None and v[0] is None for v in versions):  # a source whose writes its version may miss
+        cache.pop(key, None)
         with torch.no_grad():
-            w = torch.cat([wi.detach() for wi, _ in operands], 0)
-            b = _cat_biases(operands)
-        entry = cache[key] = (sources, versions, w, b)  # the sources are held: their ids cannot be reused
+            entry = (sources, versions, torch.cat([wi.detach() for wi, _ in operands], 0), _cat_biases(operands))
+    else:
+        entry = cache.get(key)
+        if (entry is None or entry[1] != versions or any(a is not b for a, b in zip(entry[0], sources))
+                or (entry[2].is_inference() and not torch.is_inference_mode_enabled())):  # autograd refuses those
+            with torch.no_grad():
+                w = torch.cat([wi.detach() for wi, _ in operands], 0)
+                b = _cat_biases(operands)
+            entry = cache[key] = (sources, versions, w, b)  # the sources are held: their ids cannot be reused
     sizes = [wi.shape[0] for wi, _ in operands]
     w, b = entry[2], entry[3]
     b_linked = None if b is None else _linked(b, sizes, [bi for _, bi in operands])

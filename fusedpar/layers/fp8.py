@@ -57,7 +57,7 @@ from .. import overlap
 from ..kernels import gated_matmul, matmul, resolve_kernel
 from ..kernels.plan import _fp8_device_reason
 from ..kernels.quantize import dequantize, quantize_rowwise, quantize_tensorwise
-from .sharding import version_of
+from .sharding import tracked_version
 from .linear import ColumnParallelLinear, ReplicatedColumnLinear, RowParallelLinear
 from .linear_autograd import _autocast_off, _autocast_operands, _ColumnParallelFn, _RowParallelFn, _sum_rows
 from .linear_spec import LinearSpec
@@ -210,11 +210,14 @@ def _frozen_copies(base: Tensor) -> dict[tuple, _QuantizedWeight]:
 
 
 def _quantize_weight(w: Tensor, scaling: str, kernel: str) -> _QuantizedWeight:
-    """``w`` [N, K] quantized per row (or per tensor); a frozen weight once per version."""
+    """``w`` [N, K] quantized per row (or per tensor); a frozen weight once per version (of a
+    parameter fusedpar made: others, such as FSDP2's refilled unsharded parameters, may be
+    written without their version moving, `tracked_version`, and are quantized every call)."""
     key = copies = None
-    if not w.requires_grad:
-        base = w._base if w._base is not None else w
-        key = (version_of(base), w.storage_offset(), tuple(w.shape), tuple(w.stride()), scaling)
+    base = w._base if w._base is not None else w
+    version = None if w.requires_grad else tracked_version(base)
+    if version is not None:
+        key = (version, w.storage_offset(), tuple(w.shape), tuple(w.stride()), scaling)
         copies = _frozen_copies(base)
         if key in copies:
             return copies[key]

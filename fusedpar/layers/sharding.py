@@ -50,7 +50,7 @@ from . import traced
 
 __all__ = ["ParamShard", "shard_parameter", "param_shards", "local_shard", "gather_shard", "tp_parameter",
            "local_tensor", "local_param", "install_local_views", "replicate_parameters", "is_dtensor",
-           "register_state_dict_hooks", "param_of"]
+           "register_state_dict_hooks", "param_of", "tracked_version"]
 
 
 @dataclass(frozen=True)
@@ -211,6 +211,19 @@ def version_of(t: Tensor) -> int:
     owner = _OWNERS.get(id(t))
     p = owner() if owner is not None else None
     return t._version + (p._version if p is not None and p._local_tensor is t else 0)
+
+
+def tracked_version(t: Tensor) -> int | None:
+    """`version_of(t)` where that counter sees every write to `t`: `t` is the local tensor of a
+    DTensor parameter made by `tp_parameter`. None for any other tensor, whose writes may
+    bypass its counter: FSDP2 refills its unsharded parameters after each all-gather under
+    `torch.autograd._unsafe_preserve_version_counter`, often at the same address, so a cache
+    keyed on their version and address would silently serve the weights of an earlier step."""
+    owner = _OWNERS.get(id(t))
+    p = owner() if owner is not None else None
+    if p is None or p._local_tensor is not t:
+        return None
+    return t._version + p._version
 
 
 def _kernel_layout(lt: Tensor, packed: int | None) -> Tensor:
