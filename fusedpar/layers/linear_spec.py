@@ -83,7 +83,7 @@ def effective_spec(layer: nn.Module) -> LinearSpec:
     """The layer's spec for this forward: without sequence parallelism while its region
     runs unsplit."""
     spec: LinearSpec = layer.spec
-    region: SequenceRegion | None = getattr(layer, "_fusedpar_region", None)
+    region: SequenceRegion | None = layer.__dict__.get("_fusedpar_region")  # (getattr would miss through Module.__getattr__)
     if spec.sequence_parallel and region is not None and not region.split:
         return spec.unsplit()
     return spec

@@ -61,6 +61,16 @@ def matmul_all_reduce(
             _remember(key, plan)
     out_dtype, chunks = plan
     fp8 = is_fp8(x.dtype)
+    if chunks == 1 and world > 1 and not async_op and not fp8 and (out is None or out.is_contiguous()):
+        # decode sizes: one GEMM straight into the output (any leading dims: no row views),
+        # one all-reduce of it in place; host time is what bounds this call
+        check_consistent(communicator, "matmul_all_reduce", debug, "x", x, w, chunks, bias=bias, activation=activation)
+        y = out if out is not None else torch.empty(*x.shape[:-1], w.shape[1], dtype=out_dtype, device=x.device)
+        with nvtx_range("matmul_all_reduce c=1"):
+            matmul(x, w, out=y, kernel=kernel)
+            _Pipeline.for_device(x.device).issue(lambda: communicator.all_reduce(y)).wait()
+        _epilogue(y, bias, activation)
+        return y
     out_shape = list(x.shape[:-1]) + [w.shape[1]]
     x_rows = x.reshape(-1, x.shape[-1])
     s_rows = _scale_rows(x_scale, x, 0) if fp8 else None
@@ -69,12 +79,6 @@ def matmul_all_reduce(
     y_rows = out.view(rows, n) if out is not None and out.is_contiguous() else \
         torch.empty(rows, n, dtype=out_dtype, device=x.device)
     pipe = _Pipeline.for_device(x.device)
-    if chunks == 1 and world > 1 and not async_op and not fp8:  # decode sizes: one GEMM, one all-reduce
-        with nvtx_range("matmul_all_reduce c=1"):
-            matmul(x_rows, w, out=y_rows, kernel=kernel)
-            pipe.issue(lambda: communicator.all_reduce(y_rows)).wait()
-        _epilogue(y_rows, bias, activation)
-        return _from_rows_out(y_rows, out_shape[:-1], 0, out)
     handles: list[tuple[CollectiveHandle, tuple[int, int]]] = []
     with nvtx_range(f"matmul_all_reduce c={chunks}"):
         if world == 1:
