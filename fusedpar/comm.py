@@ -260,23 +260,16 @@ class TorchCommunicator(Communicator):
         works = work if isinstance(work, list) else [work]
         return CollectiveHandle(works=works, keep=tensors, describe=describe)
 
-    def all_gather(self, output: Tensor, input: Tensor) -> CollectiveHandle:
+    def _flat(self, op: str, collective: Callable[..., Any], output: Tensor, input: Tensor) -> CollectiveHandle:
+        """A flat all-gather or reduce-scatter (torch's ``(output, input)`` collectives)."""
         _require_contiguous(output=output, input=input)
-        return self._run(
-            "all_gather",
-            lambda: _all_gather_flat(output, input, group=self.group, async_op=True),
-            output,
-            input,
-        )
+        return self._run(op, lambda: collective(output, input, group=self.group, async_op=True), output, input)
+
+    def all_gather(self, output: Tensor, input: Tensor) -> CollectiveHandle:
+        return self._flat("all_gather", _all_gather_flat, output, input)
 
     def reduce_scatter(self, output: Tensor, input: Tensor) -> CollectiveHandle:
-        _require_contiguous(output=output, input=input)
-        return self._run(
-            "reduce_scatter",
-            lambda: _reduce_scatter_flat(output, input, group=self.group, async_op=True),
-            output,
-            input,
-        )
+        return self._flat("reduce_scatter", _reduce_scatter_flat, output, input)
 
     def all_reduce(self, tensor: Tensor) -> CollectiveHandle:
         _require_contiguous(tensor=tensor)

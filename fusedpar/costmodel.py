@@ -90,23 +90,19 @@ def _fp8(tflops: float) -> dict[str, float]:
 # twice bf16 on Hopper (the vendor's dense fp8 peak is twice its bf16 one; unmeasured
 # until bench/gpu/gemm_sweep.py --parts fp8 runs), none on the A100 (no fp8 tensor cores:
 # fusedpar refuses fp8 there), the CPU's is its fp32 rate (fp8 is emulated through fp32).
+_H100_SXM = DeviceSpec(
+    name="h100-sxm",
+    gemm_tflops={"bfloat16": 790.0, "float16": 790.0, "tfloat32": 400.0,
+                 "float32": 51.0, "float64": 55.0, **_fp8(1580.0)},
+    link_gbps=370.0, link_latency_us=10.0, launch_us=4.0,
+    mem_gbps=3000.0, tile_m=128, min_piece_rows=64,
+)
 DEVICES: dict[str, DeviceSpec] = {
     spec.name: spec
     for spec in (
-        DeviceSpec(
-            name="h100-sxm",
-            gemm_tflops={"bfloat16": 790.0, "float16": 790.0, "tfloat32": 400.0,
-                         "float32": 51.0, "float64": 55.0, **_fp8(1580.0)},
-            link_gbps=370.0, link_latency_us=10.0, launch_us=4.0,
-            mem_gbps=3000.0, tile_m=128, min_piece_rows=64,
-        ),
-        DeviceSpec(
-            name="h200",  # H100 SXM compute with faster, bigger HBM3e
-            gemm_tflops={"bfloat16": 790.0, "float16": 790.0, "tfloat32": 400.0,
-                         "float32": 51.0, "float64": 55.0, **_fp8(1580.0)},
-            link_gbps=370.0, link_latency_us=10.0, launch_us=4.0,
-            mem_gbps=4300.0, tile_m=128, min_piece_rows=64,
-        ),
+        _H100_SXM,
+        # the H100 SXM's compute and NVLink with faster, bigger HBM3e
+        dataclasses.replace(_H100_SXM, name="h200", mem_gbps=4300.0),
         DeviceSpec(
             name="h100-pcie",
             gemm_tflops={"bfloat16": 600.0, "float16": 600.0, "tfloat32": 300.0,

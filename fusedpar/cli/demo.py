@@ -30,22 +30,28 @@ LOSS_TOL = {"float32": 1e-3, "float64": 1e-8, "bfloat16": 5e-2, "float16": 2e-2}
 FP8_LOGITS_TOL, FP8_LOSS_TOL = 0.1, 0.03
 
 
+# the model's and the run's sizes: (option, default, what it counts)
+SIZES = (
+    ("--experts", 4, "experts per MoE layer"),
+    ("--top-k", 2, "experts per token"),
+    ("--steps", 30, "training steps"),
+    ("--layers", 2, "decoder layers"),
+    ("--hidden", 128, "hidden size"),
+    ("--intermediate", 256, "MLP (for MoE models: each expert's) intermediate size"),
+    ("--heads", 4, "attention heads"),
+    ("--kv-heads", 2, "key/value heads"),
+    ("--vocab", 256, "vocabulary size"),
+    ("--seq", 64, "sequence length"),
+    ("--batch", 4, "batch size"),
+)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--world-size", type=int, default=2, help="ranks to start when not under torchrun (default 2)")
     parser.add_argument("--model", default="llama", choices=sorted(MODELS),
                         help="llama (default), or a mixture of experts: mixtral, qwen3-moe")
-    parser.add_argument("--experts", type=int, default=4, help="experts per MoE layer (default 4)")
-    parser.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
-    parser.add_argument("--steps", type=int, default=30, help="training steps (default 30)")
-    parser.add_argument("--layers", type=int, default=2, help="decoder layers (default 2)")
-    parser.add_argument("--hidden", type=int, default=128, help="hidden size (default 128)")
-    parser.add_argument("--intermediate", type=int, default=256,
-                        help="MLP (for MoE models: each expert's) intermediate size (default 256)")
-    parser.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
-    parser.add_argument("--kv-heads", type=int, default=2, help="key/value heads (default 2)")
-    parser.add_argument("--vocab", type=int, default=256, help="vocabulary size (default 256)")
-    parser.add_argument("--seq", type=int, default=64, help="sequence length (default 64)")
-    parser.add_argument("--batch", type=int, default=4, help="batch size (default 4)")
+    for flag, default, meaning in SIZES:
+        parser.add_argument(flag, type=int, default=default, help=f"{meaning} (default {default})")
     parser.add_argument("--dtype", default="float32", choices=sorted(LOGITS_TOL), help="default float32")
     parser.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=True,
                         help="split the residual stream on the sequence dim (default on)")

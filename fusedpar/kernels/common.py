@@ -1,7 +1,8 @@
-"""What every GEMM kernel of the family shares: the backend choice, the tile walk and
-epilogue activations (device helpers), the TMA load/store helpers, and the host-side input
-checks and layouts. Kernels live in :mod:`.matmul` and :mod:`.gated`; tiles in
-:mod:`.configs`; which kernel and tile a launch gets in :mod:`.plan`.
+"""What every GEMM kernel of the family shares: the backend choice, the tile walk, the
+pointer kernels' offsets, the fp32-accumulating dot and epilogue activations (device
+helpers), the TMA load/store helpers, and the host-side input checks and layouts. Kernels
+live in :mod:`.matmul`, :mod:`.gated` and :mod:`.grouped`; tiles in :mod:`.configs`; which
+kernel and tile a launch gets in :mod:`.plan`.
 """
 from __future__ import annotations
 
@@ -85,6 +86,34 @@ def _tile_coords(tile_id, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GR
 
 
 @triton.jit
+def _pointer_offsets(pid_m, pid_n, M, N, stride_am, stride_ak, OFFSET_DTYPE: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The pointer kernels' offsets of their first K-block: A's ``[BLOCK_M, BLOCK_K]`` tile
+    from A's base, and the K and N offsets a B operand's tile is made of
+    (``offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn``). In OFFSET_DTYPE, int32
+    when the launcher found every offset below 2**31: half the registers of int64 addresses,
+    which is what spilled the big tiles. Rows/cols past M/N wrap (% M) so the loads need no
+    M/N mask: those lanes compute garbage that the masked store drops."""
+    offs_am = ((pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M).to(OFFSET_DTYPE)
+    offs_bn = ((pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N).to(OFFSET_DTYPE)
+    offs_k = tl.arange(0, BLOCK_K).to(OFFSET_DTYPE)
+    return offs_am[:, None] * stride_am + offs_k[None, :] * stride_ak, offs_k, offs_bn
+
+
+@triton.jit
+def _dot_acc(acc, a, b, UPCAST_TO_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+             MAX_IMPRECISE_ACC: tl.constexpr):
+    """``acc + a @ b`` into the fp32 accumulator ``acc`` (fp32 whatever the inputs, so a long K
+    sum of fp16 or bf16 products keeps fp32 precision until the one cast at the store).
+    UPCAST_TO_FP32 (interpreted runs only: the interpreter's bf16 arithmetic is wrong,
+    interpreter.py) converts the tiles to fp32 first; compiled kernels never set it."""
+    if UPCAST_TO_FP32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION, max_num_imprecise_acc=MAX_IMPRECISE_ACC)
+
+
+@triton.jit
 def _activate(x, ACTIVATION: tl.constexpr):
     """Elementwise activation of an fp32 tile; ACTIVATION is one of ACTIVATIONS."""
     if ACTIVATION == "relu":
@@ -118,18 +147,24 @@ def _apply_scales(acc, as_ptr, bs_ptr, off_b, offs_m, offs_n, M, N, stride_asb, 
 # masks and no wrapped offsets are needed.
 
 @triton.jit
+def _tma_load_tile(desc, off_b, off_r, off_c, BATCHED: tl.constexpr, BLOCK_R: tl.constexpr,
+                   BLOCK_C: tl.constexpr):
+    """The ``[BLOCK_R, BLOCK_C]`` tile at ``(off_r, off_c)`` of a 2-D descriptor, or of entry
+    ``off_b`` of a batched (3-D) one."""
+    if BATCHED:
+        t = desc.load([off_b, off_r, off_c]).reshape(BLOCK_R, BLOCK_C)
+    else:
+        t = desc.load([off_r, off_c])
+    return t
+
+
+@triton.jit
 def _tma_load_a(a_desc, off_b, off_m, off_k, A_T: tl.constexpr, BATCHED: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     if A_T:
-        if BATCHED:
-            a = a_desc.load([off_b, off_k, off_m]).reshape(BLOCK_K, BLOCK_M).T
-        else:
-            a = a_desc.load([off_k, off_m]).T
+        a = _tma_load_tile(a_desc, off_b, off_k, off_m, BATCHED, BLOCK_K, BLOCK_M).T
     else:
-        if BATCHED:
-            a = a_desc.load([off_b, off_m, off_k]).reshape(BLOCK_M, BLOCK_K)
-        else:
-            a = a_desc.load([off_m, off_k])
+        a = _tma_load_tile(a_desc, off_b, off_m, off_k, BATCHED, BLOCK_M, BLOCK_K)
     return a
 
 
@@ -143,16 +178,9 @@ def _tma_load_b(b_desc, off_n, off_k, B_T: tl.constexpr):
 
 
 @triton.jit
-def _tma_load_c(desc, off_b, off_m, off_n, BATCHED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    if BATCHED:
-        c = desc.load([off_b, off_m, off_n]).reshape(BLOCK_M, BLOCK_N)
-    else:
-        c = desc.load([off_m, off_n])
-    return c
-
-
-@triton.jit
-def _tma_store_c(desc, c, off_b, off_m, off_n, BATCHED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _tma_store_tile(desc, c, off_b, off_m, off_n, BATCHED: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+    """Store ``c`` (cast to the descriptor's dtype) as :func:`_tma_load_tile`'s tile."""
     c = c.to(desc.dtype)
     if BATCHED:
         desc.store([off_b, off_m, off_n], c.reshape(1, BLOCK_M, BLOCK_N))

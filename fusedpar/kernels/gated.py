@@ -13,8 +13,8 @@ import triton.language as tl
 from fusedpar.kernels import interpreter
 from fusedpar.kernels.common import (
     _activate, _apply_scales, _as_batched, _check_activation, _check_config, _check_num_sms, _check_operands,
-    _check_out,
-    _halves, _input_precision, _select_backend, _tile_coords, _tma_load_a, _tma_load_b, _tma_store_c)
+    _check_out, _dot_acc, _halves, _input_precision, _pointer_offsets, _select_backend, _tile_coords, _tma_load_a,
+    _tma_load_b, _tma_store_tile)
 from fusedpar.kernels.configs import GemmConfig, m_class
 from fusedpar.kernels.fp8 import check_scales, is_fp8, refuse_scales, resolve_out_dtype, scale_cols, scale_rows, \
     torch_scaled_product
@@ -49,10 +49,8 @@ def _gated_matmul_kernel(
 
         # -- offsets of the first K-block, as in _matmul_kernel (rows/cols past M/N wrap) ---
         a_base = a_ptr + pid_batch * stride_ab
-        offs_am = ((pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M).to(OFFSET_DTYPE)
-        offs_bn = ((pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N).to(OFFSET_DTYPE)
-        offs_k = tl.arange(0, BLOCK_K).to(OFFSET_DTYPE)
-        a_offs = offs_am[:, None] * stride_am + offs_k[None, :] * stride_ak
+        a_offs, offs_k, offs_bn = _pointer_offsets(pid_m, pid_n, M, N, stride_am, stride_ak, OFFSET_DTYPE,
+                                                   BLOCK_M, BLOCK_N, BLOCK_K)
         bg_offs = offs_k[:, None] * stride_bgk + offs_bn[None, :] * stride_bgn
         bu_offs = offs_k[:, None] * stride_buk + offs_bn[None, :] * stride_bun
 
@@ -65,13 +63,8 @@ def _gated_matmul_kernel(
             a = tl.load(a_base + a_offs, mask=offs_k[None, :] < k_remaining, other=0.0)
             bg = tl.load(bg_ptr + bg_offs, mask=offs_k[:, None] < k_remaining, other=0.0)
             bu = tl.load(bu_ptr + bu_offs, mask=offs_k[:, None] < k_remaining, other=0.0)
-            if UPCAST_TO_FP32:  # interpreter only: its bf16 arithmetic is wrong (interpreter.py)
-                a = a.to(tl.float32)
-                bg = bg.to(tl.float32)
-                bu = bu.to(tl.float32)
-            acc_gate = tl.dot(a, bg, acc_gate, input_precision=INPUT_PRECISION,
-                              max_num_imprecise_acc=MAX_IMPRECISE_ACC)
-            acc_up = tl.dot(a, bu, acc_up, input_precision=INPUT_PRECISION, max_num_imprecise_acc=MAX_IMPRECISE_ACC)
+            acc_gate = _dot_acc(acc_gate, a, bg, UPCAST_TO_FP32, INPUT_PRECISION, MAX_IMPRECISE_ACC)
+            acc_up = _dot_acc(acc_up, a, bu, UPCAST_TO_FP32, INPUT_PRECISION, MAX_IMPRECISE_ACC)
             a_offs += BLOCK_K * stride_ak
             bg_offs += BLOCK_K * stride_bgk
             bu_offs += BLOCK_K * stride_buk
@@ -109,10 +102,10 @@ def _tma_gated_slice(g, u, out_desc, gate_desc, up_desc, off_b, off_m, off_n, M,
         g = _apply_scales(g, as_ptr, bgs_ptr, off_b, offs_m, offs_n, M, N, stride_asb, stride_asm, stride_bgsn)
         u = _apply_scales(u, as_ptr, bus_ptr, off_b, offs_m, offs_n, M, N, stride_asb, stride_asm, stride_busn)
     y = _activate(g, ACTIVATION) * u
-    _tma_store_c(out_desc, y, off_b, off_m, off_n, BATCHED, BLOCK_M, SLICE_N)
+    _tma_store_tile(out_desc, y, off_b, off_m, off_n, BATCHED, BLOCK_M, SLICE_N)
     if RETURN_PREACT:
-        _tma_store_c(gate_desc, g, off_b, off_m, off_n, BATCHED, BLOCK_M, SLICE_N)
-        _tma_store_c(up_desc, u, off_b, off_m, off_n, BATCHED, BLOCK_M, SLICE_N)
+        _tma_store_tile(gate_desc, g, off_b, off_m, off_n, BATCHED, BLOCK_M, SLICE_N)
+        _tma_store_tile(up_desc, u, off_b, off_m, off_n, BATCHED, BLOCK_M, SLICE_N)
 
 
 @triton.jit
@@ -142,13 +135,8 @@ def _gated_matmul_tma_kernel(
             a = _tma_load_a(a_desc, off_b, off_m, off_k, A_T, BATCHED, BLOCK_M, BLOCK_K)
             bg = _tma_load_b(bg_desc, off_n, off_k, B_T)
             bu = _tma_load_b(bu_desc, off_n, off_k, B_T)
-            if UPCAST_TO_FP32:  # interpreter only: its bf16 arithmetic is wrong (interpreter.py)
-                a = a.to(tl.float32)
-                bg = bg.to(tl.float32)
-                bu = bu.to(tl.float32)
-            acc_gate = tl.dot(a, bg, acc_gate, input_precision=INPUT_PRECISION,
-                              max_num_imprecise_acc=MAX_IMPRECISE_ACC)
-            acc_up = tl.dot(a, bu, acc_up, input_precision=INPUT_PRECISION, max_num_imprecise_acc=MAX_IMPRECISE_ACC)
+            acc_gate = _dot_acc(acc_gate, a, bg, UPCAST_TO_FP32, INPUT_PRECISION, MAX_IMPRECISE_ACC)
+            acc_up = _dot_acc(acc_up, a, bu, UPCAST_TO_FP32, INPUT_PRECISION, MAX_IMPRECISE_ACC)
 
         if EPILOGUE_SPLIT == 1:
             _tma_gated_slice(acc_gate, acc_up, out_desc, gate_desc, up_desc, off_b, off_m, off_n, M, N,

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from fusedpar.kernels import interpreter
-from fusedpar.kernels.common import _input_precision, _select_backend
+from fusedpar.kernels.common import _dot_acc, _input_precision, _select_backend
 from fusedpar.kernels.fp8 import is_fp8, refuse_scales, resolve_out_dtype, torch_scaled_product
 from fusedpar.kernels.plan import _fp8_device_reason
 
@@ -72,10 +72,7 @@ def _grouped_kernel(
         k_left = K - k * BLOCK_K
         a = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
         b = tl.load(w_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
-        if UPCAST_TO_FP32:  # interpreter only: its bf16 arithmetic is wrong (interpreter.py)
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, max_num_imprecise_acc=MAX_IMPRECISE_ACC)
+        acc = _dot_acc(acc, a, b, UPCAST_TO_FP32, INPUT_PRECISION, MAX_IMPRECISE_ACC)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
@@ -123,10 +120,7 @@ def _grouped_wgrad_kernel(
                      mask=mask_k[:, None] & mask_m[None, :], other=0.0)
         dy = tl.load(dy_ptr + rows[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
                      mask=mask_m[:, None] & mask_n[None, :], other=0.0)
-        if UPCAST_TO_FP32:
-            xt = xt.to(tl.float32)
-            dy = dy.to(tl.float32)
-        acc = tl.dot(xt, dy, acc, input_precision=INPUT_PRECISION)
+        acc = _dot_acc(acc, xt, dy, UPCAST_TO_FP32, INPUT_PRECISION, None)
 
     dw_ptrs = dw_ptr + g * stride_dwg + offs_k[:, None] * stride_dwk + offs_n[None, :] * stride_dwn
     tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=mask_k[:, None] & mask_n[None, :])

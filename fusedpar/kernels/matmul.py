@@ -25,9 +25,8 @@ import triton.language as tl
 from fusedpar.kernels import interpreter
 from fusedpar.kernels.common import (
     _activate, _apply_scales, _as_batched, _check_activation, _check_config, _check_num_sms, _check_operands,
-    _check_out,
-    _check_tensor, _halves, _input_precision, _select_backend, _tile_coords, _tma_load_a, _tma_load_b,
-    _tma_load_c, _tma_store_c)
+    _check_out, _check_tensor, _dot_acc, _halves, _input_precision, _pointer_offsets, _select_backend, _tile_coords,
+    _tma_load_a, _tma_load_b, _tma_load_tile, _tma_store_tile)
 from fusedpar.kernels.configs import GemmConfig, m_class
 from fusedpar.kernels.fp8 import (
     FP8_OUT_DTYPES, check_scales, is_fp8, refuse_scales, resolve_out_dtype, scale_cols, scale_rows,
@@ -62,28 +61,20 @@ def _matmul_kernel(
     for tile_id in range(tl.program_id(axis=0), num_tiles, tl.num_programs(axis=0)):
         pid_batch, pid_m, pid_n = _tile_coords(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
-        # -- offsets of the first K-block from the operands' bases, int32 when the launcher
-        #    found every offset below 2**31 (half the registers of int64 addresses, which is
-        #    what spilled the big tiles); rows/cols past M/N wrap (% M) so the loads need no
-        #    M/N mask: those lanes compute garbage that the masked store drops --------------
+        # -- offsets of the first K-block from the operands' bases (int32 where they fit,
+        #    rows/cols past M/N wrapped: _pointer_offsets) -----------------------------------
         a_base = a_ptr + pid_batch * stride_ab
-        offs_am = ((pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M).to(OFFSET_DTYPE)
-        offs_bn = ((pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N).to(OFFSET_DTYPE)
-        offs_k = tl.arange(0, BLOCK_K).to(OFFSET_DTYPE)
-        a_offs = offs_am[:, None] * stride_am + offs_k[None, :] * stride_ak
+        a_offs, offs_k, offs_bn = _pointer_offsets(pid_m, pid_n, M, N, stride_am, stride_ak, OFFSET_DTYPE,
+                                                   BLOCK_M, BLOCK_N, BLOCK_K)
         b_offs = offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn
 
-        # -- main loop: accumulate in fp32, whatever the input dtype, so a long K sum of fp16
-        #    or bf16 products keeps fp32 precision until the single cast at the store --------
+        # -- main loop: accumulate in fp32, whatever the input dtype (_dot_acc) --------------
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k in range(0, tl.cdiv(K, BLOCK_K)):
             k_remaining = K - k * BLOCK_K
             a = tl.load(a_base + a_offs, mask=offs_k[None, :] < k_remaining, other=0.0)
             b = tl.load(b_ptr + b_offs, mask=offs_k[:, None] < k_remaining, other=0.0)
-            if UPCAST_TO_FP32:  # interpreter only: its bf16 arithmetic is wrong (interpreter.py)
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, max_num_imprecise_acc=MAX_IMPRECISE_ACC)
+            acc = _dot_acc(acc, a, b, UPCAST_TO_FP32, INPUT_PRECISION, MAX_IMPRECISE_ACC)
             a_offs += BLOCK_K * stride_ak
             b_offs += BLOCK_K * stride_bk
 
@@ -124,8 +115,23 @@ def _tma_epilogue_slice(c, out_desc, bias_ptr, stride_bias, as_ptr, bs_ptr, stri
         c += bias.to(tl.float32)[None, :]
     c = _activate(c, ACTIVATION)
     if ACCUMULATE:
-        c += _tma_load_c(out_desc, off_b, off_m, off_n, BATCHED, BLOCK_M, SLICE_N).to(tl.float32)
-    _tma_store_c(out_desc, c, off_b, off_m, off_n, BATCHED, BLOCK_M, SLICE_N)
+        c += _tma_load_tile(out_desc, off_b, off_m, off_n, BATCHED, BLOCK_M, SLICE_N).to(tl.float32)
+    _tma_store_tile(out_desc, c, off_b, off_m, off_n, BATCHED, BLOCK_M, SLICE_N)
+
+
+@triton.jit
+def _tma_epilogue_halves(c, out_desc, bias_ptr, stride_bias, as_ptr, bs_ptr, stride_asb, stride_asm, stride_bsn,
+                         off_b, off_m, off_n, M, N,
+                         HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, ACCUMULATE: tl.constexpr,
+                         SCALED: tl.constexpr, BATCHED: tl.constexpr, BLOCK_M: tl.constexpr, SLICE_N: tl.constexpr):
+    """:func:`_tma_epilogue_slice` on the left and then the right column half of ``c``."""
+    HALF: tl.constexpr = SLICE_N // 2
+    c0, c1 = _halves(c, BLOCK_M, SLICE_N)
+    _tma_epilogue_slice(c0, out_desc, bias_ptr, stride_bias, as_ptr, bs_ptr, stride_asb, stride_asm, stride_bsn,
+                        off_b, off_m, off_n, M, N, HAS_BIAS, ACTIVATION, ACCUMULATE, SCALED, BATCHED, BLOCK_M, HALF)
+    _tma_epilogue_slice(c1, out_desc, bias_ptr, stride_bias, as_ptr, bs_ptr, stride_asb, stride_asm, stride_bsn,
+                        off_b, off_m, off_n + HALF, M, N, HAS_BIAS, ACTIVATION, ACCUMULATE, SCALED, BATCHED, BLOCK_M,
+                        HALF)
 
 
 @triton.jit
@@ -155,10 +161,7 @@ def _matmul_tma_kernel(
             off_k = ki * BLOCK_K
             a = _tma_load_a(a_desc, off_b, off_m, off_k, A_T, BATCHED, BLOCK_M, BLOCK_K)
             b = _tma_load_b(b_desc, off_n, off_k, B_T)
-            if UPCAST_TO_FP32:  # interpreter only: its bf16 arithmetic is wrong (interpreter.py)
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, max_num_imprecise_acc=MAX_IMPRECISE_ACC)
+            acc = _dot_acc(acc, a, b, UPCAST_TO_FP32, INPUT_PRECISION, MAX_IMPRECISE_ACC)
 
         # -- epilogue in column slices: a 128x256 fp32 tile is 128 registers a thread, and
         #    bias/activation/casts on all of it at once is what spilled ----------------------
@@ -167,31 +170,18 @@ def _matmul_tma_kernel(
                                 stride_asb, stride_asm, stride_bsn, off_b, off_m, off_n, M, N,
                                 HAS_BIAS, ACTIVATION, ACCUMULATE, SCALED, BATCHED, BLOCK_M, BLOCK_N)
         elif EPILOGUE_SPLIT == 2:
-            SLICE: tl.constexpr = BLOCK_N // 2
+            _tma_epilogue_halves(acc, out_desc, bias_ptr, stride_bias, as_ptr, bs_ptr,
+                                 stride_asb, stride_asm, stride_bsn, off_b, off_m, off_n, M, N,
+                                 HAS_BIAS, ACTIVATION, ACCUMULATE, SCALED, BATCHED, BLOCK_M, BLOCK_N)
+        else:  # quarters: each half in halves
+            HALF: tl.constexpr = BLOCK_N // 2
             c0, c1 = _halves(acc, BLOCK_M, BLOCK_N)
-            _tma_epilogue_slice(c0, out_desc, bias_ptr, stride_bias, as_ptr, bs_ptr,
-                                stride_asb, stride_asm, stride_bsn, off_b, off_m, off_n, M, N,
-                                HAS_BIAS, ACTIVATION, ACCUMULATE, SCALED, BATCHED, BLOCK_M, SLICE)
-            _tma_epilogue_slice(c1, out_desc, bias_ptr, stride_bias, as_ptr, bs_ptr,
-                                stride_asb, stride_asm, stride_bsn, off_b, off_m, off_n + SLICE, M, N,
-                                HAS_BIAS, ACTIVATION, ACCUMULATE, SCALED, BATCHED, BLOCK_M, SLICE)
-        else:
-            SLICE: tl.constexpr = BLOCK_N // 4
-            c0, c1 = _halves(acc, BLOCK_M, BLOCK_N)
-            c00, c01 = _halves(c0, BLOCK_M, BLOCK_N // 2)
-            c10, c11 = _halves(c1, BLOCK_M, BLOCK_N // 2)
-            _tma_epilogue_slice(c00, out_desc, bias_ptr, stride_bias, as_ptr, bs_ptr,
-                                stride_asb, stride_asm, stride_bsn, off_b, off_m, off_n, M, N,
-                                HAS_BIAS, ACTIVATION, ACCUMULATE, SCALED, BATCHED, BLOCK_M, SLICE)
-            _tma_epilogue_slice(c01, out_desc, bias_ptr, stride_bias, as_ptr, bs_ptr,
-                                stride_asb, stride_asm, stride_bsn, off_b, off_m, off_n + SLICE, M, N,
-                                HAS_BIAS, ACTIVATION, ACCUMULATE, SCALED, BATCHED, BLOCK_M, SLICE)
-            _tma_epilogue_slice(c10, out_desc, bias_ptr, stride_bias, as_ptr, bs_ptr,
-                                stride_asb, stride_asm, stride_bsn, off_b, off_m, off_n + 2 * SLICE, M, N,
-                                HAS_BIAS, ACTIVATION, ACCUMULATE, SCALED, BATCHED, BLOCK_M, SLICE)
-            _tma_epilogue_slice(c11, out_desc, bias_ptr, stride_bias, as_ptr, bs_ptr,
-                                stride_asb, stride_asm, stride_bsn, off_b, off_m, off_n + 3 * SLICE, M, N,
-                                HAS_BIAS, ACTIVATION, ACCUMULATE, SCALED, BATCHED, BLOCK_M, SLICE)
+            _tma_epilogue_halves(c0, out_desc, bias_ptr, stride_bias, as_ptr, bs_ptr,
+                                 stride_asb, stride_asm, stride_bsn, off_b, off_m, off_n, M, N,
+                                 HAS_BIAS, ACTIVATION, ACCUMULATE, SCALED, BATCHED, BLOCK_M, HALF)
+            _tma_epilogue_halves(c1, out_desc, bias_ptr, stride_bias, as_ptr, bs_ptr,
+                                 stride_asb, stride_asm, stride_bsn, off_b, off_m, off_n + HALF, M, N,
+                                 HAS_BIAS, ACTIVATION, ACCUMULATE, SCALED, BATCHED, BLOCK_M, HALF)
 
 
 # ----------------------------------------------------------------------------------------
