@@ -47,6 +47,7 @@ from .linear_autograd import (  # noqa: F401
     _autocast_off,
     _autocast_operands,
     _column_apply,
+    _column_fn,
     _ColumnParallelFn,
     _row_apply,
     _RowParallelFn,
@@ -415,7 +416,7 @@ def column_parallel_group(
         y = _column_apply(x, [w for w, _ in operands], _cat_biases(operands), spec, holder)
     else:
         w, b = _fused_operands(layers, operands)
-        y = _ColumnParallelFn.apply(*_autocast_operands(x, w.t(), b), spec, holder)
+        y = _column_fn(x, w.t(), b, spec, holder)
     x_full = holder[0] if spec.sequence_parallel else x
     outs = list(y.split(sizes, -1)) if len(sizes) > 1 else [y]
     return outs, (x_full.detach() if spec.sequence_parallel else x_full)

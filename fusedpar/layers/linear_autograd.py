@@ -75,11 +75,16 @@ def _column_apply(x: Tensor, weights: list[Tensor], b: Tensor | None, spec: Line
         if holder is not None:
             holder.append(x_full)
         return y
+    return _column_fn(x, w.t(), b, spec, holder)
+
+
+def _column_fn(x: Tensor, w_t: Tensor, b: Tensor | None, spec: LinearSpec, holder: list | None) -> Tensor:
+    """``_ColumnParallelFn`` on ``x`` and ``w_t`` ``[K, N]``: through ``Function.apply``, or,
+    in decode (no_grad, inference_mode; autocast off), its forward itself: nothing to record
+    and nothing to cast, and no `apply` bookkeeping (a few µs of host time a call)."""
     if not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type):
-        # decode (no_grad, inference_mode): nothing to record and nothing to cast, so the
-        # forward itself, without Function.apply's bookkeeping (a few µs of host time a call)
-        return _ColumnParallelFn.forward(_Unrecorded(), x, w.t(), b, spec, holder)
-    return _ColumnParallelFn.apply(*_autocast_operands(x, w.t(), b), spec, holder)
+        return _ColumnParallelFn.forward(_Unrecorded(), x, w_t, b, spec, holder)
+    return _ColumnParallelFn.apply(*_autocast_operands(x, w_t, b), spec, holder)
 
 
 def _row_apply(x: Tensor, weight: Tensor, b: Tensor | None, spec: LinearSpec) -> Tensor:
@@ -89,7 +94,7 @@ def _row_apply(x: Tensor, weight: Tensor, b: Tensor | None, spec: LinearSpec) ->
     if torch.compiler.is_compiling():
         return traced.row_parallel(x, weight, b, group=spec.group, sequence_parallel=spec.sequence_parallel,
                                    dim=spec.sequence_dim, partial_output=spec.partial_output)
-    if not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type):  # as in _column_apply
+    if not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type):  # as in _column_fn
         return _RowParallelFn.forward(_Unrecorded(), x, weight.t(), b, spec)
     return _RowParallelFn.apply(*_autocast_operands(x, weight.t(), b), spec)
 
