@@ -232,7 +232,10 @@ def decode_variants(group: dist.ProcessGroup) -> dict[str, Callable[[], float]]:
     models["fusedpar_sp"] = fusedpar.parallelize(_llama(), "auto", group=group, kernel="torch",
                                                  sequence_parallel=True)
     if importlib.util.find_spec("accelerate") is not None:  # transformers' own TP needs it
-        models["transformers_tp"] = _transformers_tp()
+        model, why = _transformers_tp()
+        TRANSFORMERS_TP["status"] = why
+        if model is not None:
+            models["transformers_tp"] = model
     prompt = torch.randint(0, LLAMA["vocab_size"], (1, PROMPT), generator=torch.Generator().manual_seed(1))
 
     def run(model: nn.Module) -> float:
@@ -249,14 +252,26 @@ def decode_variants(group: dist.ProcessGroup) -> dict[str, Callable[[], float]]:
     return {name: (lambda model=model: run(model)) for name, model in models.items()}
 
 
-def _transformers_tp() -> nn.Module:  # pragma: no cover - needs accelerate
+# what became of transformers' own TP in this run (meta["transformers_tp"])
+TRANSFORMERS_TP = {"status": "not run: accelerate is not installed (transformers' tp_plan needs it)"}
+
+
+def _transformers_tp() -> tuple[nn.Module | None, str]:  # pragma: no cover - needs accelerate
+    """transformers' `from_pretrained(tp_plan="auto")`, and whether it really sharded: a model
+    it left whole (as transformers 5.23 does on this fake CPU group) is not TP, and timing it
+    as such would flatter the peer, so it is left out, saying why."""
     import tempfile
 
     from transformers import LlamaForCausalLM
 
     with tempfile.TemporaryDirectory() as tmp:
         _llama().save_pretrained(tmp)
-        return LlamaForCausalLM.from_pretrained(tmp, tp_plan="auto").eval()
+        model = LlamaForCausalLM.from_pretrained(tmp, tp_plan="auto").eval()
+    rows = model.model.layers[0].self_attn.q_proj.weight.shape[0]
+    if rows == LLAMA["hidden_size"]:
+        return None, (f"not run: tp_plan='auto' left q_proj whole ({rows} rows, world {WORLD}) on this "
+                      f"backend, so it would time one process, not TP")
+    return model, "run"
 
 
 def measure_decode(group: dist.ProcessGroup, rounds: int) -> dict[str, list[float]]:
@@ -419,8 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(), "machine": platform.machine(), "cpu_threads": 1,
         "group": f"fake (collectives are no-ops), world {WORLD}", "rounds": args.rounds, "calls": args.calls,
         "hidden": HIDDEN, "llama": LLAMA, "prompt": PROMPT, "new_tokens": NEW_TOKENS, "tag": args.tag,
-        "transformers_tp": "run" if importlib.util.find_spec("accelerate") else
-        "not run: accelerate is not installed (transformers' tp_plan needs it)",
+        "transformers_tp": TRANSFORMERS_TP["status"],
         "targets": {"linear_max_ratio_to_hand": LINEAR_TARGET, "decode_max_ratio_to_hand": DECODE_TARGET},
     }
     args.out.mkdir(parents=True, exist_ok=True)
