@@ -97,11 +97,11 @@ def all_reduce_grads(module: nn.Module, *, group: dist.ProcessGroup, comm: str =
             # traced, `id(p)` would guard each compiled block on its own parameters' ids (a
             # recompile per decoder layer); the parameters hooked at install time are kept.
             # Parameters swapped in since (FSDP2's unsharded ones) get the all-reduce from
-            # their views where the module has views (sharding._push_views); elsewhere they
+            # their views where the module has views (local_views._push_views); elsewhere they
             # would lose it, a silently wrong gradient, so that is refused
             for m in module.modules():
                 if m.__dict__.get("_fusedpar_has_views"):
-                    continue  # its views all-reduce the gradients of unhooked parameters (sharding._push_views)
+                    continue  # its views all-reduce the gradients of unhooked parameters (local_views._push_views)
                 for p in m._parameters.values():
                     if p is None or not p.requires_grad or getattr(p, "_fusedpar_grad_hooked", False):
                         continue
@@ -119,7 +119,7 @@ def all_reduce_grads(module: nn.Module, *, group: dist.ProcessGroup, comm: str =
                 p._fusedpar_grad_hooked = True
 
     handles: list[RemovableHandle] = []
-    for m in module.modules():  # for the views of parameters swapped in later (sharding._push_views)
+    for m in module.modules():  # for the views of parameters swapped in later (local_views._push_views)
         m.__dict__["_fusedpar_grad_reduce"] = (group, region)
     hook_parameters()
     handles.append(module.register_forward_pre_hook(hook_parameters))

@@ -1,5 +1,5 @@
 """A DTensor parameter's gradient reaches `p.grad` through its gradient leaf
-(sharding._grad_leaf): what autograd's AccumulateGrad does for a parameter must still happen,
+(local_views._grad_leaf): what autograd's AccumulateGrad does for a parameter must still happen,
 on real gloo ranks against one process in float64 (an MLP: column, tanh, row layers).
 
 - `p.register_hook` hooks see the DTensor gradient and may replace it; post-accumulate
