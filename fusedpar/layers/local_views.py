@@ -71,8 +71,8 @@ class _LocalView(torch.autograd.Function):
 
 def _dtensor(local: Tensor, spec: Any) -> DTensor:
     """`DTensor(local, spec, requires_grad=False)` without `DTensor.__init__`, which does
-    nothing but carry export-tracing wrappers costing ~15 µs a call on the backward path (the
-    object is built by `DTensor.__new__`, torch's C++ constructor, with spec and local set)."""
+    nothing but carry export-tracing wrappers (the gradient hook: 5.9 -> 3.6 µs a call, timeit;
+    the object is built by `DTensor.__new__`, torch's C++ constructor, with spec and local set)."""
     return _DTENSOR_NEW(DTensor, local, spec, requires_grad=False)
 
 
@@ -122,8 +122,8 @@ class _GradToParam:
 def _grad_leaf(p: Tensor) -> Tensor:
     """The plain tensor a leaf DTensor parameter's forward computes with when a gradient is
     wanted: its local tensor in the kernels' layout, detached (same storage and version
-    counter) and made an autograd leaf of its own, kept on `p` while `p`'s local tensor is
-    the same one. Autograd accumulates into it in C++ at the cost of a plain parameter; its
+    counter) and made an autograd leaf of its own, kept (`_LEAVES`) while `p`'s local tensor
+    is the same one. Autograd accumulates into it in C++ at the cost of a plain parameter; its
     hook (`_GradToParam`) hands the gradient on to `p.grad` as a DTensor. One Python call per
     parameter per backward replaces a Python autograd node per use and DTensor dispatch in
     AccumulateGrad (`detach`, and `add_` when gradients accumulate), which cost 30 % of a
