@@ -211,10 +211,19 @@ def _run_late_wait(group):
     full = t["x"].double() @ t["w"].double()
     pend_rs = overlap.matmul_reduce_scatter(x, w, group=group, chunks=3, async_op=True, kernel="torch")
     pend_ar = overlap.matmul_all_reduce(x, w, group=group, chunks=3, async_op=True, kernel="torch")
+    # one chunk (the decode / small-dgrad path): 3-D x, into a poisoned out, epilogue after the wait
+    bias = torch.randn(7, generator=torch.Generator().manual_seed(3))
+    out = torch.full((2, 4 * world, 7), float("nan"))
+    pend_one = overlap.matmul_all_reduce(x.reshape(2, 4 * world, x.shape[-1]), w, group=group, chunks=1, bias=bias,
+                                         activation="gelu", out=out, async_op=True, kernel="torch")
     # Other work, and a straggler, before anyone waits.
     _ = torch.randn(64, 64) @ torch.randn(64, 64)
     time.sleep(0.1 * (rank + 1))
     _check("matmul_all_reduce async", pend_ar.wait(), full, torch.float32, f"rank {rank}")
+    got = pend_one.wait()
+    assert got is out, "matmul_all_reduce(chunks=1, out=...): expected the result in out"
+    want = torch.nn.functional.gelu(full + bias.double()).reshape(2, 4 * world, 7)
+    _check("matmul_all_reduce async, one chunk", got, want, torch.float32, f"rank {rank}")
     _check("matmul_reduce_scatter async", pend_rs.wait(), full.chunk(world)[rank], torch.float32, f"rank {rank}")
     return True
 

@@ -61,16 +61,22 @@ def matmul_all_reduce(
             _remember(key, plan)
     out_dtype, chunks = plan
     fp8 = is_fp8(x.dtype)
-    if chunks == 1 and world > 1 and not async_op and not fp8 and (out is None or out.is_contiguous()):
-        # decode sizes: one GEMM straight into the output (any leading dims: no row views),
-        # one all-reduce of it in place; host time is what bounds this call
+    if chunks == 1 and world > 1 and not fp8 and (out is None or out.is_contiguous()):
+        # decode sizes (and small backward dgrads, async): one GEMM straight into the output
+        # (any leading dims: no row views), one all-reduce of it in place; host time is what
+        # bounds this call
         check_consistent(communicator, "matmul_all_reduce", debug, "x", x, w, chunks, bias=bias, activation=activation)
         y = out if out is not None else torch.empty(*x.shape[:-1], w.shape[1], dtype=out_dtype, device=x.device)
         with nvtx_range("matmul_all_reduce c=1"):
             matmul(x, w, out=y, kernel=kernel)
-            _Pipeline.for_device(x.device).issue(lambda: communicator.all_reduce(y)).wait()
-        _epilogue(y, bias, activation)
-        return y
+            handle = _Pipeline.for_device(x.device).issue(lambda: communicator.all_reduce(y))
+
+        def finish() -> Tensor:
+            handle.wait()
+            _epilogue(y, bias, activation)
+            return y
+
+        return PendingOutput(finish) if async_op else finish()
     out_shape = list(x.shape[:-1]) + [w.shape[1]]
     x_rows = x.reshape(-1, x.shape[-1])
     s_rows = _scale_rows(x_scale, x, 0) if fp8 else None
