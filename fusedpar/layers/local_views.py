@@ -66,7 +66,7 @@ class _LocalView(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> Tensor:  # type: ignore[override]
         if ctx.packed is not None:
             grad = grad.reshape(ctx.local_shape)
-        return DTensor(grad, ctx.spec, requires_grad=False)
+        return _dtensor(grad, ctx.spec)
 
 
 def _dtensor(local: Tensor, spec: Any) -> DTensor:

@@ -204,17 +204,10 @@ def tp_parameter(local_value: Tensor, shard: ParamShard | None, *, group: dist.P
 _OWNERS: dict[int, weakref.ref] = {}
 
 
-def version_of(t: Tensor) -> int:
-    """A counter that moves whenever `t`'s values are written in place, also through the
-    DTensor parameter whose local tensor it is (caches keyed on a weight's version use it)."""
-    owner = _OWNERS.get(id(t))
-    p = owner() if owner is not None else None
-    return t._version + (p._version if p is not None and p._local_tensor is t else 0)
-
-
 def tracked_version(t: Tensor) -> int | None:
-    """`version_of(t)` where that counter sees every write to `t`: `t` is the local tensor of a
-    DTensor parameter made by `tp_parameter`. None for any other tensor, whose writes may
+    """A counter that moves with every in-place write to `t`, also through the DTensor
+    parameter whose local tensor it is, where that counter sees every write: `t` is the local
+    tensor of a DTensor parameter made by `tp_parameter`. None for any other tensor, whose writes may
     bypass its counter: FSDP2 refills its unsharded parameters after each all-gather under
     `torch.autograd._unsafe_preserve_version_counter`, often at the same address, so a cache
     keyed on their version and address would silently serve the weights of an earlier step."""
