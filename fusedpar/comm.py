@@ -241,6 +241,18 @@ _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_i
 _reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
+def _sum_options() -> Any:
+    """An async SUM `AllreduceOptions`, or None where torch has no such class (then
+    `dist.all_reduce` is called)."""
+    try:
+        opts = dist.AllreduceOptions()
+        opts.reduceOp = dist.ReduceOp.SUM
+        opts.asyncOp = True
+    except (AttributeError, TypeError):  # pragma: no cover - other torch builds
+        return None
+    return opts
+
+
 class TorchCommunicator(Communicator):
     """Collectives through torch.distributed (NCCL queues them on its own internal streams)."""
 
@@ -250,6 +262,7 @@ class TorchCommunicator(Communicator):
         super().__init__(group)
         self.backend = dist.get_backend(group)
         self._global = [dist.get_global_rank(group, r) for r in range(self.world_size)]
+        self._sum_options = _sum_options()
 
     def _run(self, op: str, issue: Callable[[], Any], *tensors: Tensor) -> CollectiveHandle:
         describe = self._describe(op, *tensors)
@@ -272,10 +285,16 @@ class TorchCommunicator(Communicator):
         return self._flat("reduce_scatter", _reduce_scatter_flat, output, input)
 
     def all_reduce(self, tensor: Tensor) -> CollectiveHandle:
-        _require_contiguous(tensor=tensor)
-        return self._run(
-            "all_reduce", lambda: dist.all_reduce(tensor, group=self.group, async_op=True), tensor
-        )
+        if not tensor.is_contiguous():
+            _require_contiguous(tensor=tensor)
+        if tensor.is_complex() or self._sum_options is None:
+            return self._run(
+                "all_reduce", lambda: dist.all_reduce(tensor, group=self.group, async_op=True), tensor
+            )
+        # the process group's own allreduce: what dist.all_reduce ends in, without its
+        # per-call argument checks and logging wrapper (a decode step's all-reduces are
+        # host-bound; its options are fixed per communicator)
+        return self._run("all_reduce", lambda: self.group.allreduce([tensor], self._sum_options), tensor)
 
     def send_recv(self, send: Tensor, dst: int, recv: Tensor, src: int) -> CollectiveHandle:
         _require_contiguous(send=send, recv=recv)

@@ -18,6 +18,8 @@ CPU tensors without the interpreter run on the torch backend (:mod:`.torch_gemm`
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
@@ -32,7 +34,8 @@ from fusedpar.kernels.fp8 import (
     FP8_OUT_DTYPES, check_scales, is_fp8, refuse_scales, resolve_out_dtype, scale_cols, scale_rows,
     torch_scaled_product)
 from fusedpar.kernels.plan import GemmPlan, _choose, _descriptor, _grid_size, _Launch, _offset_dtype, _run
-from fusedpar.kernels.torch_gemm import _TORCH_ACTIVATIONS, _torch_matmul_into, _torch_product
+from fusedpar.kernels.torch_gemm import (
+    _TORCH_ACTIVATIONS, _torch_matmul_2d, _torch_matmul_into, _torch_matmul_new, _torch_product)
 
 __all__ = ["matmul", "plan_matmul"]
 
@@ -298,13 +301,18 @@ def matmul(
                                 accumulate=accumulate, kernel=kernel, num_sms=num_sms)
         if len(_CHECKED) >= 4096:  # shapes that keep changing: bound the cache
             _CHECKED.clear()
+            _TORCH_DIRECT.clear()
         _CHECKED[key] = checked
+        _TORCH_DIRECT[key] = _torch_direct(checked, a, out, accumulate)
     elif checked is None:
         checked = _check_matmul(a, b, bias=bias, activation=activation, out=out, out_dtype=out_dtype,
                                 accumulate=accumulate, kernel=kernel, num_sms=num_sms, config=config,
                                 a_scale=a_scale, b_scale=b_scale)
     K, N, out_dtype, backend, scales = checked
     fp8 = scales is not None
+    direct = _TORCH_DIRECT.get(key) if backend == "torch" and key is not None else None
+    if direct is not None:
+        return direct(a, b, bias, activation, out)
     out_shape = (*a.shape[:-1], N)
     if out is None:
         out = torch.empty(out_shape, dtype=out_dtype, device=a.device)
@@ -316,6 +324,23 @@ def matmul(
 
 # (shapes, dtypes, devices, flags) of matmul calls already checked -> _check_matmul's answer
 _CHECKED: dict[tuple, tuple] = {}
+# the same keys -> the torch call that runs it straight away, or None (cleared with _CHECKED)
+_TORCH_DIRECT: dict[tuple, Any] = {}
+
+
+def _torch_direct(checked: tuple, a: torch.Tensor, out: torch.Tensor | None, accumulate: bool) -> Any:
+    """For the torch backend on 2-D operands computing in the output dtype: one torch GEMM
+    and nothing around it, `_torch_matmul_new` (torch allocates the result: no empty() + out=
+    round trip) or `_torch_matmul_2d` (into a 2-D `out`), a good part of a decode-sized GEMM's
+    host time. Not for more dims: a new result would be a view of a 2-D product, which
+    autograd refuses to let callers modify in place when a custom Function returns it."""
+    _, _, out_dtype, backend, scales = checked
+    if (backend != "torch" or scales is not None or accumulate or out_dtype != a.dtype or a.dim() != 2
+            or not (a.dtype in (torch.float32, torch.float64) or a.is_cuda)):
+        return None
+    if out is None:
+        return _torch_matmul_new
+    return _torch_matmul_2d if out.dim() == 2 else None
 
 
 def _check_matmul(a: torch.Tensor, b: torch.Tensor, *, bias: torch.Tensor | None, activation: str | None,

@@ -34,6 +34,28 @@ _TORCH_ACTIVATIONS_INPLACE = {
 }
 
 
+def _torch_matmul_new(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, activation: str | None,
+                      out: None = None) -> torch.Tensor:
+    """The torch backend's ``act(a @ b + bias)`` for a 2-D ``a`` as a new ``[M, N]`` tensor,
+    allocated by the GEMM itself: for dtypes torch computes in (the cases `_torch_matmul_into`
+    takes) when the caller gives no ``out``, which is what a decode step's linears do."""
+    y = torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
+    _TORCH_ACTIVATIONS_INPLACE[activation](y)
+    return y
+
+
+def _torch_matmul_2d(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, activation: str | None,
+                     out: torch.Tensor) -> torch.Tensor:
+    """`_torch_matmul_into` for a 2-D ``a`` and ``out``, without accumulation: one GEMM into
+    ``out`` (any strides), returned."""
+    if bias is None:
+        torch.mm(a, b, out=out)
+    else:
+        torch.addmm(bias, a, b, out=out)
+    _TORCH_ACTIVATIONS_INPLACE[activation](out)
+    return out
+
+
 def _torch_matmul_into(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, activation: str | None,
                        out: torch.Tensor, accumulate: bool) -> None:
     """The torch backend writing the product straight into ``out``: no ``[M, N]``
@@ -47,9 +69,10 @@ def _torch_matmul_into(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | No
         except RuntimeError:  # leading dims that do not merge: the batched path below
             pass
         else:
-            torch.mm(a2, b, out=out2)
-            if bias is not None:
-                out2.add_(bias)
+            if bias is None:
+                torch.mm(a2, b, out=out2)
+            else:  # one GEMM with the bias in its epilogue (cuBLAS) or C (CPU), as F.linear does
+                torch.addmm(bias, a2, b, out=out2)
             _TORCH_ACTIVATIONS_INPLACE[activation](out2)
             return
     a3, out3 = _as_batched(a, out)

@@ -52,7 +52,6 @@ from .linear_autograd import (  # noqa: F401
     _row_apply,
     _RowParallelFn,
     _sum_rows,
-    _wgrad,
 )
 from .linear_spec import _COMMS, _KERNELS, LinearSpec, SequenceRegion, _make_spec, effective_spec  # noqa: F401
 from .norm import all_reduce_grads

@@ -24,13 +24,6 @@ from .linear_spec import LinearSpec
 from .regions import _all_gather_dim
 
 
-def _wgrad(x: Tensor, dy: Tensor, w: Tensor, kernel: str) -> Tensor:
-    """`x_rows.T @ dy_rows` as `[K, N]` whose `.t()` is contiguous (the nn.Linear weight layout)."""
-    dw = w.new_empty(w.shape[1], w.shape[0]).t()
-    matmul(x.reshape(-1, x.shape[-1]).t(), dy.reshape(-1, dy.shape[-1]), out=dw, kernel=kernel)
-    return dw
-
-
 def _sum_rows(dy: Tensor) -> Tensor:
     return dy.reshape(-1, dy.shape[-1]).sum(0)
 
@@ -154,11 +147,11 @@ class _ColumnParallelFn(torch.autograd.Function):
                 )
             elif need_dw:
                 x_full = x_kept if spec.save_gathered_input else _all_gather_dim(x_kept, spec.communicator(), spec.sequence_dim)
-                dw = _wgrad(x_full, dy, w, spec.kernel)
+                dw = overlap.weight_grad(x_full, dy, w, spec.kernel)
         elif need_dx:
             dx, dw = overlap.matmul_all_reduce_with_wgrad(dy, w, x_kept, need_wgrad=need_dw, **spec.knobs())
         elif need_dw:
-            dw = _wgrad(x_kept, dy, w, spec.kernel)
+            dw = overlap.weight_grad(x_kept, dy, w, spec.kernel)
         db = _sum_rows(dy) if need_db else None
         return dx, dw if need_dw else None, db, None, None
 
@@ -210,7 +203,7 @@ class _RowParallelFn(torch.autograd.Function):
             if need_dx:
                 dx = matmul(dy, w.t(), kernel=spec.kernel)
             if need_dw:
-                dw = _wgrad(x, dy, w, spec.kernel)
+                dw = overlap.weight_grad(x, dy, w, spec.kernel)
             if need_db:
                 db = _sum_rows(dy)
         return (dx if need_dx else None), (dw if need_dw else None), db, None

@@ -59,6 +59,7 @@ from .backward import (  # noqa: F401
     all_gather_matmul_with_wgrad,
     matmul_all_reduce_with_wgrad,
     matmul_reduce_scatter_with_wgrad,
+    weight_grad,
 )
 from .fp8_rows import _as_bytes, _fp8_row_layout, _pack_fp8_rows, _unpack_fp8_rows  # noqa: F401
 from .reduce_scatter import matmul_reduce_scatter, matmul_reduce_scatter_reference
@@ -101,6 +102,7 @@ __all__ = [
     "matmul_reduce_scatter_with_wgrad",
     "matmul_all_reduce_with_wgrad",
     "all_gather_matmul_with_wgrad",
+    "weight_grad",
     "PendingOutput",
     "split_rows",
 ]

@@ -9,6 +9,7 @@ backward (the `*_with_wgrad` functions).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .. import costmodel
 from ..comm import CollectiveHandle, Communicator, get_communicator
 from ..kernels import matmul
 from ..kernels.fp8 import is_fp8
@@ -46,6 +48,15 @@ def _start_dgrad(schedule: Callable[..., Any], dy: Tensor, w: Tensor, dgrad_fp8:
         dy_q, dy_s, wt_q = _fp8_dgrad(dy, dgrad_fp8, kernel)
         return schedule(dy_q, wt_q, x_scale=dy_s, out_dtype=dy.dtype, async_op=True, kernel=kernel, **knobs)
     return schedule(dy, w.t(), async_op=True, kernel=kernel, **knobs)
+
+
+def weight_grad(x: Tensor, dy: Tensor, w: Tensor, kernel: str) -> Tensor:
+    """`dw = x_rows.T @ dy_rows` (x `[..., K]`, dy `[..., N]`, rows flattened), `[K, N]` in w's
+    dtype, laid out so that `dw.T` (the nn.Linear weight layout) is contiguous: computed as
+    `(dy_rows.T @ x_rows).T`, so the GEMM allocates its output and writes it row-major. No comm."""
+    dy_rows = dy if dy.dim() == 2 else dy.reshape(-1, dy.shape[-1])
+    x_rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    return matmul(dy_rows.t(), x_rows, out_dtype=w.dtype, kernel=kernel).t()
 
 
 def _new_wgrad(w: Tensor) -> Tensor:
@@ -139,9 +150,8 @@ def matmul_reduce_scatter_with_wgrad(
         if x_gather is not None:
             x_gather.wait()
         dy_rows, _ = _to_rows(dy, dim)
-        dw = _new_wgrad(w)
         with nvtx_range("wgrad"):
-            matmul(x_full_rows.t(), dy_rows, out=dw, kernel=kernel)
+            dw = weight_grad(x_full_rows, dy_rows, w, kernel)
     assert isinstance(pending, PendingOutput)
     return pending.wait(), dw
 
@@ -164,15 +174,53 @@ def matmul_all_reduce_with_wgrad(
     (None with `need_wgrad=False`). `dgrad_fp8` as in `matmul_reduce_scatter_with_wgrad`.
     """
     _check_backward(dy, w, x, dy_name="dy", dgrad_fp8=dgrad_fp8)
+    if dgrad_fp8 is None and _one_dgrad_piece(dy, w, group, comm, chunks):
+        return _one_piece_all_reduce_with_wgrad(dy, w, x, get_communicator(group, comm), need_wgrad, kernel, debug)
     pending = _start_dgrad(matmul_all_reduce, dy, w, dgrad_fp8, kernel=kernel, group=group, chunks=chunks,
                            comm=comm, debug=debug)
     dw = None
     if need_wgrad:
-        dw = _new_wgrad(w)
         with nvtx_range("wgrad"):
-            matmul(x.reshape(-1, x.shape[-1]).t(), dy.reshape(-1, dy.shape[-1]), out=dw, kernel=kernel)
+            dw = weight_grad(x, dy, w, kernel)
     assert isinstance(pending, PendingOutput)
     return pending.wait(), dw
+
+
+def _one_dgrad_piece(dy: Tensor, w: Tensor, group: dist.ProcessGroup | Communicator, comm: str,
+                     chunks: int | None) -> bool:
+    """Whether `matmul_all_reduce` would run this dgrad (`dy @ w.T`) as one piece over more than
+    one rank (decode and other small backwards), decided once per shape and cost-model state."""
+    if chunks is not None and chunks != 1:
+        return False
+    key = ("one dgrad piece", dy.shape, dy.dtype, dy.device, w.shape, comm, chunks, id(group), costmodel._generation)
+    found = _CALL_PLANS.get(key)
+    if found is None:
+        world = get_communicator(group, comm).world_size
+        n_chunks = _resolve_chunks(chunks, "matmul_all_reduce", m=math.prod(dy.shape[:-1]), n=w.shape[0],
+                                   k=dy.shape[-1], world=world, x=dy)
+        found = (n_chunks == 1 and world > 1,)
+        _remember(key, found)
+    return found[0]
+
+
+def _one_piece_all_reduce_with_wgrad(dy: Tensor, w: Tensor, x: Tensor, communicator: Communicator,
+                                     need_wgrad: bool, kernel: str, debug: bool | None) -> tuple[Tensor, Tensor | None]:
+    """`matmul_all_reduce_with_wgrad` when the dgrad is one piece: `dx = dy @ w.T` into a new
+    tensor, its all-reduce issued at once and in flight while the wgrad GEMM runs; the same
+    schedule as the chunked one with a single chunk, minus its per-piece bookkeeping (this is
+    the backward a host-bound step repeats)."""
+    check_consistent(communicator, "matmul_all_reduce", debug, "x", dy, w.t(), 1, bias=None, activation=None)
+    dx = matmul(dy, w.t(), kernel=kernel)
+    if not dx.is_contiguous():  # a backend's output that is a strided view: the collective needs a flat buffer
+        dx = dx.contiguous()
+    pipe = _Pipeline.for_device(dy.device)
+    handle = pipe.issue(lambda: communicator.all_reduce(dx))
+    dw = None
+    if need_wgrad:
+        with nvtx_range("wgrad"):
+            dw = weight_grad(x, dy, w, kernel)
+    handle.wait()
+    return dx, dw
 
 
 def all_gather_matmul_with_wgrad(
