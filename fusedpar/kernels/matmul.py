@@ -329,18 +329,17 @@ _TORCH_DIRECT: dict[tuple, Any] = {}
 
 
 def _torch_direct(checked: tuple, a: torch.Tensor, out: torch.Tensor | None, accumulate: bool) -> Any:
-    """For the torch backend on 2-D operands computing in the output dtype: one torch GEMM
-    and nothing around it, `_torch_matmul_new` (torch allocates the result: no empty() + out=
-    round trip) or `_torch_matmul_2d` (into a 2-D `out`), a good part of a decode-sized GEMM's
-    host time. Not for more dims: a new result would be a view of a 2-D product, which
-    autograd refuses to let callers modify in place when a custom Function returns it."""
+    """For the torch backend computing in the output dtype: one torch GEMM and nothing around
+    it, `_torch_matmul_new` (torch allocates the result: no empty() + out= round trip) or
+    `_torch_matmul_2d` (2-D operands into a 2-D `out`), a good part of a decode-sized GEMM's
+    host time; None for the general path."""
     _, _, out_dtype, backend, scales = checked
-    if (backend != "torch" or scales is not None or accumulate or out_dtype != a.dtype or a.dim() != 2
+    if (backend != "torch" or scales is not None or accumulate or out_dtype != a.dtype
             or not (a.dtype in (torch.float32, torch.float64) or a.is_cuda)):
         return None
     if out is None:
         return _torch_matmul_new
-    return _torch_matmul_2d if out.dim() == 2 else None
+    return _torch_matmul_2d if a.dim() == 2 and out.dim() == 2 else None
 
 
 def _check_matmul(a: torch.Tensor, b: torch.Tensor, *, bias: torch.Tensor | None, activation: str | None,

@@ -36,10 +36,17 @@ _TORCH_ACTIVATIONS_INPLACE = {
 
 def _torch_matmul_new(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, activation: str | None,
                       out: None = None) -> torch.Tensor:
-    """The torch backend's ``act(a @ b + bias)`` for a 2-D ``a`` as a new ``[M, N]`` tensor,
+    """The torch backend's ``act(a @ b + bias)`` as a new tensor ``a.shape[:-1] + (N,)``,
     allocated by the GEMM itself: for dtypes torch computes in (the cases `_torch_matmul_into`
-    takes) when the caller gives no ``out``, which is what a decode step's linears do."""
-    y = torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
+    takes) when the caller gives no ``out``, which is what a decode step's linears do. More
+    than 2-D: ``torch.matmul``, whose result is not a view (a custom Function may return it,
+    and callers may then modify it in place), with the bias added after."""
+    if a.dim() == 2:
+        y = torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
+    else:
+        y = torch.matmul(a, b)
+        if bias is not None:
+            y.add_(bias)
     _TORCH_ACTIVATIONS_INPLACE[activation](y)
     return y
 

@@ -174,16 +174,18 @@ class _RowParallelFn(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, w: Tensor, bias: Tensor | None, spec: LinearSpec) -> Tensor:
         ctx.spec = spec
         ctx.save_for_backward(x, w)
+        # the output must not be a view (of a schedule buffer, of a 2-D product): autograd forbids
+        # in-place ops on a view made inside a Function, and models add into it (Llama 4:
+        # `out.add_(...)`). matmul and matmul_all_reduce return new tensors; the reduce-scatter
+        # is given its output here
         if spec.partial_output:  # the block reduces it; backward is the non-SP one (no comm)
-            return matmul(x, w, out=x.new_empty(*x.shape[:-1], w.shape[1]), kernel=spec.kernel)
-        # the output is allocated here, not a view of a schedule buffer: autograd forbids in-place
-        # ops on a view made inside a Function, and models add into it (Llama 4: `out.add_(...)`)
+            return matmul(x, w, kernel=spec.kernel)
         if spec.sequence_parallel:
             shape = list(x.shape[:-1]) + [w.shape[1]]
             shape[spec.sequence_dim] //= spec.communicator().world_size
             return overlap.matmul_reduce_scatter(x, w, dim=spec.sequence_dim, bias=bias, out=x.new_empty(shape),
                                                  **spec.knobs())
-        return overlap.matmul_all_reduce(x, w, bias=bias, out=x.new_empty(*x.shape[:-1], w.shape[1]), **spec.knobs())
+        return overlap.matmul_all_reduce(x, w, bias=bias, **spec.knobs())
 
     @staticmethod
     @_autocast_off

@@ -66,9 +66,13 @@ def matmul_all_reduce(
         # (any leading dims: no row views), one all-reduce of it in place; host time is what
         # bounds this call
         check_consistent(communicator, "matmul_all_reduce", debug, "x", x, w, chunks, bias=bias, activation=activation)
-        y = out if out is not None else torch.empty(*x.shape[:-1], w.shape[1], dtype=out_dtype, device=x.device)
         with nvtx_range("matmul_all_reduce c=1"):
-            matmul(x, w, out=y, kernel=kernel)
+            if out is not None:
+                y = matmul(x, w, out=out, kernel=kernel)
+            else:  # the GEMM allocates it (a new tensor, never a view)
+                y = matmul(x, w, out_dtype=out_dtype, kernel=kernel)
+                if not y.is_contiguous():
+                    y = y.contiguous()
             handle = _Pipeline.for_device(x.device).issue(lambda: communicator.all_reduce(y))
 
         def finish() -> Tensor:
@@ -82,8 +86,9 @@ def matmul_all_reduce(
     s_rows = _scale_rows(x_scale, x, 0) if fp8 else None
     rows, n = x_rows.shape[0], w.shape[1]
     check_consistent(communicator, "matmul_all_reduce", debug, "x", x, w, chunks, bias=bias, activation=activation)
-    y_rows = out.view(rows, n) if out is not None and out.is_contiguous() else \
-        torch.empty(rows, n, dtype=out_dtype, device=x.device)
+    if out is None:  # the result is this tensor, never a view of a schedule buffer (callers may modify it in place)
+        out = torch.empty(out_shape, dtype=out_dtype, device=x.device)
+    y_rows = out.view(rows, n) if out.is_contiguous() else torch.empty(rows, n, dtype=out_dtype, device=x.device)
     pipe = _Pipeline.for_device(x.device)
     handles: list[tuple[CollectiveHandle, tuple[int, int]]] = []
     with nvtx_range(f"matmul_all_reduce c={chunks}"):

@@ -58,9 +58,13 @@ def _run_linear_cases(group, cases):
             dy = randn(1000 * i + step + 500, *shape, n, dtype=dtype)
             x_ref = x.clone().requires_grad_(True)
             y_ref = ref(x_ref)
+            if c.get("inplace"):  # models modify the output in place (Llama 4: `out.add_(...)`)
+                y_ref.mul_(1.5)
             (y_ref * dy).sum().backward()
             x_mine = sl["x"](x).clone().requires_grad_(True)
             y = layer(x_mine)
+            if c.get("inplace"):
+                y.mul_(1.5)  # raises if the output is a view made inside the layer's autograd Function
             check("forward", y, sl["y"](y_ref), dtype, f"{case} step {step}")
             (y * sl["y"](dy)).sum().backward()
             check("dx", x_mine.grad, sl["dx"](x_ref.grad), dtype, f"{case} step {step}")
@@ -89,6 +93,10 @@ def _cases(world: int) -> list[dict]:
                           input_is_parallel=False))
         cases.append(dict(dtype="float64", kind="col", sp=sp, bias=True, shape=(2 * world * 3,), k=16, n=2 * world,
                           chunks=1))
+    for kind, chunks, bias in itertools.product(("col", "row"), (None, 1, 2), (True, False)):
+        # [batch, seq, features] outputs modified in place before backward
+        cases.append(dict(dtype="float64", kind=kind, sp=False, bias=bias, shape=(2, 3), k=8 * world, n=4 * world,
+                          chunks=chunks, inplace=True))
     return cases
 
 
