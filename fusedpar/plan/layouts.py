@@ -27,7 +27,6 @@ from torch import Tensor, nn
 from ..comm import device_mesh
 from ..layers.linear import split_to_shard
 from .styles import LinearBuild
-from .torch_styles import key_regex
 
 __all__ = ["dtensor_output", "accept_dtensor_input", "split_sequence_output", "placements"]
 
@@ -105,30 +104,13 @@ def _paths(matches: dict[str, tuple[str, str]], keys: Any) -> set[str]:
     return {path for path, (_, key) in matches.items() if key in keys}
 
 
-def _modules(model: nn.Module, key: str) -> list[str]:
-    rx = key_regex(key)
-    return [name for name, _ in model.named_modules() if name and rx.match(name)]
-
-
-def literal_sequence_layers(model: nn.Module, matches: dict[str, tuple[str, str]], plan: Any,
+def literal_sequence_layers(matches: dict[str, tuple[str, str]], plan: Any,
                             builds: Mapping[str, LinearBuild]) -> set[str]:
-    """The linears that run sequence-parallel when a torch plan's layouts are taken
-    literally: column layers whose input is a sequence shard (their own input_layouts, or a
-    PrepareModuleInput gathering their parent's input: they gather it in their fused GEMM)
-    and row layers whose output is one. Raises (no comm) on a gathering PrepareModuleInput
-    that has no column-parallel layer to gather for."""
-    cols = {p for p, b in builds.items() if b.kind in ("col", "rep")}
-    sp = _paths(matches, plan.seq_in) | {p for p in _paths(matches, plan.seq_out) if p in builds and builds[p].kind == "row"}
-    for key in plan.gathers:
-        for parent in _modules(model, key):
-            children = {p for p in cols if p.rpartition(".")[0] == parent and not builds[p].gather_output}
-            if not children:
-                raise ValueError(
-                    f"parallelize: plan[{key!r}]: PrepareModuleInput(Shard(1) -> Replicate()) on {parent}: expected "
-                    f"column-parallel linears directly under it to gather the sequence for (fusedpar gathers in "
-                    f"their fused GEMM), got none")
-            sp |= children
-    return sp
+    """The linears a torch plan's own layouts put on sequence shards when taken literally:
+    column layers whose input_layouts are a sequence shard and row layers whose output is one
+    (a PrepareModuleInput's children are its style's to say: `GatherInput.sequence_shards`)."""
+    return _paths(matches, plan.seq_in) | {p for p in _paths(matches, plan.seq_out) if p in builds
+                                           and builds[p].kind == "row"}
 
 
 def install_torch_layouts(model: nn.Module, matches: dict[str, tuple[str, str]], builds: Mapping[str, LinearBuild],

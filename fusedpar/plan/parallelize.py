@@ -200,21 +200,25 @@ def _check(model: nn.Module, plan: Mapping[str, Any] | str, *, group: Any, seque
     split_ties = complete_tied_plan(model, matches)  # a split tie's other member split the same way (ties.py)
     sites = plan_sites(model, matches, group=group, knobs=knobs, given=torch_plan.styles)
     params = dict(model.named_parameters())
+    # A torch plan applied module by module (no decoder layers in its keys: torchtitan calls
+    # parallelize_module per block) means its layouts literally: the sequence is split where
+    # a style's output is Shard(1) and gathered where an input is (layouts.py, the styles'
+    # `sequence_shards`). Otherwise sequence parallelism is fusedpar's region over the decoder
+    # layers, whatever the layouts.
+    literal = sequence_parallel and torch_plan.has_torch and not has_decoder_layers(model, matches)
     linears = [at for at in sites if at.style.stage == "linears"]
     for at in linears:
         at.style.check(at)
     builds = {at.path: at.build for at in linears}
     check_row_inputs(linears)
     for at in sites:
+        at.literal, at.builds = literal, builds
         if at.style.stage != "linears":
             at.style.check(at)
-
-    # A torch plan applied module by module (no decoder layers in its keys: torchtitan calls
-    # parallelize_module per block) means its layouts literally: the sequence is split where
-    # a style's output is Shard(1) and gathered where an input is (torch_layouts). Otherwise
-    # sequence parallelism is fusedpar's region over the decoder layers, whatever the layouts.
-    literal = sequence_parallel and torch_plan.has_torch and not has_decoder_layers(model, matches)
-    literal_sp = layouts.literal_sequence_layers(model, matches, torch_plan, builds) if literal else set()
+    literal_sp = set()
+    if literal:
+        literal_sp = layouts.literal_sequence_layers(matches, torch_plan, builds)
+        literal_sp |= {p for at in sites for p in at.style.sequence_shards(at)}
     region_name, region = decoder_layers(model, matches) if sequence_parallel and not literal else ("", None)
     islands: set[str] = set()
     if region is not None:
@@ -234,8 +238,8 @@ def _check(model: nn.Module, plan: Mapping[str, Any] | str, *, group: Any, seque
         pass  # other models: a parameter next to parallel layers may see replicated inputs
     state = SequenceRegion(world) if region is not None else None
     for at in sites:  # which modules run on sequence shards
-        if literal:  # torch's layouts: the linears literal_sequence_layers found, SequenceParallel() norms
-            at.sequence_parallel = at.path in literal_sp or at.name == "sequence_parallel"
+        if literal:  # torch's layouts: the linears and SequenceParallel() norms found above
+            at.sequence_parallel = at.path in literal_sp
         else:  # fusedpar's region (a norm outside it, e.g. the final one, sees every token)
             at.sequence_parallel = in_region(at.path)
         at.region = state

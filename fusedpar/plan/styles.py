@@ -25,15 +25,19 @@ hold on to the parameter objects).
     replicated_with_grad_allreduce                   GradAllReduce    gradients all-reduced (per-head norms)
     sequence_parallel                                SequenceNorm     the same, while on sequence shards
     replicate, local_params                          Unchanged        nothing: the module stays replicated
+    torch PrepareModuleInput(Shard(1)→Replicate())   GatherInput      its column children gather (torch_styles.py)
 
-Parameters under a "moe_tp_experts" module are the experts' to split (it checks them as a set),
-so their own entries, and linear styles on modules under it, resolve to `Unchanged`.
+GatherInput has no Hugging Face string (`plan_string` False): `plan_sites` gives it a Site at
+every module its key matches. Parameters under a "moe_tp_experts" module are the experts' to
+split (it checks them as a set), so their own entries, and linear styles on modules under it,
+resolve to `Unchanged`.
 """
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+import re
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch.distributed as dist
@@ -45,8 +49,8 @@ from ..layers.norm import all_reduce_grads
 from ..layers.packed import PackedColumnParallelLinear, PackedRowParallelLinear
 from ..layers.sharding import ParamShard, shard_parameter
 
-__all__ = ["Style", "Site", "Knobs", "LinearBuild", "TABLE", "STYLES", "style_for", "plan_sites", "param_shard", "inside_experts",
-           "check_row_inputs", "PARAM_STYLES"]
+__all__ = ["Style", "Site", "Knobs", "LinearBuild", "TABLE", "STYLES", "style_for", "plan_sites", "key_regex",
+           "param_shard", "inside_experts", "check_row_inputs", "PARAM_STYLES"]
 
 # style on a bare parameter → (dim for >= 2-D, dim for 1-D, packed parts); Hugging Face: colwise
 # splits dim ndim-2 (dim 0 of a vector), rowwise the last dim (a bias stays replicated)
@@ -56,6 +60,11 @@ PARAM_STYLES = {"colwise": (-2, 0, 1), "rowwise": (-1, -1, 1), "packed_colwise":
 
 def _parent(path: str) -> str:
     return path.rpartition(".")[0]
+
+
+def key_regex(key: str) -> re.Pattern[str]:
+    """A plan key as a regex over module / parameter paths: `*` matches one path component."""
+    return re.compile("".join("[^.]+" if part == "*" else re.escape(part) for part in re.split(r"(\*)", key)) + "$")
 
 
 @dataclass(frozen=True)
@@ -96,6 +105,8 @@ class Site:
     module: nn.Module  # the module at `path` (a bare parameter's owner), taken before any conversion
     build: Any = None  # what check decided for apply (a linear's LinearBuild, the experts' shards)
     sequence_parallel: bool = False  # the module runs on sequence shards (set before apply)
+    literal: bool = False  # a torch plan's layouts taken literally (module by module; set before check)
+    builds: Mapping[str, LinearBuild] = field(default_factory=dict)  # every linear's (set once they are checked)
     region: Any = None  # fusedpar's SequenceRegion when it has one (set before apply)
 
     @property
@@ -119,9 +130,10 @@ class Style:
     """One way of splitting a module: `check` raises before anything is converted, `apply` converts."""
 
     stage: ClassVar[str] = "modules"
+    plan_string: ClassVar[bool] = True  # a Hugging Face string names it (False: only a torch style does)
 
     def __init__(self, name: str) -> None:
-        self.name = name  # the Hugging Face string this object stands for
+        self.name = name  # the Hugging Face string this object stands for (else the torch style's name)
 
     def check(self, at: Site) -> None:
         """Raise (no comm) if the target at `at` cannot take this style."""
@@ -133,6 +145,10 @@ class Style:
     def on_parameter(self) -> Style:
         """The style for a plan entry naming a bare parameter."""
         return ModuleOnly(self.name)
+
+    def sequence_shards(self, at: Site) -> Collection[str]:
+        """Paths this entry puts on sequence shards when torch's layouts are taken literally (after check)."""
+        return ()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
@@ -408,6 +424,9 @@ class SequenceNorm(Style):
 
     stage = "grads"
 
+    def sequence_shards(self, at: Site) -> Collection[str]:
+        return (at.path,)  # torch's SequenceParallel(): the norm itself
+
     def apply(self, module: nn.Module, mesh: dist.ProcessGroup, at: Site) -> nn.Module:
         if at.sequence_parallel:
             all_reduce_grads(module, group=mesh, comm=at.knobs.comm, region=at.region)
@@ -461,7 +480,8 @@ def style_for(name: str, path: str, matches: Mapping[str, tuple[str, str]], para
 def plan_sites(model: nn.Module, matches: Mapping[str, tuple[str, str]], *, group: dist.ProcessGroup,
                knobs: Knobs, given: Mapping[str, Any] | None = None) -> list[Site]:
     """Every plan entry as a `Site` with its style object, in plan order (no comm). `given`:
-    plan key → a style object already read (torch's ParallelStyles, torch_styles.py)."""
+    plan key → a style object already read (torch's ParallelStyles, torch_styles.py); one no
+    string names (`plan_string` False) takes a Site at every module its key matches."""
     given = given or {}
     params = dict(model.named_parameters())
     ranks = dist.get_process_group_ranks(group)
@@ -470,4 +490,9 @@ def plan_sites(model: nn.Module, matches: Mapping[str, tuple[str, str]], *, grou
         module = model.get_submodule(_parent(path) if path in params else path)
         style = style_for(name, path, matches, params, given.get(key))
         sites.append(Site(model, path, key, style, ranks, matches, params, knobs, module))
+    for key, style in given.items():
+        if isinstance(style, Style) and not style.plan_string:
+            rx = key_regex(key)
+            sites += [Site(model, path, key, style, ranks, matches, params, knobs, module)
+                      for path, module in model.named_modules() if path and rx.match(path)]
     return sites
