@@ -24,6 +24,7 @@ forward (inference only, e.g. generate()) blocks run unmerged.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -32,6 +33,7 @@ from torch import Tensor, nn
 
 from ..layers.partial import reduce_partial
 from .blocks import layer_blocks
+from .styles import LinearBuild
 
 __all__ = ["install_block_reductions", "install_block_reduction", "block_is_merged", "is_linear_in_marks"]
 
@@ -161,7 +163,7 @@ def install_block_reduction(block: nn.Module, experts: list[nn.Module], rows: li
     block.register_forward_hook(decided)
 
 
-def install_block_reductions(model: nn.Module, matches: dict[str, tuple[str, str]], builds: dict[str, dict],
+def install_block_reductions(model: nn.Module, matches: dict[str, tuple[str, str]], builds: Mapping[str, LinearBuild],
                              islands: set[str], region_name: str, region: nn.ModuleList, *,
                              group: dist.ProcessGroup, comm: str = "torch") -> None:
     """Every decoder-layer block of `region` that holds moe_tp_experts and row-parallel
@@ -175,7 +177,7 @@ def install_block_reductions(model: nn.Module, matches: dict[str, tuple[str, str
             if not here:
                 continue
             styles = {s for p, (s, _) in matches.items() if p == base or p.startswith(base + ".")}
-            rows = [model.get_submodule(p) for p, b in builds.items() if p.startswith(base + ".") and b["kind"] == "row"]
+            rows = [model.get_submodule(p) for p, b in builds.items() if p.startswith(base + ".") and b.kind == "row"]
             if styles <= _MERGEABLE and rows and all(r.bias is None for r in rows):
                 install_block_reduction(child, [model.get_submodule(e) for e in here], rows, group=group, comm=comm,
                                         island=base in islands)

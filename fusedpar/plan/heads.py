@@ -6,9 +6,11 @@ replicated) and the model's config when it has one. Installs: the attributes' ne
 """
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
 
 from torch import nn
+
+from .styles import LinearBuild
 
 __all__ = ["set_local_heads"]
 
@@ -24,7 +26,7 @@ _KV_HEAD_ATTRS = ("num_key_value_heads", "n_kv_heads", "num_kv_heads", "n_local_
 _GROUP_ATTRS = ("num_key_value_groups", "n_rep")
 
 
-def set_local_heads(model: nn.Module, builds: dict[str, dict[str, Any]], world: int) -> None:
+def set_local_heads(model: nn.Module, builds: Mapping[str, LinearBuild], world: int) -> None:
     """Tell attention modules their local head counts: every head-count attribute they
     already have whose value is a planned projection's global head count (from the model's
     config, else from the projection's width over the module's `head_dim`)."""
@@ -32,15 +34,15 @@ def set_local_heads(model: nn.Module, builds: dict[str, dict[str, Any]], world: 
     n_q, n_kv = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)
     parents: dict[str, dict[str, int]] = {}
     for path, b in builds.items():
-        if "heads" not in b:
+        if b.heads is None:
             continue
-        local = 1 if b["kind"] == "rep" else b["heads"] // world
+        local = 1 if b.kind == "rep" else b.heads // world
         counts = parents.setdefault(_parent(path), {})
         leaf = path.rpartition(".")[2]
-        if b["heads"] == n_q or (n_q is None and leaf in ("q_proj", "wq", "query")):
-            counts["q"], counts["q_global"] = local, b["heads"]
-        if b["heads"] == n_kv or (n_kv is None and leaf in ("k_proj", "wk", "key")):
-            counts["kv"], counts["kv_global"] = local, b["heads"]
+        if b.heads == n_q or (n_q is None and leaf in ("q_proj", "wq", "query")):
+            counts["q"], counts["q_global"] = local, b.heads
+        if b.heads == n_kv or (n_kv is None and leaf in ("k_proj", "wk", "key")):
+            counts["kv"], counts["kv_global"] = local, b.heads
     for parent_path, counts in parents.items():
         attn = model.get_submodule(parent_path)
         q, kv = counts.get("q"), counts.get("kv")

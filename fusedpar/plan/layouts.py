@@ -18,6 +18,7 @@ translate at the module boundary only, so the GEMMs and collectives inside stay 
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch.distributed as dist
@@ -25,7 +26,7 @@ from torch import Tensor, nn
 
 from ..comm import device_mesh
 from ..layers.linear import split_to_shard
-from .torch_styles import key_regex
+from .styles import LinearBuild
 
 __all__ = ["dtensor_output", "accept_dtensor_input", "split_sequence_output", "placements"]
 
@@ -103,33 +104,16 @@ def _paths(matches: dict[str, tuple[str, str]], keys: Any) -> set[str]:
     return {path for path, (_, key) in matches.items() if key in keys}
 
 
-def _modules(model: nn.Module, key: str) -> list[str]:
-    rx = key_regex(key)
-    return [name for name, _ in model.named_modules() if name and rx.match(name)]
+def literal_sequence_layers(matches: dict[str, tuple[str, str]], plan: Any,
+                            builds: Mapping[str, LinearBuild]) -> set[str]:
+    """The linears a torch plan's own layouts put on sequence shards when taken literally:
+    column layers whose input_layouts are a sequence shard and row layers whose output is one
+    (a PrepareModuleInput's children are its style's to say: `GatherInput.sequence_shards`)."""
+    return _paths(matches, plan.seq_in) | {p for p in _paths(matches, plan.seq_out) if p in builds
+                                           and builds[p].kind == "row"}
 
 
-def literal_sequence_layers(model: nn.Module, matches: dict[str, tuple[str, str]], plan: Any,
-                            builds: dict[str, dict[str, Any]]) -> set[str]:
-    """The linears that run sequence-parallel when a torch plan's layouts are taken
-    literally: column layers whose input is a sequence shard (their own input_layouts, or a
-    PrepareModuleInput gathering their parent's input: they gather it in their fused GEMM)
-    and row layers whose output is one. Raises (no comm) on a gathering PrepareModuleInput
-    that has no column-parallel layer to gather for."""
-    cols = {p for p, b in builds.items() if b["kind"] in ("col", "rep")}
-    sp = _paths(matches, plan.seq_in) | {p for p in _paths(matches, plan.seq_out) if builds.get(p, {}).get("kind") == "row"}
-    for key in plan.gathers:
-        for parent in _modules(model, key):
-            children = {p for p in cols if p.rpartition(".")[0] == parent and not builds[p].get("gather_output")}
-            if not children:
-                raise ValueError(
-                    f"parallelize: plan[{key!r}]: PrepareModuleInput(Shard(1) -> Replicate()) on {parent}: expected "
-                    f"column-parallel linears directly under it to gather the sequence for (fusedpar gathers in "
-                    f"their fused GEMM), got none")
-            sp |= children
-    return sp
-
-
-def install_torch_layouts(model: nn.Module, matches: dict[str, tuple[str, str]], builds: dict[str, dict[str, Any]],
+def install_torch_layouts(model: nn.Module, matches: dict[str, tuple[str, str]], builds: Mapping[str, LinearBuild],
                           plan: Any, literal: bool, *, group: dist.ProcessGroup, comm: str) -> None:
     """What a torch plan says beyond fusedpar's strings: DTensor outputs (`use_local_output=False`),
     DTensor inputs taken apart at every parallel linear, and, with literal sequence layouts,
@@ -145,12 +129,12 @@ def install_torch_layouts(model: nn.Module, matches: dict[str, tuple[str, str]],
         if path in builds:
             b = builds[path]
             sp = module.spec.sequence_parallel
-            if b["kind"] == "row":
-                layout = "shard(-1)" if b["input_is_parallel"] else "replicate"
+            if b.kind == "row":
+                layout = "shard(-1)" if b.input_is_parallel else "replicate"
             else:
                 layout = "shard(-2)" if sp else "replicate"
             accept_dtensor_input(module, layout, group=group, where=f"parallelize: {path}")
-            if b["kind"] in ("col", "rep") and path.rpartition(".")[0] and not b.get("gather_output"):
+            if b.kind in ("col", "rep") and path.rpartition(".")[0] and not b.gather_output:
                 parent = model.get_submodule(path.rpartition(".")[0])
                 if not getattr(parent, "_fusedpar_accepts_dtensor", False):
                     parent._fusedpar_accepts_dtensor = True  # before the fused group's pre-hook

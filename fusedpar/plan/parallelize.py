@@ -65,7 +65,7 @@ from .heads import set_local_heads
 from .blocks import layer_blocks
 from .islands import check_layer_inputs, install_islands, sequence_islands
 from .region import NoDecoderLayers, decoder_layers, has_decoder_layers, install_sequence_region
-from .styles import STYLES, Knobs, Site, check_row_inputs, plan_sites
+from .styles import STYLES, Knobs, LinearBuild, Site, check_row_inputs, plan_sites
 from .ties import complete_tied_plan, retie
 from .torch_styles import TorchPlan, key_regex, read_plan
 from .unplanned import unplanned_modules, watch_unplanned
@@ -167,7 +167,6 @@ class _Checked:
 
     matches: dict[str, tuple[str, str]]  # {module or parameter path: (style string, plan key)}
     sites: list[Site]  # every entry with its style object, in plan order (styles.py)
-    builds: dict[str, dict[str, Any]]  # the linears': what each builds (styles.py), by path
     torch_plan: TorchPlan  # what torch's styles say beyond fusedpar's (torch_styles.py)
     split_ties: list[list[tuple[str, str]]]  # ties the plan splits (ties.py)
     literal: bool  # torch's sequence layouts taken literally (module by module plans)
@@ -176,6 +175,12 @@ class _Checked:
     state: SequenceRegion | None
     islands: set[str]  # blocks run on the whole sequence inside the region (islands.py)
     unplanned: dict[str, nn.Module]  # modules next to split layers, watched (unplanned.py)
+
+    @property
+    def builds(self) -> dict[str, LinearBuild]:
+        """What each linear builds (styles.py), by path: read again after apply, which
+        records what a layer converted by an earlier call is."""
+        return {at.path: at.build for at in self.sites if at.style.stage == "linears"}
 
 
 def _check(model: nn.Module, plan: Mapping[str, Any] | str, *, group: Any, sequence_parallel: bool,
@@ -195,21 +200,25 @@ def _check(model: nn.Module, plan: Mapping[str, Any] | str, *, group: Any, seque
     split_ties = complete_tied_plan(model, matches)  # a split tie's other member split the same way (ties.py)
     sites = plan_sites(model, matches, group=group, knobs=knobs, given=torch_plan.styles)
     params = dict(model.named_parameters())
+    # A torch plan applied module by module (no decoder layers in its keys: torchtitan calls
+    # parallelize_module per block) means its layouts literally: the sequence is split where
+    # a style's output is Shard(1) and gathered where an input is (layouts.py, the styles'
+    # `sequence_shards`). Otherwise sequence parallelism is fusedpar's region over the decoder
+    # layers, whatever the layouts.
+    literal = sequence_parallel and torch_plan.has_torch and not has_decoder_layers(model, matches)
     linears = [at for at in sites if at.style.stage == "linears"]
     for at in linears:
         at.style.check(at)
     builds = {at.path: at.build for at in linears}
     check_row_inputs(linears)
     for at in sites:
+        at.literal, at.builds = literal, builds
         if at.style.stage != "linears":
             at.style.check(at)
-
-    # A torch plan applied module by module (no decoder layers in its keys: torchtitan calls
-    # parallelize_module per block) means its layouts literally: the sequence is split where
-    # a style's output is Shard(1) and gathered where an input is (torch_layouts). Otherwise
-    # sequence parallelism is fusedpar's region over the decoder layers, whatever the layouts.
-    literal = sequence_parallel and torch_plan.has_torch and not has_decoder_layers(model, matches)
-    literal_sp = layouts.literal_sequence_layers(model, matches, torch_plan, builds) if literal else set()
+    literal_sp = set()
+    if literal:
+        literal_sp = layouts.literal_sequence_layers(matches, torch_plan, builds)
+        literal_sp |= {p for at in sites for p in at.style.sequence_shards(at)}
     region_name, region = decoder_layers(model, matches) if sequence_parallel and not literal else ("", None)
     islands: set[str] = set()
     if region is not None:
@@ -229,12 +238,12 @@ def _check(model: nn.Module, plan: Mapping[str, Any] | str, *, group: Any, seque
         pass  # other models: a parameter next to parallel layers may see replicated inputs
     state = SequenceRegion(world) if region is not None else None
     for at in sites:  # which modules run on sequence shards
-        if literal:  # torch's layouts: the linears literal_sequence_layers found, SequenceParallel() norms
-            at.sequence_parallel = at.path in literal_sp or at.name == "sequence_parallel"
+        if literal:  # torch's layouts: the linears and SequenceParallel() norms found above
+            at.sequence_parallel = at.path in literal_sp
         else:  # fusedpar's region (a norm outside it, e.g. the final one, sees every token)
             at.sequence_parallel = in_region(at.path)
         at.region = state
-    return _Checked(matches, sites, builds, torch_plan, split_ties, literal, region_name, region, state, islands,
+    return _Checked(matches, sites, torch_plan, split_ties, literal, region_name, region, state, islands,
                     unplanned)
 
 
@@ -250,12 +259,12 @@ def _apply(model: nn.Module, sites: list[Site], stage: str, group: Any) -> None:
             setattr(model.get_submodule(parent_path), leaf, new)
 
 
-def _column_groups(model: nn.Module, builds: dict[str, dict[str, Any]]) -> None:
+def _column_groups(model: nn.Module, builds: dict[str, LinearBuild]) -> None:
     """Column-parallel siblings that read their parent's input: one fused GEMM per parent and
     sequence layout (groups.py)."""
     by_parent: dict[str, list[str]] = {}
     for path, b in builds.items():
-        if b["kind"] in ("col", "rep") and not b.get("gather_output") and reads_hidden(model, path):
+        if b.kind in ("col", "rep") and not b.gather_output and reads_hidden(model, path):
             by_parent.setdefault(_parent(path), []).append(path)
     for parent_path, paths in by_parent.items():
         layers = [model.get_submodule(p) for p in paths]
@@ -290,7 +299,7 @@ def _block_reductions(model: nn.Module, c: _Checked, *, group: Any, comm: str) -
         pass
 
 
-def _fp8(model: nn.Module, builds: dict[str, dict[str, Any]], recipe: Any, *, loss_parallel: bool) -> None:
+def _fp8(model: nn.Module, builds: dict[str, LinearBuild], recipe: Any, *, loss_parallel: bool) -> None:
     """The parallel linears' and the grouped expert GEMMs in fp8 (layers/fp8.py). The LM head
     stays high precision, as the recipe says, also when loss_parallel made it column-parallel:
     fp8 logits would round the loss itself."""

@@ -25,15 +25,19 @@ hold on to the parameter objects).
     replicated_with_grad_allreduce                   GradAllReduce    gradients all-reduced (per-head norms)
     sequence_parallel                                SequenceNorm     the same, while on sequence shards
     replicate, local_params                          Unchanged        nothing: the module stays replicated
+    torch PrepareModuleInput(Shard(1)→Replicate())   GatherInput      its column children gather (torch_styles.py)
 
-Parameters under a "moe_tp_experts" module are the experts' to split (it checks them as a set),
-so their own entries, and linear styles on modules under it, resolve to `Unchanged`.
+GatherInput has no Hugging Face string (`plan_string` False): `plan_sites` gives it a Site at
+every module its key matches. Parameters under a "moe_tp_experts" module are the experts' to
+split (it checks them as a set), so their own entries, and linear styles on modules under it,
+resolve to `Unchanged`.
 """
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+import re
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch.distributed as dist
@@ -45,8 +49,8 @@ from ..layers.norm import all_reduce_grads
 from ..layers.packed import PackedColumnParallelLinear, PackedRowParallelLinear
 from ..layers.sharding import ParamShard, shard_parameter
 
-__all__ = ["Style", "Site", "Knobs", "TABLE", "STYLES", "style_for", "plan_sites", "param_shard", "inside_experts",
-           "check_row_inputs", "PARAM_STYLES"]
+__all__ = ["Style", "Site", "Knobs", "LinearBuild", "TABLE", "STYLES", "style_for", "plan_sites", "key_regex",
+           "param_shard", "inside_experts", "check_row_inputs", "PARAM_STYLES"]
 
 # style on a bare parameter → (dim for >= 2-D, dim for 1-D, packed parts); Hugging Face: colwise
 # splits dim ndim-2 (dim 0 of a vector), rowwise the last dim (a bias stays replicated)
@@ -58,6 +62,11 @@ def _parent(path: str) -> str:
     return path.rpartition(".")[0]
 
 
+def key_regex(key: str) -> re.Pattern[str]:
+    """A plan key as a regex over module / parameter paths: `*` matches one path component."""
+    return re.compile("".join("[^.]+" if part == "*" else re.escape(part) for part in re.split(r"(\*)", key)) + "$")
+
+
 @dataclass(frozen=True)
 class Knobs:
     """parallelize's settings for the layers it builds (every parallel linear, the experts)."""
@@ -66,6 +75,19 @@ class Knobs:
     kernel: str
     comm: str
     save_gathered_input: bool
+
+
+@dataclass(frozen=True)
+class LinearBuild:
+    """What a linear style's check decided the linear becomes (its apply builds it; the passes read it)."""
+
+    kind: str  # "col" ColumnParallelLinear, "rep" ReplicatedColumnLinear (kv heads), "row" RowParallelLinear;
+    # "keep" until apply: a fusedpar layer an earlier call built, whose layout apply sets again
+    gather_output: bool = False  # col: output gathered to Replicate()
+    input_is_parallel: bool = True  # row: input arrives split on features (else split here)
+    parts: int = 1  # packed [gate; up] halves, or the kv heads a "rep" layer holds
+    heads: int | None = None  # attention projections split by whole heads: the global count ...
+    head_dim: int | None = None  # ... and the head width
 
 
 @dataclass
@@ -81,8 +103,10 @@ class Site:
     params: Mapping[str, nn.Parameter]  # the model's parameters before any conversion
     knobs: Knobs
     module: nn.Module  # the module at `path` (a bare parameter's owner), taken before any conversion
-    build: Any = None  # what check decided for apply (a linear's build dict, the experts' shards)
+    build: Any = None  # what check decided for apply (a linear's LinearBuild, the experts' shards)
     sequence_parallel: bool = False  # the module runs on sequence shards (set before apply)
+    literal: bool = False  # a torch plan's layouts taken literally (module by module; set before check)
+    builds: Mapping[str, LinearBuild] = field(default_factory=dict)  # every linear's (set once they are checked)
     region: Any = None  # fusedpar's SequenceRegion when it has one (set before apply)
 
     @property
@@ -106,9 +130,10 @@ class Style:
     """One way of splitting a module: `check` raises before anything is converted, `apply` converts."""
 
     stage: ClassVar[str] = "modules"
+    plan_string: ClassVar[bool] = True  # a Hugging Face string names it (False: only a torch style does)
 
     def __init__(self, name: str) -> None:
-        self.name = name  # the Hugging Face string this object stands for
+        self.name = name  # the Hugging Face string this object stands for (else the torch style's name)
 
     def check(self, at: Site) -> None:
         """Raise (no comm) if the target at `at` cannot take this style."""
@@ -121,6 +146,10 @@ class Style:
         """The style for a plan entry naming a bare parameter."""
         return ModuleOnly(self.name)
 
+    def sequence_shards(self, at: Site) -> Collection[str]:
+        """Paths this entry puts on sequence shards when torch's layouts are taken literally (after check)."""
+        return ()
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
 
@@ -129,8 +158,7 @@ class Style:
 
 
 class _LinearStyle(Style):
-    """A linear replaced by a fusedpar layer; `at.build` says which (kind "col", "rep", "row";
-    "keep" for a layer converted by an earlier call, whose layout the style sets again)."""
+    """A linear replaced by a fusedpar layer; `at.build` (a LinearBuild) says which."""
 
     stage = "linears"
     keeps: ClassVar[type | None] = None  # the fusedpar layer an earlier call may have built
@@ -147,39 +175,41 @@ class _LinearStyle(Style):
             if self.keeps is None or col != (self.keeps is ColumnParallelLinear) or ranks != at.ranks:
                 raise TypeError(f"{at.where}: expected an nn.Linear (or a fusedpar layer of this style on this "
                                 f"group), got {type(module).__name__} on ranks {ranks}")
-            at.build = {"kind": "keep", "gather_output": self.gather_output, "input_is_parallel": self.input_is_parallel}
+            at.build = LinearBuild("keep", gather_output=bool(self.gather_output),
+                                   input_is_parallel=self.input_is_parallel is not False)
             return
         if not isinstance(module, nn.Linear):
             raise TypeError(f"{at.where}: expected an nn.Linear, got {type(module).__name__}")
         at.build = self._plan(module, at)
 
-    def _plan(self, module: nn.Linear, at: Site) -> dict[str, Any]:
+    def _plan(self, module: nn.Linear, at: Site) -> LinearBuild:
         raise NotImplementedError
 
     def apply(self, module: nn.Module, mesh: dist.ProcessGroup, at: Site) -> nn.Module:
         b = at.build
-        if b["kind"] == "keep":
+        if b.kind == "keep":
             module.spec = dataclasses.replace(module.spec, sequence_parallel=at.sequence_parallel)
             if isinstance(module, ColumnParallelLinear):
-                module.gather_output = b["gather_output"]
+                module.gather_output = b.gather_output
             else:
-                module.input_is_parallel = b["input_is_parallel"]
-            b["kind"] = "col" if isinstance(module, ColumnParallelLinear) else "row"
+                module.input_is_parallel = b.input_is_parallel
+            # the passes after apply see what the layer is
+            at.build = dataclasses.replace(b, kind="col" if isinstance(module, ColumnParallelLinear) else "row")
             return module
         k = at.knobs
         knobs = dict(chunks=k.chunks, kernel=k.kernel, comm=k.comm, sequence_dim=-2)
         sp = at.sequence_parallel
-        if b["kind"] == "row":
-            row_cls = PackedRowParallelLinear if b.get("parts", 1) > 1 else RowParallelLinear
-            new = row_cls.from_linear(module, group=mesh, name=at.path, input_is_parallel=b["input_is_parallel"],
+        if b.kind == "row":
+            row_cls = PackedRowParallelLinear if b.parts > 1 else RowParallelLinear
+            new = row_cls.from_linear(module, group=mesh, name=at.path, input_is_parallel=b.input_is_parallel,
                                       sequence_parallel=sp, **knobs)
-        elif b["kind"] == "rep":
-            new = ReplicatedColumnLinear.from_linear(module, group=mesh, parts=b["parts"], name=at.path,
+        elif b.kind == "rep":
+            new = ReplicatedColumnLinear.from_linear(module, group=mesh, parts=b.parts, name=at.path,
                                                      sequence_parallel=sp, save_gathered_input=k.save_gathered_input,
                                                      **knobs)
         else:
-            col_cls = PackedColumnParallelLinear if b.get("parts", 1) > 1 else ColumnParallelLinear
-            new = col_cls.from_linear(module, group=mesh, name=at.path, gather_output=b["gather_output"],
+            col_cls = PackedColumnParallelLinear if b.parts > 1 else ColumnParallelLinear
+            new = col_cls.from_linear(module, group=mesh, name=at.path, gather_output=b.gather_output,
                                       sequence_parallel=sp, save_gathered_input=k.save_gathered_input, **knobs)
         if sp:
             new._fusedpar_region = at.region
@@ -199,7 +229,7 @@ class ColwiseLinear(_LinearStyle):
         super().__init__(name)
         self.gather_output = gather_output
 
-    def _plan(self, module: nn.Linear, at: Site) -> dict[str, Any]:
+    def _plan(self, module: nn.Linear, at: Site) -> LinearBuild:
         model, world = at.model, at.world
         hd = getattr(model.get_submodule(_parent(at.path)), "head_dim", None)
         hd = hd if isinstance(hd, int) and hd > 0 else None
@@ -207,12 +237,12 @@ class ColwiseLinear(_LinearStyle):
         if hd is not None and not self.gather_output and out % hd == 0:  # heads (not e.g. one gate per head)
             heads = out // hd
             if heads % world == 0:
-                return {"kind": "col", "gather_output": False, "heads": heads, "head_dim": hd}
+                return LinearBuild("col", heads=heads, head_dim=hd)
             config = getattr(model, "config", None)
             n_kv = getattr(config, "num_key_value_heads", None)
             n_q = getattr(config, "num_attention_heads", None)
             if heads == n_kv and n_q is not None and heads < n_q and world % heads == 0:
-                return {"kind": "rep", "parts": heads, "heads": heads, "head_dim": hd}
+                return LinearBuild("rep", parts=heads, heads=heads, head_dim=hd)
             raise ValueError(
                 f"{at.where}: heads: expected the number of heads (out_features {out} / head_dim {hd}) to be a "
                 f"multiple of the world size {world} (or, for kv heads, a divisor of it), got {heads}"
@@ -220,7 +250,7 @@ class ColwiseLinear(_LinearStyle):
         if out % world:
             raise ValueError(f"{at.where}: out_features: expected a multiple of the world size {world} (the output "
                              f"features are split across ranks), got {out}")
-        return {"kind": "col", "gather_output": self.gather_output}
+        return LinearBuild("col", gather_output=self.gather_output)
 
 
 class RowwiseLinear(_LinearStyle):
@@ -233,7 +263,7 @@ class RowwiseLinear(_LinearStyle):
         super().__init__(name)
         self.input_is_parallel = input_is_parallel
 
-    def _plan(self, module: nn.Linear, at: Site) -> dict[str, Any]:
+    def _plan(self, module: nn.Linear, at: Site) -> LinearBuild:
         world = at.world
         if module.in_features % world:
             raise ValueError(f"{at.where}: in_features: expected a multiple of the world size {world}, "
@@ -244,7 +274,7 @@ class RowwiseLinear(_LinearStyle):
             raise ValueError(f"{at.where}: out_features: {module.out_features} is one feature per attention head, "
                              f"which the attention reads for its local heads only; a row-parallel layer returns "
                              f"every head (expected a layer with a hidden-size output, e.g. o_proj)")
-        return {"kind": "row", "input_is_parallel": self.input_is_parallel}
+        return LinearBuild("row", input_is_parallel=self.input_is_parallel)
 
 
 class PackedLinear(_LinearStyle):
@@ -255,10 +285,9 @@ class PackedLinear(_LinearStyle):
         super().__init__(name)
         self.dim = dim
 
-    def _plan(self, module: nn.Linear, at: Site) -> dict[str, Any]:
+    def _plan(self, module: nn.Linear, at: Site) -> LinearBuild:
         ParamShard(self.dim, 2).check(module.weight.shape, at.world, where=f"{at.where}: weight")
-        return {"kind": "col" if self.dim == 0 else "row", "parts": 2, "gather_output": False,
-                "input_is_parallel": True}
+        return LinearBuild("col" if self.dim == 0 else "row", parts=2)
 
 
 def check_row_inputs(sites: list[Site]) -> None:
@@ -268,7 +297,7 @@ def check_row_inputs(sites: list[Site]) -> None:
     splitting = [p for p, (style, _) in matches.items() if style in ("colwise", "packed_colwise")]
     for at in sites:
         b = at.build
-        if at.style.stage == "linears" and b["kind"] == "row" and b["input_is_parallel"]:
+        if at.style.stage == "linears" and b.kind == "row" and b.input_is_parallel:
             block = _parent(at.path)
             if not any(p != at.path and (not block or p.startswith(block + ".")) for p in splitting):
                 raise ValueError(f"{at.where}: expected a column-parallel layer under {block or 'the model'} to split "
@@ -395,6 +424,9 @@ class SequenceNorm(Style):
 
     stage = "grads"
 
+    def sequence_shards(self, at: Site) -> Collection[str]:
+        return (at.path,)  # torch's SequenceParallel(): the norm itself
+
     def apply(self, module: nn.Module, mesh: dist.ProcessGroup, at: Site) -> nn.Module:
         if at.sequence_parallel:
             all_reduce_grads(module, group=mesh, comm=at.knobs.comm, region=at.region)
@@ -448,7 +480,8 @@ def style_for(name: str, path: str, matches: Mapping[str, tuple[str, str]], para
 def plan_sites(model: nn.Module, matches: Mapping[str, tuple[str, str]], *, group: dist.ProcessGroup,
                knobs: Knobs, given: Mapping[str, Any] | None = None) -> list[Site]:
     """Every plan entry as a `Site` with its style object, in plan order (no comm). `given`:
-    plan key → a style object already read (torch's ParallelStyles, torch_styles.py)."""
+    plan key → a style object already read (torch's ParallelStyles, torch_styles.py); one no
+    string names (`plan_string` False) takes a Site at every module its key matches."""
     given = given or {}
     params = dict(model.named_parameters())
     ranks = dist.get_process_group_ranks(group)
@@ -457,4 +490,9 @@ def plan_sites(model: nn.Module, matches: Mapping[str, tuple[str, str]], *, grou
         module = model.get_submodule(_parent(path) if path in params else path)
         style = style_for(name, path, matches, params, given.get(key))
         sites.append(Site(model, path, key, style, ranks, matches, params, knobs, module))
+    for key, style in given.items():
+        if isinstance(style, Style) and not style.plan_string:
+            rx = key_regex(key)
+            sites += [Site(model, path, key, style, ranks, matches, params, knobs, module)
+                      for path, module in model.named_modules() if path and rx.match(path)]
     return sites

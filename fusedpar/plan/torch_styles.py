@@ -11,8 +11,8 @@ Each torch style becomes the object `styles.TABLE` gives for a Hugging Face stri
     Rowwise / ColwiseParallel on an nn.Embedding        "embedding_rowwise" / "embedding_colwise",
                                                         output Replicate() or a sequence shard
     SequenceParallel()                                  "sequence_parallel"
-    PrepareModuleInput(input_layouts=Shard(1),          the module's column-parallel children
-        desired_input_layouts=Replicate())              gather the sequence (in their fused GEMM)
+    PrepareModuleInput(input_layouts=Shard(1),          GatherInput (no string): the module's column-
+        desired_input_layouts=Replicate())              parallel children gather (in their fused GEMM)
     use_local_output=False                              the output is a DTensor, as torch returns it
 
 Shard(1) is the sequence dim of a `[batch, seq, hidden]` activation (Shard(0) of a `[seq,
@@ -27,16 +27,16 @@ why, before anything is converted.
 from __future__ import annotations
 
 import fnmatch
-import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch.distributed as dist
 from torch import nn
 
-from .styles import TABLE, Style
+from .styles import TABLE, Site, Style, key_regex
 
-__all__ = ["is_torch_style", "string_plan", "read_plan", "TorchPlan", "key_regex"]
+__all__ = ["is_torch_style", "string_plan", "read_plan", "TorchPlan", "GatherInput", "key_regex"]
 
 _SEQ = ("shard(1)", "shard(-2)")
 
@@ -44,29 +44,26 @@ _SEQ = ("shard(1)", "shard(-2)")
 @dataclass
 class TorchPlan:
     """A plan with torch styles read: `styles` (key → fusedpar's style object, or the plan's
-    own string, for every key but PrepareModuleInput's), and what a style cannot say, per plan key."""
+    own string; a PrepareModuleInput that moves nothing is dropped), and what a style cannot
+    say, per plan key."""
 
     styles: dict[str, Any] = field(default_factory=dict)
     sequence: bool = False  # some style splits the sequence
     has_torch: bool = False  # some style was a torch ParallelStyle
     seq_in: set[str] = field(default_factory=set)  # column styles whose input is a sequence shard
     seq_out: dict[str, int] = field(default_factory=dict)  # rowwise / embedding keys → the sequence dim split at exit
-    gathers: set[str] = field(default_factory=set)  # PrepareModuleInput keys: their input is gathered
     dtensor_out: dict[str, str] = field(default_factory=dict)  # key → "replicate" / "shard(d)" for DTensor outputs
 
     @property
     def strings(self) -> dict[str, Any]:
-        """key → the style string (the plan's strings, and None, as they are)."""
-        return {key: s.name if isinstance(s, Style) else s for key, s in self.styles.items()}
+        """key → the style string (the plan's strings, and None, as they are); styles no
+        string names (GatherInput) are left out."""
+        return {key: s.name if isinstance(s, Style) else s for key, s in self.styles.items()
+                if not isinstance(s, Style) or s.plan_string}
 
     def read(self, key: str, name: str) -> None:
         """Plan `key` reads as fusedpar's style `name` (the table's object)."""
         self.styles[key] = TABLE[name]()
-
-
-def key_regex(key: str) -> re.Pattern[str]:
-    """A plan key as a regex over module / parameter paths: `*` matches one path component."""
-    return re.compile("".join("[^.]+" if part == "*" else re.escape(part) for part in re.split(r"(\*)", key)) + "$")
 
 
 def is_torch_style(style: Any) -> bool:
@@ -105,6 +102,39 @@ def _is_embedding(model: nn.Module, key: str) -> bool:
     return bool(names) and all(isinstance(model.get_submodule(n), nn.Embedding) for n in names)
 
 
+class GatherInput(Style):
+    """torch's `PrepareModuleInput(input_layouts=Shard(1), desired_input_layouts=Replicate())`:
+    the module's input arrives as a sequence shard and is wanted whole.
+
+    apply does nothing at the module itself: no DTensor, no redistribute. Its column-parallel
+    children gather the sequence in their fused GEMM (`all_gather_matmul`), so the gather
+    overlaps their matmul; check finds those children (`at.build`) and `sequence_shards` puts
+    them on sequence shards. That holds when torch's layouts are taken literally (a plan
+    applied module by module); in fusedpar's own region over the decoder layers the region's
+    column groups and islands gather already, and there is nothing to find.
+    """
+
+    plan_string = False  # no Hugging Face string: torch plans only
+
+    def check(self, at: Site) -> None:
+        if not at.literal:
+            at.build = frozenset()
+            return
+        at.build = frozenset(p for p, b in at.builds.items() if b.kind in ("col", "rep") and not b.gather_output
+                             and p.rpartition(".")[0] == at.path)
+        if not at.build:
+            raise ValueError(
+                f"parallelize: plan[{at.key!r}]: PrepareModuleInput(Shard(1) -> Replicate()) on {at.path}: expected "
+                f"column-parallel linears directly under it to gather the sequence for (fusedpar gathers in "
+                f"their fused GEMM), got none")
+
+    def sequence_shards(self, at: Site) -> Collection[str]:
+        return at.build
+
+    def apply(self, module: nn.Module, mesh: dist.ProcessGroup, at: Site) -> nn.Module:
+        return module  # the children's fused GEMMs gather (see the class docstring)
+
+
 def _prepare_input(key: str, style: Any, out: TorchPlan) -> str | None:
     """Read a PrepareModuleInput into `out`; the reason it cannot be, or None."""
     if getattr(style, "with_kwargs", False) and style.input_kwarg_layouts:
@@ -119,7 +149,7 @@ def _prepare_input(key: str, style: Any, out: TorchPlan) -> str | None:
     if not rest_same:
         return "inputs after the first must keep their layout (fusedpar gathers the first input only)"
     if first_in in _SEQ and first_want == "replicate":
-        out.gathers.add(key)
+        out.styles[key] = GatherInput("PrepareModuleInput")
         out.sequence = True
         return None
     if first_in == first_want:

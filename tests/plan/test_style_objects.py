@@ -8,7 +8,7 @@ import pytest
 from torch import nn
 
 from fusedpar.plan.styles import TABLE, Knobs, Site, Style, Unchanged, style_for
-from fusedpar.plan.torch_styles import read_plan
+from fusedpar.plan.torch_styles import GatherInput, read_plan
 
 # transformers' styles that split experts across ranks (expert parallelism): fusedpar splits
 # each expert across ranks (moe_tp_experts) and refuses these as styles it does not know
@@ -97,8 +97,8 @@ def test_torch_styles_read_as_the_same_objects(case):
     key, torch_style, name, bad = _torch_styles()[case]
     model = _Toy()
     read = read_plan(model, {key: torch_style})
-    if name is None:  # a layout on the module's input, not a style: its column-parallel children gather
-        assert key not in read.styles and key in read.gathers
+    if name is None:  # a style no Hugging Face string names: its column-parallel children gather
+        assert isinstance(read.styles[key], GatherInput) and key not in read.strings
         return
     style = read.styles[key]
     assert type(style) is type(TABLE[name]()) and style.name == name and read.strings == {key: name}
@@ -107,3 +107,50 @@ def test_torch_styles_read_as_the_same_objects(case):
     with pytest.raises((TypeError, ValueError)) as err:
         at.style.check(at)
     assert f"parallelize: {bad} (plan key {bad!r}, style {name!r})" in str(err.value)
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = nn.Module()
+        self.mlp.up, self.mlp.gate, self.mlp.down = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 8)
+
+
+def _gather_input_site(model: nn.Module, children: dict[str, str], *, literal: bool) -> Site:
+    """PrepareModuleInput(Shard(1) -> Replicate()) on `mlp`, read as torch_styles reads it, its
+    Site told what `children` (path → style string) build, as parallelize tells it."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import PrepareModuleInput
+
+    builds = {}
+    for path, name in children.items():
+        at = _site(model, path, name)
+        at.style.check(at)
+        builds[path] = at.build
+    style = read_plan(model, {"mlp": PrepareModuleInput(input_layouts=(Shard(1),),
+                                                        desired_input_layouts=(Replicate(),))}).styles["mlp"]
+    params = dict(model.named_parameters())
+    return Site(model, "mlp", "mlp", style, [0, 1], {}, params, Knobs(None, "torch", "torch", True), model.mlp,
+                literal=literal, builds=builds)
+
+
+def test_prepare_module_input_is_a_style_its_column_children_gather_for():
+    model = _Block()
+    at = _gather_input_site(model, {"mlp.up": "colwise", "mlp.gate": "colwise", "mlp.down": "rowwise"}, literal=True)
+    at.style.check(at)
+    assert set(at.style.sequence_shards(at)) == {"mlp.up", "mlp.gate"}  # the row layer's input stays split on features
+    assert at.style.apply(model.mlp, None, at) is model.mlp  # nothing at the module itself
+    # fusedpar's own region over decoder layers gathers there already: nothing to find, nothing refused
+    at = _gather_input_site(model, {"mlp.down": "rowwise"}, literal=False)
+    at.style.check(at)
+    assert not at.style.sequence_shards(at)
+
+
+@pytest.mark.parametrize("children", [{"mlp.down": "rowwise"}, {"mlp.up": "colwise_gather_output"}, {}])
+def test_prepare_module_input_without_column_children_is_refused_by_its_check(children):
+    at = _gather_input_site(_Block(), children, literal=True)
+    with pytest.raises(ValueError) as err:
+        at.style.check(at)
+    msg = str(err.value)
+    assert "plan['mlp']" in msg and "PrepareModuleInput(Shard(1) -> Replicate()) on mlp" in msg, msg
+    assert "expected column-parallel linears directly under it" in msg and "got none" in msg, msg

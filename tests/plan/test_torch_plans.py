@@ -8,7 +8,8 @@ place of torch's (the one import a torchtitan user switches):
 - a torchtitan-shaped Llama (layers in a ModuleDict, `layer(x, freqs_cis)`) with
   torchtitan's plan, with loss parallel (DTensor logits, torch's `loss_parallel()`), and
   with a whole-model string plan and fusedpar's sequence-parallel region;
-- DTensor outputs (`use_local_output=False`) flowing into DTensor ops and back.
+- DTensor outputs (`use_local_output=False`) flowing into DTensor ops and back;
+- a PrepareModuleInput gathering a sequence shard, against torch's own parallelize_module.
 
 Each against one process: logits / loss and every gradient (gathered whole) at fp32."""
 from __future__ import annotations
@@ -241,6 +242,69 @@ def _run_dtensor_outputs(group):
 
 def test_use_local_output_false_returns_dtensors(dist2):
     assert dist2.run(_run_dtensor_outputs) == [True] * 2
+
+
+class _Block(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = _MLP()
+
+    def forward(self, x):
+        return self.mlp(x)
+
+
+def _gather_plan(column_child: bool = True):
+    """PrepareModuleInput gathering `mlp`'s sequence shard for a column-parallel `up` and a
+    row-parallel `down` back to a sequence shard; or (not `column_child`) for an `up` whose
+    output is gathered (Replicate()), which cannot gather its input."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel
+
+    gather = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+    if not column_child:
+        return {"mlp": gather, "mlp.up": ColwiseParallel(output_layouts=Replicate())}
+    return {"mlp": gather, "mlp.up": ColwiseParallel(), "mlp.down": RowwiseParallel(output_layouts=Shard(1))}
+
+
+def _run_prepare_module_input(group):
+    """A module-by-module plan whose PrepareModuleInput gathers a sequence shard: fusedpar's
+    column layer gathers it in its fused GEMM; the output (a sequence shard) and every gradient
+    match torch's own parallelize_module on the same model and one process. Without a
+    column-parallel layer to gather for, the style's check refuses it, naming the plan key."""
+    from torch.distributed.tensor.parallel import parallelize_module as torch_parallelize_module
+
+    import fusedpar
+
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    torch.manual_seed(6)
+    try:
+        fusedpar.parallelize_module(_Block(), _mesh(group), _gather_plan(column_child=False), kernel="torch")
+    except ValueError as e:
+        assert "plan['mlp']" in str(e) and "expected column-parallel linears directly under it" in str(e), str(e)
+    else:
+        raise AssertionError("a PrepareModuleInput with no column-parallel layer to gather for was accepted")
+    torch.manual_seed(6)
+    ref = _Block()
+    ours = fusedpar.parallelize_module(copy.deepcopy(ref), _mesh(group), _gather_plan(), kernel="torch")
+    theirs = torch_parallelize_module(copy.deepcopy(ref), _mesh(group), _gather_plan())
+    assert isinstance(ours.mlp.up, fusedpar.ColumnParallelLinear) and ours.mlp.up.spec.sequence_parallel
+    case = f"PrepareModuleInput rank {rank}"
+    for step in range(2):  # twice: buffers reused
+        x = torch.randn(3, 4 * world, 12, generator=torch.Generator().manual_seed(20 + step))
+        x_shard = x.chunk(world, 1)[rank]
+        out, out_torch, out_ref = ours(x_shard), theirs(x_shard), ref(x)
+        check("out vs torch", out, out_torch, torch.float32, case, TOL)
+        check("out vs one process", out, out_ref.chunk(world, 1)[rank], torch.float32, case, TOL)
+        out.square().sum().backward(), out_torch.square().sum().backward(), out_ref.square().sum().backward()
+        _check_all_grads(ours, ref, f"{case} step {step}")
+        _check_all_grads(theirs, ref, f"{case} step {step}, torch's")
+        for m in (ours, theirs, ref):
+            m.zero_grad()
+    return True
+
+
+def test_prepare_module_input_gathers_in_the_column_layer_as_torch_does(dist2):
+    assert dist2.run(_run_prepare_module_input) == [True] * 2
 
 
 def _run_torch_example_state(group, ckpt: str):
