@@ -378,7 +378,7 @@ def column_parallel_fp8(x: Tensor, weights: list[Tensor], bias: Tensor | None, s
     K, N = x.shape[-1], sum(w.shape[0] for w in weights)
     if _falls_back("column-parallel", K, N, x, spec):
         w = weights[0] if len(weights) == 1 else torch.cat(weights, 0)
-        return _ColumnParallelFn.apply(*_autocast_operands(x, w.t(), bias), spec, holder)
+        return _ColumnParallelFn.apply(*_autocast_operands(x, w.t(), bias), spec, holder, None)
     return _Fp8ColumnParallelFn.apply(x, bias, spec, holder, _compute_dtype(x), *weights)
 
 
@@ -454,7 +454,7 @@ def row_parallel_fp8(x: Tensor, weight: Tensor, bias: Tensor | None, spec: Linea
     """``all_reduce / reduce_scatter(x_part @ weight.T) + bias`` with fp8 GEMMs, or with the
     layer's high-precision Function when fp8 cannot serve the GEMM (logged once)."""
     if _falls_back("row-parallel", x.shape[-1], weight.shape[0], x, spec):
-        return _RowParallelFn.apply(*_autocast_operands(x, weight.t(), bias), spec)
+        return _RowParallelFn.apply(*_autocast_operands(x, weight.t(), bias), spec, None)
     return _Fp8RowParallelFn.apply(x, weight, bias, spec, _compute_dtype(x))
 
 

@@ -65,6 +65,7 @@ from .regions import (  # noqa: F401
     reduce_scatter_to_shard,
     split_to_shard,
 )
+from .local_views import param_operand
 from .sharding import ParamShard, local_param, local_tensor, register_state_dict_hooks, tp_parameter
 
 __all__ = [
@@ -242,8 +243,14 @@ class ColumnParallelLinear(_ParallelLinearBase):
         if precomputed is not None:
             return precomputed
         spec = effective_spec(self)
-        w, b = self.column_operands()
-        y = _column_apply(x, [w], b, spec, None)
+        if (spec.fp8 is None and type(self).column_operands is ColumnParallelLinear.column_operands
+                and not torch.is_autocast_enabled(x.device.type)):
+            # the Function hands the parameters' gradients on itself (no hook per parameter)
+            (w, tw), (b, tb) = param_operand(self.weight), param_operand(self.bias)
+            y = _column_apply(x, [w], b, spec, None, (tw, tb) if tw is not None or tb is not None else None)
+        else:
+            w, b = self.column_operands()
+            y = _column_apply(x, [w], b, spec, None)
         if self.gather_output:
             y = traced.gather(y, -1, spec.group) if torch.compiler.is_compiling() else _GatherFn.apply(y, spec, -1)
         return y
@@ -367,7 +374,10 @@ class RowParallelLinear(_ParallelLinearBase):
         if spec.sequence_parallel:
             _check_divisible(x, spec.sequence_dim, _rank_world(spec)[1],
                              what="RowParallelLinear (sequence_parallel=True)")
-        return _row_apply(x, local_param(self.weight), local_param(self.bias), spec)
+        if spec.fp8 is not None or torch.is_autocast_enabled(x.device.type):
+            return _row_apply(x, local_param(self.weight), local_param(self.bias), spec)
+        (w, tw), (b, tb) = param_operand(self.weight), param_operand(self.bias)  # as in ColumnParallelLinear
+        return _row_apply(x, w, b, spec, (tw, tb) if tw is not None or tb is not None else None)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features} (local {local_tensor(self.weight).shape[1]}), out_features={self.out_features}, "

@@ -12,7 +12,7 @@ them under `torch.autocast` as `nn.Linear` would.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -21,7 +21,11 @@ from .. import overlap
 from . import traced
 from ..kernels import matmul
 from .linear_spec import LinearSpec
+from .local_views import GradTarget
 from .regions import _all_gather_dim
+
+# (weight, bias) GradTargets of a Function's parameter operands (`param_operand`), or None
+_Targets = Optional[tuple[Optional[GradTarget], Optional[GradTarget]]]
 
 
 def _sum_rows(dy: Tensor) -> Tensor:
@@ -56,9 +60,11 @@ def _autocast_off(method: Any) -> Any:
 
 
 
-def _column_apply(x: Tensor, weights: list[Tensor], b: Tensor | None, spec: LinearSpec, holder: list | None) -> Tensor:
+def _column_apply(x: Tensor, weights: list[Tensor], b: Tensor | None, spec: LinearSpec, holder: list | None,
+                  targets: _Targets = None) -> Tensor:
     """The column-parallel product of ``x`` and the weights ``[N_i, K]`` (concatenated on N):
-    in fp8 when the spec has a recipe (layers/fp8.py), else ``_ColumnParallelFn``."""
+    in fp8 when the spec has a recipe (layers/fp8.py), else ``_ColumnParallelFn``. ``targets``:
+    the (weight, bias) `GradTarget`s of operands from `param_operand` (one weight; not fp8)."""
     if spec.fp8 is not None:  # the recipe runs it: fp8.py builds on this module, not the reverse
         return spec.fp8.column_parallel(x, weights, b, spec, holder)
     w = weights[0] if len(weights) == 1 else torch.cat(weights, 0)
@@ -68,35 +74,70 @@ def _column_apply(x: Tensor, weights: list[Tensor], b: Tensor | None, spec: Line
         if holder is not None:
             holder.append(x_full)
         return y
-    return _column_fn(x, w.t(), b, spec, holder)
+    return _column_fn(x, w.t(), b, spec, holder, targets)
 
 
-def _column_fn(x: Tensor, w_t: Tensor, b: Tensor | None, spec: LinearSpec, holder: list | None) -> Tensor:
+def _column_fn(x: Tensor, w_t: Tensor, b: Tensor | None, spec: LinearSpec, holder: list | None,
+               targets: _Targets = None) -> Tensor:
     """``_ColumnParallelFn`` on ``x`` and ``w_t`` ``[K, N]``: through ``Function.apply``, or,
     in decode (no_grad, inference_mode; autocast off), its forward itself: nothing to record
     and nothing to cast, and no `apply` bookkeeping (a few µs of host time a call)."""
     if not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type):
-        return _ColumnParallelFn.forward(_Unrecorded(), x, w_t, b, spec, holder)
-    return _ColumnParallelFn.apply(*_autocast_operands(x, w_t, b), spec, holder)
+        return _ColumnParallelFn.forward(_Unrecorded(), x, w_t, b, spec, holder, None)
+    return _ColumnParallelFn.apply(*_autocast_operands(x, w_t, b), spec, holder, targets)
 
 
-def _row_apply(x: Tensor, weight: Tensor, b: Tensor | None, spec: LinearSpec) -> Tensor:
-    """The row-parallel product, in fp8 when the spec has a recipe, else ``_RowParallelFn``."""
+def _row_apply(x: Tensor, weight: Tensor, b: Tensor | None, spec: LinearSpec, targets: _Targets = None) -> Tensor:
+    """The row-parallel product, in fp8 when the spec has a recipe, else ``_RowParallelFn``
+    (``targets`` as in `_column_apply`)."""
     if spec.fp8 is not None:
         return spec.fp8.row_parallel(x, weight, b, spec)
     if torch.compiler.is_compiling():
         return traced.row_parallel(x, weight, b, group=spec.group, sequence_parallel=spec.sequence_parallel,
                                    dim=spec.sequence_dim, partial_output=spec.partial_output)
     if not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type):  # as in _column_fn
-        return _RowParallelFn.forward(_Unrecorded(), x, weight.t(), b, spec)
-    return _RowParallelFn.apply(*_autocast_operands(x, weight.t(), b), spec)
+        return _RowParallelFn.forward(_Unrecorded(), x, weight.t(), b, spec, None)
+    return _RowParallelFn.apply(*_autocast_operands(x, weight.t(), b), spec, targets)
+
+
+def _wanted(ctx: Any) -> tuple[bool, bool, bool]:
+    """(dx, dw, db) wanted by this backward: autograd's `needs_input_grad`, except that an
+    operand whose gradient the Function hands to its parameter itself is wanted only when the
+    running backward accumulates into that parameter (not under `autograd.grad(out, [x])`)."""
+    need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+    targets = ctx.targets
+    if targets is not None:
+        tw, tb = targets
+        if tw is not None:
+            need_dw = need_dw and tw.wanted()
+        if tb is not None:
+            need_db = need_db and tb.wanted()
+    return need_dx, need_dw, need_db
+
+
+def _hand_on(ctx: Any, dw: Tensor | None, db: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """The (dw, db) the backward returns: gradients of targets go to their parameters here
+    (dw `[K, N]` is w.t()'s, so the leaf's is `dw.t()`) and None to autograd."""
+    targets = ctx.targets
+    if targets is None:
+        return dw, db
+    tw, tb = targets
+    if tw is not None:
+        if dw is not None:
+            tw.accumulate(dw.t())
+        dw = None
+    if tb is not None:
+        if db is not None:
+            tb.accumulate(db)
+        db = None
+    return dw, db
 
 
 class _Unrecorded:
     """The autograd context of a Function forward run directly with grad mode off: what the
     forward keeps for backward goes nowhere (no backward can run)."""
 
-    __slots__ = ("spec",)
+    __slots__ = ("spec", "targets")
 
     def save_for_backward(self, *tensors: Tensor | None) -> None:
         pass
@@ -117,8 +158,9 @@ class _ColumnParallelFn(torch.autograd.Function):
 
     @staticmethod
     @_autocast_off
-    def forward(ctx: Any, x: Tensor, w: Tensor, bias: Tensor | None, spec: LinearSpec, holder: list | None) -> Tensor:
-        ctx.spec = spec
+    def forward(ctx: Any, x: Tensor, w: Tensor, bias: Tensor | None, spec: LinearSpec, holder: list | None,
+                targets: _Targets) -> Tensor:
+        ctx.spec, ctx.targets = spec, targets
         if spec.sequence_parallel:
             y, x_full = overlap.all_gather_matmul(
                 x, w, dim=spec.sequence_dim, bias=bias, return_gathered=True, **spec.knobs()
@@ -137,7 +179,7 @@ class _ColumnParallelFn(torch.autograd.Function):
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
         x_kept, w = ctx.saved_tensors
         spec: LinearSpec = ctx.spec
-        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        need_dx, need_dw, need_db = _wanted(ctx)
         dx = dw = None
         if spec.sequence_parallel:
             if need_dx:
@@ -153,7 +195,8 @@ class _ColumnParallelFn(torch.autograd.Function):
         elif need_dw:
             dw = overlap.weight_grad(x_kept, dy, w, spec.kernel)
         db = _sum_rows(dy) if need_db else None
-        return dx, dw if need_dw else None, db, None, None
+        dw, db = _hand_on(ctx, dw if need_dw else None, db)
+        return dx, dw, db, None, None, None
 
 
 class _RowParallelFn(torch.autograd.Function):
@@ -171,8 +214,8 @@ class _RowParallelFn(torch.autograd.Function):
 
     @staticmethod
     @_autocast_off
-    def forward(ctx: Any, x: Tensor, w: Tensor, bias: Tensor | None, spec: LinearSpec) -> Tensor:
-        ctx.spec = spec
+    def forward(ctx: Any, x: Tensor, w: Tensor, bias: Tensor | None, spec: LinearSpec, targets: _Targets) -> Tensor:
+        ctx.spec, ctx.targets = spec, targets
         ctx.save_for_backward(x, w)
         # the output must not be a view (of a schedule buffer, of a 2-D product): autograd forbids
         # in-place ops on a view made inside a Function, and models add into it (Llama 4:
@@ -192,7 +235,7 @@ class _RowParallelFn(torch.autograd.Function):
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
         x, w = ctx.saved_tensors
         spec: LinearSpec = ctx.spec
-        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        need_dx, need_dw, need_db = _wanted(ctx)
         dx = dw = db = None
         if spec.sequence_parallel:
             if need_dx or need_dw:
@@ -208,4 +251,5 @@ class _RowParallelFn(torch.autograd.Function):
                 dw = overlap.weight_grad(x, dy, w, spec.kernel)
             if need_db:
                 db = _sum_rows(dy)
-        return (dx if need_dx else None), (dw if need_dw else None), db, None
+        dw, db = _hand_on(ctx, dw if need_dw else None, db)
+        return (dx if need_dx else None), dw, db, None, None

@@ -29,7 +29,7 @@ from torch.distributed.tensor import DTensor
 
 from . import traced
 
-__all__ = ["local_tensor", "local_param", "install_local_views", "param_of"]
+__all__ = ["local_tensor", "local_param", "param_operand", "GradTarget", "install_local_views", "param_of"]
 
 
 def _kernel_layout(lt: Tensor, packed: int | None) -> Tensor:
@@ -96,27 +96,94 @@ class _GradToParam:
         p = self.param()
         if p is None or local is None:
             return
-        if p.__dict__.get("_fusedpar_packed") is not None:
-            local = local.view(p._local_tensor.shape)
-        grad = _dtensor(local, p._spec)
-        hooks = p._backward_hooks
-        if hooks:
-            for hook in tuple(hooks.values()):
-                out = hook(grad)
-                if out is not None:
-                    grad = out
-        held = p.grad
-        if held is None:
-            p.grad = grad
-        elif type(held) is DTensor and held._spec is p._spec and type(grad) is DTensor and grad._spec is p._spec:
-            held._local_tensor.add_(grad._local_tensor)  # AccumulateGrad adds in place too
-        else:
-            with torch.no_grad():
-                held += grad
-        post = p._post_accumulate_grad_hooks
-        if post:
-            for hook in tuple(post.values()):
-                hook(p)
+        _accumulate(p, local)
+
+
+def _accumulate(p: Tensor, local: Tensor) -> None:
+    """What autograd's AccumulateGrad does for a parameter, for the DTensor parameter `p`
+    given its local gradient `local` (kernels' layout): `p`'s tensor hooks see the DTensor
+    gradient first, it is stored (or added in place to the one there), then `p`'s
+    post-accumulate hooks run. No comm."""
+    if p.__dict__.get("_fusedpar_packed") is not None:
+        local = local.view(p._local_tensor.shape)
+    grad = _dtensor(local, p._spec)
+    hooks = p._backward_hooks
+    if hooks:
+        for hook in tuple(hooks.values()):
+            out = hook(grad)
+            if out is not None:
+                grad = out
+    held = p.grad
+    if held is None:
+        p.grad = grad
+    elif type(held) is DTensor and held._spec is p._spec and type(grad) is DTensor and grad._spec is p._spec:
+        held._local_tensor.add_(grad._local_tensor)  # AccumulateGrad adds in place too
+    else:
+        with torch.no_grad():
+            held += grad
+    post = p._post_accumulate_grad_hooks
+    if post:
+        for hook in tuple(post.values()):
+            hook(p)
+
+
+class GradTarget:
+    """Where an autograd Function of fusedpar's puts a parameter's gradient itself
+    (`param_operand`): the DTensor parameter, and the autograd node that would otherwise
+    accumulate it (the operand's AccumulateGrad), which says whether this backward wants it."""
+
+    __slots__ = ("param", "node")
+
+    def __init__(self, param: Tensor, node: Any) -> None:
+        self.param, self.node = weakref.ref(param), node  # weakly: kept in `_BARE` while the parameter lives
+
+    def wanted(self) -> bool:
+        """Whether the running backward accumulates into the parameter (`.backward()` does;
+        `torch.autograd.grad(out, [x])` for other inputs does not). In backward only."""
+        return torch._C._will_engine_execute_node(self.node)
+
+    def accumulate(self, local: Tensor) -> None:
+        """Hand this local gradient (kernels' layout) to the parameter, as AccumulateGrad would."""
+        p = self.param()
+        if p is not None:
+            _accumulate(p, local)
+
+
+def param_operand(p: Tensor | None) -> tuple[Tensor | None, GradTarget | None]:
+    """What one of fusedpar's autograd Functions computes with for the parameter `p`, and,
+    where the Function itself hands the gradient to `p.grad` (returning None for the operand),
+    its `GradTarget`: for a leaf DTensor parameter with no tensor hooks, in grad mode, not
+    compiling, the operand is a plain autograd leaf aliasing the local storage with no hook
+    (`_bare_leaf`), and its gradient moves to `p.grad` in the Function's backward, which runs
+    in Python anyway: no hook call per parameter per backward. Otherwise `local_param(p)` and
+    None (the gradient leaf and its hook, which also serve `register_hook` hooks in their
+    order). For callers that run the Function on the operand itself, with autocast off (a
+    cast in between would take the gradient). The Function must hand every gradient of a
+    target on (`GradTarget.accumulate`)."""
+    if p is None or not isinstance(p, DTensor):
+        return p, None
+    if (not (p.requires_grad and torch.is_grad_enabled()) or p.grad_fn is not None or p._backward_hooks
+            or p._post_accumulate_grad_hooks or torch.compiler.is_compiling()):
+        return local_param(p), None
+    return _bare_leaf(p)
+
+
+def _bare_leaf(p: Tensor) -> tuple[Tensor, GradTarget]:
+    """`_grad_leaf` without its hook, with the target its gradient goes to; kept (`_BARE`)
+    while `p`'s local tensor is the same one."""
+    lt = p._local_tensor
+    kept = _BARE.get(id(p))
+    if kept is not None and kept[1] is lt and kept[0]() is p:
+        return kept[2], kept[3]
+    leaf = _kernel_layout(lt, p.__dict__.get("_fusedpar_packed")).detach().requires_grad_(True)
+    leaf._fusedpar_param = weakref.ref(p)  # graph walkers see the parameter behind it (`param_of`)
+    # the node is held here: a leaf keeps only a weak reference to its AccumulateGrad, and the
+    # one `wanted` asks about must be the one in this forward's graph
+    target = GradTarget(p, torch.autograd.graph.get_gradient_edge(leaf).node)
+    if kept is None or kept[0]() is not p:
+        weakref.finalize(p, _BARE.pop, id(p), None)
+    _BARE[id(p)] = (weakref.ref(p), lt, leaf, target)
+    return leaf, target
 
 
 def _grad_leaf(p: Tensor) -> Tensor:
@@ -144,6 +211,8 @@ def _grad_leaf(p: Tensor) -> Tensor:
 # id(parameter) -> (the parameter, weakly; its local tensor; its gradient leaf): kept here, not
 # on the parameter, so that pickling or deep-copying a parameter never meets the leaf's hook
 _LEAVES: dict[int, tuple[weakref.ref, Tensor, Tensor]] = {}
+# the same for `_bare_leaf`: (the parameter, weakly; its local tensor; the leaf; its GradTarget)
+_BARE: dict[int, tuple[weakref.ref, Tensor, Tensor, GradTarget]] = {}
 
 
 def param_of(t: Tensor) -> Tensor:

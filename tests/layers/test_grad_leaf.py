@@ -162,3 +162,26 @@ def _run_frozen_and_no_grad(group):
 
 def test_frozen_parameter_gets_no_gradient(dist2):
     assert sorted(dist2.run(_run_frozen_and_no_grad)) == [0, 1]
+
+
+def _run_input_grads_only_and_reuse(group):
+    ref, par = _models(group)
+    x, x_ref = _x(0).requires_grad_(True), _x(0).requires_grad_(True)
+    # gradients of the input only (a pipeline stage's input backward, a gradient penalty): the
+    # parameters' gradients stay untouched, as autograd leaves them
+    dx, = torch.autograd.grad(par(x).square().sum(), [x])
+    dx_ref, = torch.autograd.grad(ref(x_ref).square().sum(), [x_ref])
+    check("dx", dx, dx_ref, DT, "autograd.grad(out, [x])")
+    par(x).square().sum().backward(inputs=[x])
+    ref(x_ref).square().sum().backward(inputs=[x_ref])
+    check("x.grad", x.grad, x_ref.grad, DT, "backward(inputs=[x])")
+    assert all(p.grad is None for p in par.parameters()), [n for n, p in par.named_parameters() if p.grad is not None]
+    # a layer used twice in one forward (a shared block): its gradients add up
+    for model in (par, ref):
+        (model(_x(1)) * model(_x(2))).sum().backward()
+    _grads(par, ref, "each layer used twice in one forward")
+    return True
+
+
+def test_input_gradients_leave_parameters_alone_and_reuse_adds(dist2):
+    assert dist2.run(_run_input_grads_only_and_reuse) == [True, True]
