@@ -266,8 +266,8 @@ class ColumnParallelLinear(_ParallelLinearBase):
 
 
 class ReplicatedColumnLinear(_ParallelLinearBase):
-    """A column-parallel linear with fewer output blocks (`parts`) than ranks; `knobs`
-    (`LinearKnobs`) as `ColumnParallelLinear`'s.
+    """A column-parallel linear with fewer output blocks (`parts`) than ranks; its other
+    keyword arguments (`LinearKnobs`) as `ColumnParallelLinear`'s.
 
     Every rank stores the full weight (replicated); rank r multiplies by block
     `r // (world // parts)`, so each block is used by `world // parts` consecutive ranks, the
