@@ -86,6 +86,15 @@ def _tile_coords(tile_id, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GR
 
 
 @triton.jit
+def _tma_tile_offsets(tile_id, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """The TMA kernels' tile `tile_id` (walked as in :func:`_tile_coords`) as the element
+    offsets ``(off_b, off_m, off_n)`` of its first row and column, in int32: tensor
+    descriptors take int32 coordinates."""
+    pid_batch, pid_m, pid_n = _tile_coords(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    return pid_batch.to(tl.int32), (pid_m * BLOCK_M).to(tl.int32), (pid_n * BLOCK_N).to(tl.int32)
+
+
+@triton.jit
 def _pointer_offsets(pid_m, pid_n, M, N, stride_am, stride_ak, OFFSET_DTYPE: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The pointer kernels' offsets of their first K-block: A's ``[BLOCK_M, BLOCK_K]`` tile

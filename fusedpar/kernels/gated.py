@@ -14,7 +14,7 @@ from fusedpar.kernels import interpreter
 from fusedpar.kernels.common import (
     _activate, _apply_scales, _as_batched, _check_activation, _check_config, _check_num_sms, _check_operands,
     _check_out, _dot_acc, _halves, _input_precision, _pointer_offsets, _select_backend, _tile_coords, _tma_load_a,
-    _tma_load_b, _tma_store_tile)
+    _tma_load_b, _tma_store_tile, _tma_tile_offsets)
 from fusedpar.kernels.configs import GemmConfig, m_class
 from fusedpar.kernels.fp8 import check_scales, is_fp8, refuse_scales, resolve_out_dtype, scale_cols, scale_rows, \
     torch_scaled_product
@@ -122,10 +122,7 @@ def _gated_matmul_tma_kernel(
     num_tiles = BATCH * tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
     for tile_id in tl.range(tl.program_id(axis=0), num_tiles, tl.num_programs(axis=0), flatten=True):
-        pid_batch, pid_m, pid_n = _tile_coords(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        off_b = pid_batch.to(tl.int32)
-        off_m = (pid_m * BLOCK_M).to(tl.int32)
-        off_n = (pid_n * BLOCK_N).to(tl.int32)
+        off_b, off_m, off_n = _tma_tile_offsets(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
         # -- one A tile feeds two fp32 accumulators: the products never go through memory --
         acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)

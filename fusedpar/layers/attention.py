@@ -18,9 +18,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from typing_extensions import Unpack  # typing.Unpack needs Python 3.11; torch requires typing_extensions
 
 from ..comm import check_group
 from .linear import ColumnParallelLinear, ReplicatedColumnLinear, RowParallelLinear, column_parallel_group
+from .linear_spec import LinearKnobs, _check_knobs, _row_knobs
 
 __all__ = ["ParallelAttention", "kv_layout"]
 
@@ -50,8 +52,10 @@ class ParallelAttention(nn.Module):
     With `sequence_parallel=True` the input and output are `[batch, seq/world, hidden]`
     shards (split on dim 1); q/k/v gather the full sequence in their fused GEMM, so the
     attention itself always sees the whole sequence. `attn_mask` / `is_causal` go to
-    `F.scaled_dot_product_attention`. Knobs (`chunks`, `kernel`, `comm`,
-    `save_gathered_input`) go to every linear.
+    `F.scaled_dot_product_attention`. The other keyword arguments (`LinearKnobs`:
+    `chunks`, `kernel`, `comm`, `save_gathered_input`, `dtype`, `device`, ...) go to every
+    linear, with the linears' defaults; all but `sequence_dim`, fixed at the sequence dim
+    of `[batch, seq, hidden]`.
     """
 
     def __init__(
@@ -65,15 +69,10 @@ class ParallelAttention(nn.Module):
         bias: bool = False,
         out_bias: bool = False,
         is_causal: bool = True,
-        sequence_parallel: bool = False,
-        chunks: int | None = None,
-        kernel: str = "auto",
-        comm: str = "torch",
-        save_gathered_input: bool = True,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
+        **knobs: Unpack[LinearKnobs],
     ) -> None:
         super().__init__()
+        _check_knobs(knobs, "ParallelAttention", not_here=("sequence_dim",))
         group = check_group(group, arg="ParallelAttention: group")
         world = dist.get_world_size(group)
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -82,9 +81,7 @@ class ParallelAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim, self.is_causal = num_heads, num_kv_heads, head_dim, is_causal
         self.local_heads = num_heads // world
         self.local_kv_heads = num_kv_heads // world if kv_parts == 0 else 1
-        knobs: dict[str, Any] = dict(group=group, sequence_parallel=sequence_parallel, sequence_dim=-2, chunks=chunks,
-                                     kernel=kernel, comm=comm, dtype=dtype, device=device)
-        col = dict(knobs, save_gathered_input=save_gathered_input, bias=bias)
+        col: dict[str, Any] = dict(knobs, group=group, bias=bias)
         self.q_proj = ColumnParallelLinear(hidden_size, num_heads * head_dim, _name="ParallelAttention.q_proj", **col)
         for name in ("k_proj", "v_proj"):
             if kv_parts:
@@ -94,8 +91,8 @@ class ParallelAttention(nn.Module):
                 layer = ColumnParallelLinear(hidden_size, num_kv_heads * head_dim, _name=f"ParallelAttention.{name}",
                                              **col)
             setattr(self, name, layer)
-        self.o_proj = RowParallelLinear(num_heads * head_dim, hidden_size, bias=out_bias,
-                                        _name="ParallelAttention.o_proj", **knobs)
+        self.o_proj = RowParallelLinear(num_heads * head_dim, hidden_size, _name="ParallelAttention.o_proj",
+                                        **dict(_row_knobs(col), bias=out_bias))
 
     @classmethod
     def from_linears(

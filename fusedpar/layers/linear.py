@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from typing_extensions import Unpack  # typing.Unpack needs Python 3.11; torch requires typing_extensions
 
 from . import traced
 from ..kernels import resolve_kernel
@@ -53,7 +54,16 @@ from .linear_autograd import (  # noqa: F401
     _RowParallelFn,
     _sum_rows,
 )
-from .linear_spec import _COMMS, _KERNELS, LinearSpec, SequenceRegion, _make_spec, effective_spec  # noqa: F401
+from .linear_spec import (  # noqa: F401
+    _COMMS,
+    _KERNELS,
+    LinearKnobs,
+    LinearSpec,
+    SequenceRegion,
+    _check_knobs,
+    _make_spec,
+    effective_spec,
+)
 from .norm import all_reduce_grads
 from .regions import (  # noqa: F401
     _all_gather_dim,
@@ -262,7 +272,8 @@ class ColumnParallelLinear(_ParallelLinearBase):
 
 
 class ReplicatedColumnLinear(_ParallelLinearBase):
-    """A column-parallel linear with fewer output blocks (`parts`) than ranks.
+    """A column-parallel linear with fewer output blocks (`parts`) than ranks; its other
+    keyword arguments (`LinearKnobs`) as `ColumnParallelLinear`'s.
 
     Every rank stores the full weight (replicated); rank r multiplies by block
     `r // (world // parts)`, so each block is used by `world // parts` consecutive ranks, the
@@ -281,19 +292,13 @@ class ReplicatedColumnLinear(_ParallelLinearBase):
         group: dist.ProcessGroup,
         parts: int,
         bias: bool = True,
-        sequence_parallel: bool = False,
-        sequence_dim: int = -2,
-        chunks: int | None = None,
-        kernel: str = "auto",
-        comm: str = "torch",
-        save_gathered_input: bool = True,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
         _name: str = "ReplicatedColumnLinear",
+        **knobs: Unpack[LinearKnobs],
     ) -> None:
         super().__init__()
-        self.spec = _make_spec(group, sequence_parallel=sequence_parallel, sequence_dim=sequence_dim, chunks=chunks,
-                               kernel=kernel, comm=comm, save_gathered_input=save_gathered_input, where=_name)
+        _check_knobs(knobs, _name)
+        factory = {"dtype": knobs.pop("dtype", None), "device": knobs.pop("device", None)}
+        self.spec = _make_spec(group, where=_name, **knobs)
         rank, world = _rank_world(self.spec)
         if parts < 1 or world % parts or out_features % parts:
             raise ValueError(
@@ -302,7 +307,7 @@ class ReplicatedColumnLinear(_ParallelLinearBase):
             )
         self.parts, self.block = parts, rank // (world // parts)
         self.gather_output = False
-        self._init_params(in_features, out_features, bias=bias, dtype=dtype, device=device, where=_name)
+        self._init_params(in_features, out_features, bias=bias, where=_name, **factory)
         all_reduce_grads(self, group=self.spec.group, comm=self.spec.comm)
 
     @classmethod

@@ -6,20 +6,22 @@ sequence dim (`sequence_parallel`: `x_shard` in, `y_shard` out of a row layer) o
 replicated (`x_full`), the chunking / kernel / comm knobs passed through to overlap/, an
 fp8 recipe, and `partial_output` (a row layer's output left a per-rank partial sum
 `y_partial`). `SequenceRegion` and `effective_spec` let a region whose sequence does not
-divide by the world size run its layers unsplit (replicated activations).
+divide by the world size run its layers unsplit (replicated activations). `LinearKnobs`
+names the keyword arguments a layer made of linears hands on to each of them.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
+import torch
 import torch.distributed as dist
 from torch import nn
 
 from ..comm import Communicator, check_group, get_communicator
 
-__all__ = ["LinearSpec", "SequenceRegion", "effective_spec"]
+__all__ = ["LinearKnobs", "LinearSpec", "SequenceRegion", "effective_spec"]
 
 _COMMS = ("torch", "cupy")
 _KERNELS = ("auto", "triton", "torch")
@@ -89,10 +91,46 @@ def effective_spec(layer: nn.Module) -> LinearSpec:
     return spec
 
 
+class LinearKnobs(TypedDict, total=False):
+    """The keyword arguments a layer made of parallel linears (`ReplicatedColumnLinear`,
+    `ParallelMLP`, `ParallelAttention`) hands on to each of its linears: how they run, and
+    the dtype and device they are made with. Each one not given defaults as in
+    `ColumnParallelLinear`: `sequence_parallel` False (`x_full`), `sequence_dim` -2,
+    `chunks` None (chosen per shape), `kernel` "auto", `comm` "torch",
+    `save_gathered_input` True (column layers only), `dtype` and `device` torch's defaults."""
+
+    sequence_parallel: bool
+    sequence_dim: int
+    chunks: int | None
+    kernel: str
+    comm: str
+    save_gathered_input: bool
+    dtype: torch.dtype | None
+    device: torch.device | str | None
+
+
+_KNOB_NAMES = frozenset(LinearKnobs.__annotations__)
+
+
+def _check_knobs(knobs: dict[str, Any], where: str, *, not_here: tuple[str, ...] = ()) -> None:
+    """Refuse a keyword that is no knob, or one this layer fixes itself (`not_here`), as
+    Python refuses an unexpected keyword argument (checked once, at construction)."""
+    for name in knobs:
+        if name not in _KNOB_NAMES or name in not_here:
+            raise TypeError(f"{where}: got an unexpected keyword argument {name!r}")
+
+
+def _row_knobs(knobs: dict[str, Any]) -> dict[str, Any]:
+    """`knobs` for a row-parallel linear: without `save_gathered_input`, which only a column
+    layer (the one that gathers its input) takes."""
+    return {name: value for name, value in knobs.items() if name != "save_gathered_input"}
+
+
 def _make_spec(
-    group: Any, *, sequence_parallel: bool, sequence_dim: int, chunks: int | None, kernel: str, comm: str,
-    save_gathered_input: bool, where: str,
+    group: Any, *, where: str, sequence_parallel: bool = False, sequence_dim: int = -2, chunks: int | None = None,
+    kernel: str = "auto", comm: str = "torch", save_gathered_input: bool = True,
 ) -> LinearSpec:
+    """The validated spec of a linear built with these knobs (`where` names it in errors)."""
     group = check_group(group, arg=f"{where}: group")
     if chunks is not None and (not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1):
         raise ValueError(f"{where}: chunks: expected None or an int >= 1, got {chunks!r}")

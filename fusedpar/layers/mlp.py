@@ -20,9 +20,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from typing_extensions import Unpack  # typing.Unpack needs Python 3.11; torch requires typing_extensions
 
 from ..kernels import gated_matmul
 from .linear import ColumnParallelLinear, RowParallelLinear, column_parallel_group
+from .linear_spec import LinearKnobs, _check_knobs, _row_knobs
 from .sharding import local_tensor
 
 __all__ = ["ParallelMLP"]
@@ -39,8 +41,9 @@ class ParallelMLP(nn.Module):
     """`hidden → intermediate → hidden` MLP with the intermediate features split across `group`.
 
     Input `x_full [.., hidden]`, or `x_shard` split on `sequence_dim` with
-    `sequence_parallel=True` (the output is then split the same way). Knobs (`chunks`,
-    `kernel`, `comm`, `save_gathered_input`) go to every linear.
+    `sequence_parallel=True` (the output is then split the same way). The other keyword
+    arguments (`LinearKnobs`: `chunks`, `kernel`, `comm`, `save_gathered_input`, `dtype`,
+    `device`, ...) go to every linear, with the linears' defaults.
     """
 
     def __init__(
@@ -52,27 +55,19 @@ class ParallelMLP(nn.Module):
         gated: bool = True,
         activation: str = "silu",
         bias: bool = False,
-        sequence_parallel: bool = False,
-        sequence_dim: int = -2,
-        chunks: int | None = None,
-        kernel: str = "auto",
-        comm: str = "torch",
-        save_gathered_input: bool = True,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
+        **knobs: Unpack[LinearKnobs],
     ) -> None:
         super().__init__()
         if activation not in _ACTS:
             raise ValueError(f"ParallelMLP: activation: expected one of {sorted(_ACTS)}, got {activation!r}")
+        _check_knobs(knobs, "ParallelMLP")
         self.gated, self.activation = gated, activation
-        knobs: dict[str, Any] = dict(group=group, sequence_parallel=sequence_parallel, sequence_dim=sequence_dim,
-                                     chunks=chunks, kernel=kernel, comm=comm, dtype=dtype, device=device)
-        col = dict(knobs, save_gathered_input=save_gathered_input, bias=bias)
+        col: dict[str, Any] = dict(knobs, group=group, bias=bias)
         if gated:
             self.gate_proj = ColumnParallelLinear(hidden_size, intermediate_size, _name="ParallelMLP.gate_proj", **col)
         self.up_proj = ColumnParallelLinear(hidden_size, intermediate_size, _name="ParallelMLP.up_proj", **col)
-        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias, _name="ParallelMLP.down_proj",
-                                           **knobs)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, _name="ParallelMLP.down_proj",
+                                           **_row_knobs(col))
 
     @classmethod
     def from_linears(
@@ -91,8 +86,7 @@ class ParallelMLP(nn.Module):
         if gate is not None:
             mlp.gate_proj = ColumnParallelLinear.from_linear(gate, group=group, name="gate", **kwargs)
         mlp.up_proj = ColumnParallelLinear.from_linear(up, group=group, name="up", **kwargs)
-        kwargs.pop("save_gathered_input", None)
-        mlp.down_proj = RowParallelLinear.from_linear(down, group=group, name="down", **kwargs)
+        mlp.down_proj = RowParallelLinear.from_linear(down, group=group, name="down", **_row_knobs(kwargs))
         return mlp
 
     def _fused_gated_ok(self) -> bool:

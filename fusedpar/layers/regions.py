@@ -11,6 +11,7 @@ sum. Under `torch.compile` each takes its traceable twin in traced.py.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -43,43 +44,60 @@ def _check_divisible(x: Tensor, dim: int, world: int, *, what: str) -> None:
         )
 
 
+def _piece(x: Tensor, comm: Communicator, dim: int) -> Tensor:
+    """This rank's `x.chunk(world, dim)` piece (no comm)."""
+    return x.chunk(comm.world_size, dim)[comm.rank].contiguous()
 
-class _SplitFn(torch.autograd.Function):
-    """`x_full → x_shard = x_full.chunk(world, dim)[rank]`.
+
+def _reduce_scatter_dim(x: Tensor, comm: Communicator, dim: int) -> Tensor:
+    """This rank's `dim`-piece of the sum over ranks of `x` (reduce-scattered on dim 0, `dim` moved first)."""
+    rows = x.movedim(dim, 0).contiguous()
+    out = rows.new_empty(rows.shape[0] // comm.world_size, *rows.shape[1:])
+    comm.reduce_scatter(out, rows).wait()
+    return out.movedim(0, dim).contiguous()
+
+
+def _region_op(name: str, doc: str, forward_op: Callable[[Tensor, Communicator, int], Tensor],
+               backward_op: Callable[[Tensor, Communicator, int], Tensor]) -> type[torch.autograd.Function]:
+    """An autograd Function `(x, spec, dim) -> forward_op(x, comm, dim)` whose backward is
+    `backward_op(dy, comm, dim)`, `comm` the spec's communicator: the layout changes below
+    are these pairs (traced.py makes their traceable twins the same way)."""
+
+    def forward(ctx: Any, x: Tensor, spec: LinearSpec, dim: int) -> Tensor:
+        ctx.spec, ctx.dim = spec, dim
+        return forward_op(x, spec.communicator(), dim)
+
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor, None, None]:
+        return backward_op(dy, ctx.spec.communicator(), ctx.dim), None, None
+
+    # made by type() with its own name, so that its grad_fn class is `<name>Backward`
+    return type(name, (torch.autograd.Function,), {
+        "__doc__": doc, "__module__": __name__, "__qualname__": name,
+        "forward": staticmethod(forward), "backward": staticmethod(backward),
+    })
+
+
+_SplitFn = _region_op("_SplitFn", """`x_full → x_shard = x_full.chunk(world, dim)[rank]`.
 
     forward   x_full [.., M, ..] → x_shard [.., M/world, ..]   no comm (local slice)
     dgrad     dx_full = all_gather(dx_shard, dim)               all-gather
     wgrad     —
-    """
+    """, _piece, _all_gather_dim)
 
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, spec: LinearSpec, dim: int) -> Tensor:
-        comm = spec.communicator()
-        ctx.spec, ctx.dim = spec, dim
-        return x.chunk(comm.world_size, dim)[comm.rank].contiguous()
-
-    @staticmethod
-    def backward(ctx: Any, dx_shard: Tensor) -> tuple[Tensor, None, None]:
-        return _all_gather_dim(dx_shard, ctx.spec.communicator(), ctx.dim), None, None
-
-
-class _GatherFn(torch.autograd.Function):
-    """`x_shard → x_full = all_gather(x_shard, dim)`, whose consumers are replicated.
+_GatherFn = _region_op("_GatherFn", """`x_shard → x_full = all_gather(x_shard, dim)`, whose consumers are replicated.
 
     forward   x_shard [.., m, ..] → x_full [.., world*m, ..]   all-gather
     dgrad     dx_shard = dx_full.chunk(world, dim)[rank]        no comm (dx_full is the same on every rank)
     wgrad     —
-    """
+    """, _all_gather_dim, _piece)
 
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, spec: LinearSpec, dim: int) -> Tensor:
-        ctx.spec, ctx.dim = spec, dim
-        return _all_gather_dim(x, spec.communicator(), dim)
+_ReduceScatterFn = _region_op("_ReduceScatterFn", """`x_partial → x_shard = reduce_scatter(x_partial, dim)`: the sum
+    over ranks, this rank's piece.
 
-    @staticmethod
-    def backward(ctx: Any, dx_full: Tensor) -> tuple[Tensor, None, None]:
-        comm = ctx.spec.communicator()
-        return dx_full.chunk(comm.world_size, ctx.dim)[comm.rank].contiguous(), None, None
+    forward   x_partial [.., M, ..] → x_shard [.., M/world, ..]   reduce-scatter
+    dgrad     dx_partial = all_gather(dx_shard, dim)              all-gather
+    wgrad     —
+    """, _reduce_scatter_dim, _all_gather_dim)
 
 
 def _to_shard(x: Tensor, group: Any, dim: int, comm: str, fn: type[torch.autograd.Function],
@@ -98,28 +116,6 @@ def _to_shard(x: Tensor, group: Any, dim: int, comm: str, fn: type[torch.autogra
 def split_to_shard(x: Tensor, *, group: Any, dim: int = -2, comm: str = "torch") -> Tensor:
     """This rank's `x.chunk(world, dim)` piece (backward all-gathers). `dim` must divide evenly."""
     return _to_shard(x, group, dim, comm, _SplitFn, traced.split, "split_to_shard")
-
-
-class _ReduceScatterFn(torch.autograd.Function):
-    """`x_partial → x_shard = reduce_scatter(x_partial, dim)`: the sum over ranks, this rank's piece.
-
-    forward   x_partial [.., M, ..] → x_shard [.., M/world, ..]   reduce-scatter
-    dgrad     dx_partial = all_gather(dx_shard, dim)              all-gather
-    wgrad     —
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, spec: LinearSpec, dim: int) -> Tensor:
-        comm = spec.communicator()
-        ctx.spec, ctx.dim = spec, dim
-        rows = x.movedim(dim, 0).contiguous()
-        out = rows.new_empty(rows.shape[0] // comm.world_size, *rows.shape[1:])
-        comm.reduce_scatter(out, rows).wait()
-        return out.movedim(0, dim).contiguous()
-
-    @staticmethod
-    def backward(ctx: Any, dx_shard: Tensor) -> tuple[Tensor, None, None]:
-        return _all_gather_dim(dx_shard.contiguous(), ctx.spec.communicator(), ctx.dim), None, None
 
 
 def reduce_scatter_to_shard(x: Tensor, *, group: Any, dim: int = -2, comm: str = "torch") -> Tensor:

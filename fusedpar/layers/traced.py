@@ -27,6 +27,7 @@ Weights here are in `nn.Linear`'s `[N, K]` layout.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -78,72 +79,49 @@ def _piece(x: Tensor, dim: int, group: dist.ProcessGroup) -> Tensor:
     return x.chunk(dist.get_world_size(group), dim)[dist.get_rank(group)].contiguous()
 
 
-class _Split(torch.autograd.Function):
-    """`x_full → x_shard = x_full.chunk(world, dim)[rank]`.
+def _region_op(name: str, doc: str, forward_op: Callable[[Tensor, int, dist.ProcessGroup], Tensor],
+               backward_op: Callable[[Tensor, int, dist.ProcessGroup], Tensor]) -> type[torch.autograd.Function]:
+    """An autograd Function `(x, dim, group) -> forward_op(x, dim, group)` whose backward is
+    `backward_op(dy, dim, group)`: the four layout changes on `dim` below are these pairs."""
+
+    def forward(ctx: Any, x: Tensor, dim: int, group: dist.ProcessGroup) -> Tensor:
+        ctx.dim, ctx.group = dim, group
+        return forward_op(x, dim, group)
+
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor, None, None]:
+        return backward_op(dy, ctx.dim, ctx.group), None, None
+
+    # made by type() with its own name, so that its grad_fn class is `<name>Backward`
+    return type(name, (torch.autograd.Function,), {
+        "__doc__": doc, "__module__": __name__, "__qualname__": name,
+        "forward": staticmethod(forward), "backward": staticmethod(backward),
+    })
+
+
+_Split = _region_op("_Split", """`x_full → x_shard = x_full.chunk(world, dim)[rank]`.
 
     forward   x_full [.., M, ..] → x_shard [.., M/world, ..]   no comm
     dgrad     dx_full = all_gather(dx_shard, dim)               all-gather
-    """
+    """, _piece, all_gather)
 
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, dim: int, group: dist.ProcessGroup) -> Tensor:
-        ctx.dim, ctx.group = dim, group
-        return _piece(x, dim, group)
-
-    @staticmethod
-    def backward(ctx: Any, dx_shard: Tensor) -> tuple[Tensor, None, None]:
-        return all_gather(dx_shard, ctx.dim, ctx.group), None, None
-
-
-class _Gather(torch.autograd.Function):
-    """`x_shard → x_full = all_gather(x_shard, dim)`, whose consumers are replicated.
+_Gather = _region_op("_Gather", """`x_shard → x_full = all_gather(x_shard, dim)`, whose consumers are replicated.
 
     forward   x_shard [.., m, ..] → x_full [.., world*m, ..]   all-gather
     dgrad     dx_shard = dx_full.chunk(world, dim)[rank]        no comm (dx_full is the same on every rank)
-    """
+    """, all_gather, _piece)
 
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, dim: int, group: dist.ProcessGroup) -> Tensor:
-        ctx.dim, ctx.group = dim, group
-        return all_gather(x, dim, group)
-
-    @staticmethod
-    def backward(ctx: Any, dx_full: Tensor) -> tuple[Tensor, None, None]:
-        return _piece(dx_full, ctx.dim, ctx.group), None, None
-
-
-class _GatherReduceScatterGrad(torch.autograd.Function):
-    """`x_shard → x_full = all_gather(x_shard, dim)`, whose consumer is split (a column-parallel GEMM).
+_GatherReduceScatterGrad = _region_op("_GatherReduceScatterGrad", """`x_shard → x_full = all_gather(x_shard, dim)`,
+    whose consumer is split (a column-parallel GEMM).
 
     forward   x_shard [.., m, ..] → x_full [.., world*m, ..]   all-gather
     dgrad     dx_shard = reduce_scatter(dx_partial, dim)        reduce-scatter
-    """
+    """, all_gather, reduce_scatter)
 
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, dim: int, group: dist.ProcessGroup) -> Tensor:
-        ctx.dim, ctx.group = dim, group
-        return all_gather(x, dim, group)
-
-    @staticmethod
-    def backward(ctx: Any, dx_partial: Tensor) -> tuple[Tensor, None, None]:
-        return reduce_scatter(dx_partial, ctx.dim, ctx.group), None, None
-
-
-class _ReduceScatter(torch.autograd.Function):
-    """`x_partial → x_shard = reduce_scatter(x_partial, dim)`.
+_ReduceScatter = _region_op("_ReduceScatter", """`x_partial → x_shard = reduce_scatter(x_partial, dim)`.
 
     forward   x_partial [.., M, ..] → x_shard [.., M/world, ..]   reduce-scatter
     dgrad     dx_partial = all_gather(dx_shard, dim)              all-gather
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, dim: int, group: dist.ProcessGroup) -> Tensor:
-        ctx.dim, ctx.group = dim, group
-        return reduce_scatter(x, dim, group)
-
-    @staticmethod
-    def backward(ctx: Any, dx_shard: Tensor) -> tuple[Tensor, None, None]:
-        return all_gather(dx_shard, ctx.dim, ctx.group), None, None
+    """, reduce_scatter, all_gather)
 
 
 class _ReduceFromRegion(torch.autograd.Function):

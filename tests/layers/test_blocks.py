@@ -159,3 +159,29 @@ def _run_norm_cases(group):
 
 def test_sequence_parallel_norms(dist2):
     assert dist2.run(_run_norm_cases) == [True, True]
+
+
+def _run_knob_cases(group):
+    """The keyword arguments a block hands on (LinearKnobs) reach every linear, with the
+    linears' own defaults where none is given; row layers keep their own save_gathered_input."""
+    from fusedpar.layers import ColumnParallelLinear
+
+    default = ColumnParallelLinear(8, 8, group=group).spec
+    knobs = dict(sequence_parallel=True, chunks=3, kernel="torch", save_gathered_input=False, dtype=torch.float64)
+    blocks = {
+        "mlp": (ParallelMLP(8, 8, group=group), ParallelMLP(8, 8, group=group, sequence_dim=-3, **knobs)),
+        "attention": (ParallelAttention(8, 2, group=group), ParallelAttention(8, 2, group=group, **knobs)),
+    }
+    for name, (plain, knobbed) in blocks.items():
+        for (path, lin), (_, lin_k) in zip(plain.named_children(), knobbed.named_children()):
+            assert lin.spec == default, f"{name}.{path}: {lin.spec}"
+            expect_sd = -3 if name == "mlp" else -2
+            got = (lin_k.spec.sequence_parallel, lin_k.spec.sequence_dim, lin_k.spec.chunks, lin_k.spec.kernel,
+                   lin_k.spec.save_gathered_input, lin_k.weight.dtype)
+            row = path in ("down_proj", "o_proj")
+            assert got == (True, expect_sd, 3, "torch", row, torch.float64), f"{name}.{path}: {got}"
+    return True
+
+
+def test_blocks_hand_their_knobs_to_every_linear(dist2):
+    assert dist2.run(_run_knob_cases) == [True, True]

@@ -10,7 +10,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fusedpar.layers import ColumnParallelLinear, ParallelAttention, ParallelMLP, RowParallelLinear
+from fusedpar.layers import (
+    ColumnParallelLinear,
+    ParallelAttention,
+    ParallelMLP,
+    ReplicatedColumnLinear,
+    RowParallelLinear,
+)
 from fusedpar.plan import parallelize, resolve_plan
 from tests.layers.test_models import build
 
@@ -143,6 +149,16 @@ def _run_error_cases(group):
             "num_kv_heads", "world size 4", "got 3")
     _expect(ValueError, lambda: ParallelMLP(16, 30, group=group), "out_features", "world size 4", "got 30")
     _expect(ValueError, lambda: ParallelMLP(16, 32, group=group, activation="tanh"), "activation", "got 'tanh'")
+    # the knobs the blocks hand on (LinearKnobs): checked by name, then by each linear
+    _expect(TypeError, lambda: ParallelMLP(16, 32, group=group, chunk=2), "ParallelMLP", "'chunk'")
+    _expect(TypeError, lambda: ParallelAttention(64, 4, group=group, sequence_dim=-3), "ParallelAttention",
+            "'sequence_dim'")
+    _expect(TypeError, lambda: ReplicatedColumnLinear(8, 8, group=group, parts=2, gather_output=True),
+            "ReplicatedColumnLinear", "'gather_output'")
+    _expect(ValueError, lambda: ParallelMLP(16, 32, group=group, kernel="cuda"), "ParallelMLP.gate_proj", "kernel",
+            "got 'cuda'")
+    _expect(ValueError, lambda: ParallelAttention(64, 4, group=group, chunks=0), "ParallelAttention.q_proj",
+            "chunks", "got 0")
     row_sp = RowParallelLinear(8, 8, group=group, sequence_parallel=True)
     _expect(ValueError, lambda: row_sp(torch.randn(6, 2)), "sequence_parallel", "world size 4", "got 6")
     return True
