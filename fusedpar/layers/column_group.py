@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
+from .local_views import GradTarget
 from .sharding import tracked_version
 
 __all__ = ["stash_precomputed", "pop_precomputed"]
@@ -53,17 +54,30 @@ class _FusedParts(torch.autograd.Function):
 
     forward   fused [sum N_i, ..] returned as an alias             no copy, nothing saved
     backward  d part_i = d fused[N_0+..+N_{i-1} : ..+N_i]            views, no copy
+
+    A part with a `GradTarget` (`param_operand`) has its slice handed to its parameter here,
+    as AccumulateGrad would (when the running backward accumulates into it), and None returned.
     """
 
     @staticmethod
     def forward(ctx: Any, fused: Tensor, bounds: tuple[tuple[int, int], ...],  # type: ignore[override]
-                *parts: Tensor) -> Tensor:
-        ctx.bounds = bounds
+                targets: tuple[GradTarget | None, ...] | None, *parts: Tensor) -> Tensor:
+        ctx.bounds, ctx.targets = bounds, targets
         return fused.view_as(fused)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        return (None, None, *(grad[a:b] for a, b in ctx.bounds))
+        if ctx.targets is None:
+            return (None, None, None, *(grad[a:b] for a, b in ctx.bounds))
+        out: list[Tensor | None] = []
+        for (a, b), target in zip(ctx.bounds, ctx.targets):
+            if target is None:
+                out.append(grad[a:b])
+            else:
+                if target.wanted():
+                    target.accumulate(grad[a:b])
+                out.append(None)
+        return (None, None, None, *out)
 
 
 def _source(p: Tensor | None) -> Tensor | None:
@@ -71,18 +85,23 @@ def _source(p: Tensor | None) -> Tensor | None:
     return p._local_tensor if isinstance(p, DTensor) else p
 
 
-def _linked(fused: Tensor, sizes: list[int], parts: list[Tensor | None]) -> Tensor:
+def _linked(fused: Tensor, sizes: list[int], parts: list[Tensor | None],
+            targets: Sequence[GradTarget | None] | None = None) -> Tensor:
     """`fused` linked by autograd to the parts (of `sizes` rows) that need a gradient, each
-    getting its slice; `fused` itself without grad mode or when none does."""
+    getting its slice (handed to its parameter where `targets` has one); `fused` itself
+    without grad mode or when none does."""
     if not torch.is_grad_enabled():
         return fused
-    bounds, grads, start = [], [], 0
-    for n, part in zip(sizes, parts):
+    bounds, grads, kept, start = [], [], [], 0
+    for i, (n, part) in enumerate(zip(sizes, parts)):
         if part is not None and part.requires_grad:
             bounds.append((start, start + n))
             grads.append(part)
+            kept.append(targets[i] if targets is not None else None)
         start += n
-    return _FusedParts.apply(fused, tuple(bounds), *grads) if grads else fused
+    if not grads:
+        return fused
+    return _FusedParts.apply(fused, tuple(bounds), tuple(kept) if any(t is not None for t in kept) else None, *grads)
 
 
 def _cat_biases(operands: Sequence[tuple[Tensor, Tensor | None]]) -> Tensor | None:
@@ -93,7 +112,8 @@ def _cat_biases(operands: Sequence[tuple[Tensor, Tensor | None]]) -> Tensor | No
     return torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in operands], 0)
 
 
-def _fused_operands(layers: Sequence[nn.Module], operands: list[tuple[Tensor, Tensor | None]]
+def _fused_operands(layers: Sequence[nn.Module], operands: list[tuple[Tensor, Tensor | None]],
+                    targets: list[tuple[GradTarget | None, GradTarget | None]] | None = None
                     ) -> tuple[Tensor, Tensor | None]:
     """The group's weights `[sum N_i, K]` and biases concatenated (zeros for a layer without
     one), made once per version of the layers' parameters and kept on the first layer: an
@@ -123,5 +143,7 @@ def _fused_operands(layers: Sequence[nn.Module], operands: list[tuple[Tensor, Te
             entry = cache[key] = (sources, versions, w, b)  # the sources are held: their ids cannot be reused
     sizes = [wi.shape[0] for wi, _ in operands]
     w, b = entry[2], entry[3]
-    b_linked = None if b is None else _linked(b, sizes, [bi for _, bi in operands])
-    return _linked(w, sizes, [wi for wi, _ in operands]), b_linked
+    t_w = [t for t, _ in targets] if targets is not None else None
+    t_b = [t for _, t in targets] if targets is not None else None
+    b_linked = None if b is None else _linked(b, sizes, [bi for _, bi in operands], t_b)
+    return _linked(w, sizes, [wi for wi, _ in operands], t_w), b_linked

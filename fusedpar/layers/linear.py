@@ -394,6 +394,25 @@ class RowParallelLinear(_ParallelLinearBase):
 # --------------------------------------------------------------------------------------------
 
 
+def _group_operands(layers: Sequence[nn.Module], x: Tensor
+                    ) -> tuple[list[tuple[Tensor, Tensor | None]], list[tuple[Any, Any]] | None]:
+    """Each layer's `(weight, bias)` operands and, with grad on and autocast off, the
+    `GradTarget`s of those the fused group's `_FusedParts` hands gradients to itself
+    (`param_operand`: plain column-parallel layers; a replicated layer's block keeps its hook)."""
+    if not torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):
+        return [layer.column_operands() for layer in layers], None
+    operands, targets = [], []
+    for layer in layers:
+        if type(layer).column_operands is ColumnParallelLinear.column_operands:
+            (w, tw), (b, tb) = param_operand(layer.weight), param_operand(layer.bias)
+            operands.append((w, b))
+            targets.append((tw, tb))
+        else:
+            operands.append(layer.column_operands())
+            targets.append((None, None))
+    return operands, targets if any(t is not None for pair in targets for t in pair) else None
+
+
 def column_parallel_group(
     layers: Sequence[ColumnParallelLinear | ReplicatedColumnLinear], x: Tensor
 ) -> tuple[list[Tensor], Tensor]:
@@ -423,13 +442,15 @@ def column_parallel_group(
                 raise ValueError(f"column_parallel_group: layers[{i}]: expected the same spec as layers[0] "
                                  f"({spec}), got {other}")
         layers[0].__dict__["_fusedpar_group_specs"] = tuple(specs)
-    operands = [layer.column_operands() for layer in layers]
-    sizes = [w.shape[0] for w, _ in operands]
     holder: list[Tensor] = []
     if spec.fp8 is not None or torch.compiler.is_compiling():  # fp8 quantizes per part; a compiled graph fuses the cat
+        operands = [layer.column_operands() for layer in layers]
+        sizes = [w.shape[0] for w, _ in operands]
         y = _column_apply(x, [w for w, _ in operands], _cat_biases(operands), spec, holder)
     else:
-        w, b = _fused_operands(layers, operands)
+        operands, targets = _group_operands(layers, x)
+        sizes = [w.shape[0] for w, _ in operands]
+        w, b = _fused_operands(layers, operands, targets)
         y = _column_fn(x, w.t(), b, spec, holder)
     x_full = holder[0] if spec.sequence_parallel else x
     outs = list(y.split(sizes, -1)) if len(sizes) > 1 else [y]
