@@ -6,13 +6,14 @@
     resolve_plan(model, plan)                 the plan as {path pattern: style string}
 
 The plan is data and the styles are behaviour: each style is one object with `check(at)`
-and `apply(module, mesh, at)`, and one table maps every Hugging Face string to its object
-(styles.py); torch's ParallelStyles are read as the same objects (torch_styles.py). Every
-entry is checked before any conversion, the styles are applied (the linears, then the other
-styles, then gradient hooks), then the whole-model passes run, one file each:
+and `apply(module, mesh, at)` (base.py), and one table maps every Hugging Face string to its
+object (styles.py); torch's ParallelStyles are read as the same objects, their layouts
+fields of the object (torch_styles.py). Every entry is checked before any conversion, the
+styles are applied (the linears, then the other styles, then gradient hooks, then what a
+torch plan's layouts put at the modules' edges: DTensor in/out, sequence shards, with the
+hooks of layouts.py), then the whole-model passes run, one file each:
 
     ties.py             tied weights split alike and re-tied
-    layouts.py          torch's layouts at module edges: DTensor in/out, sequence shards
     islands.py          the sequence-parallel region's blocks that run on the whole sequence
     unplanned.py        unplanned modules next to split layers: gradients all-reduced
     block_reduction.py  MoE blocks with a shared expert: one reduction where exact

@@ -3,9 +3,13 @@ shards leaving an embedding.
 
 fusedpar's layers compute on local tensors. A torch plan may still ask for DTensors
 (`use_local_output=False`: the attention then views and attends on DTensors, as under
-torch's own tensor parallelism) and may feed a DTensor to a parallel layer. These hooks
-translate at the module boundary only, so the GEMMs and collectives inside stay fusedpar's:
+torch's own tensor parallelism) and may feed a DTensor to a parallel layer. A style read from
+a torch plan carries its `Layouts` (torch_styles.py), and its `install_layouts` (base.py,
+styles.py) puts these hooks at its module's boundary only, so the GEMMs and collectives
+inside stay fusedpar's:
 
+    Layouts(input_layouts, output_layouts, use_local_output)   a style's edges, in the
+                                     words "replicate" / "shard(d)"
     dtensor_output(module, layout)   the module's local output wrapped as a DTensor on the
                                      TP mesh: "shard(-1)" (column-parallel features),
                                      "replicate", "shard(1)" / "shard(0)" (a sequence shard)
@@ -18,7 +22,7 @@ translate at the module boundary only, so the GEMMs and collectives inside stay 
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch.distributed as dist
@@ -26,9 +30,38 @@ from torch import Tensor, nn
 
 from ..comm import device_mesh
 from ..layers.linear import split_to_shard
-from .styles import LinearBuild
 
-__all__ = ["dtensor_output", "accept_dtensor_input", "split_sequence_output", "placements"]
+__all__ = ["Layouts", "SEQUENCE", "dtensor_output", "accept_dtensor_input", "split_sequence_output", "placements"]
+
+SEQUENCE = ("shard(1)", "shard(-2)")  # the sequence dim of a [batch, seq, hidden] activation
+_SEQUENCE_DIM = {"shard(1)": -2, "shard(-2)": -2, "shard(0)": 0}  # ... and of [seq, hidden] (position embeddings)
+
+
+@dataclass(frozen=True)
+class Layouts:
+    """A style's layouts at its module's edges, as torch's ColwiseParallel / RowwiseParallel
+    carry them, in the words "replicate" / "shard(d)". Any style of a torch plan takes a
+    DTensor input apart (a linear: redistributed to the layout its layer computes on)."""
+
+    input_layouts: str | None = None  # None: what fusedpar's layer takes (a string in a torch plan)
+    output_layouts: str | None = None  # None: what fusedpar's layer returns
+    use_local_output: bool = True  # False: the output handed on as a DTensor of output_layouts
+
+    @property
+    def sequence_input(self) -> bool:
+        """The input arrives as a sequence shard (Shard(1))."""
+        return self.input_layouts in SEQUENCE
+
+    @property
+    def sequence_output(self) -> int | None:
+        """The dim a sequence-shard output splits (-2 of [batch, seq, hidden], 0 of [seq,
+        hidden]); None: the output is not a sequence shard."""
+        return _SEQUENCE_DIM.get(self.output_layouts or "")
+
+    @property
+    def dtensor_placement(self) -> str | None:
+        """The output's DTensor placement (use_local_output=False); None: a local tensor."""
+        return None if self.use_local_output else self.output_layouts
 
 
 def placements(layout: str, ndim: int) -> tuple[Any, ...]:
@@ -98,45 +131,3 @@ def split_sequence_output(module: nn.Module, dim: int, *, group: dist.ProcessGro
         return split_to_shard(y, group=group, dim=dim, comm=comm)
 
     module.register_forward_hook(hook)
-
-
-def _paths(matches: dict[str, tuple[str, str]], keys: Any) -> set[str]:
-    return {path for path, (_, key) in matches.items() if key in keys}
-
-
-def literal_sequence_layers(matches: dict[str, tuple[str, str]], plan: Any,
-                            builds: Mapping[str, LinearBuild]) -> set[str]:
-    """The linears a torch plan's own layouts put on sequence shards when taken literally:
-    column layers whose input_layouts are a sequence shard and row layers whose output is one
-    (a PrepareModuleInput's children are its style's to say: `GatherInput.sequence_shards`)."""
-    return _paths(matches, plan.seq_in) | {p for p in _paths(matches, plan.seq_out) if p in builds
-                                           and builds[p].kind == "row"}
-
-
-def install_torch_layouts(model: nn.Module, matches: dict[str, tuple[str, str]], builds: Mapping[str, LinearBuild],
-                          plan: Any, literal: bool, *, group: dist.ProcessGroup, comm: str) -> None:
-    """What a torch plan says beyond fusedpar's strings: DTensor outputs (`use_local_output=False`),
-    DTensor inputs taken apart at every parallel linear, and, with literal sequence layouts,
-    embeddings whose output leaves as a sequence shard."""
-    for path, (style, key) in matches.items():
-        if key not in plan.styles:
-            continue
-        module = model.get_submodule(path) if path else model
-        if literal and key in plan.seq_out and style.startswith("embedding_"):
-            split_sequence_output(module, plan.seq_out[key], group=group, comm=comm, where=f"parallelize: {path}")
-        if key in plan.dtensor_out:
-            dtensor_output(module, plan.dtensor_out[key], group=group)
-        if path in builds:
-            b = builds[path]
-            sp = module.spec.sequence_parallel
-            if b.kind == "row":
-                layout = "shard(-1)" if b.input_is_parallel else "replicate"
-            else:
-                layout = "shard(-2)" if sp else "replicate"
-            accept_dtensor_input(module, layout, group=group, where=f"parallelize: {path}")
-            if b.kind in ("col", "rep") and path.rpartition(".")[0] and not b.gather_output:
-                parent = model.get_submodule(path.rpartition(".")[0])
-                if not getattr(parent, "_fusedpar_accepts_dtensor", False):
-                    parent._fusedpar_accepts_dtensor = True  # before the fused group's pre-hook
-                    accept_dtensor_input(parent, layout, group=group, where=f"parallelize: {path.rpartition('.')[0]}",
-                                         prepend=True)

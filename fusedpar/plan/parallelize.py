@@ -57,7 +57,6 @@ from ..layers.fp8 import as_recipe, enable_fp8
 from ..layers.linear import ColumnParallelLinear, ReplicatedColumnLinear, RowParallelLinear, SequenceRegion
 from ..layers.norm import all_reduce_grads
 from ..layers.sharding import gather_shard, local_tensor, param_shards, replicate_parameters
-from . import layouts
 from .agreement import check_parallelize_agrees, install_input_check
 from .block_reduction import install_block_reductions
 from .groups import install_column_group, reads_hidden
@@ -167,7 +166,6 @@ class _Checked:
 
     matches: dict[str, tuple[str, str]]  # {module or parameter path: (style string, plan key)}
     sites: list[Site]  # every entry with its style object, in plan order (styles.py)
-    torch_plan: TorchPlan  # what torch's styles say beyond fusedpar's (torch_styles.py)
     split_ties: list[list[tuple[str, str]]]  # ties the plan splits (ties.py)
     literal: bool  # torch's sequence layouts taken literally (module by module plans)
     region_name: str  # fusedpar's sequence-parallel region: the decoder layers' path ("" when off)
@@ -215,10 +213,7 @@ def _check(model: nn.Module, plan: Mapping[str, Any] | str, *, group: Any, seque
         at.literal, at.builds = literal, builds
         if at.style.stage != "linears":
             at.style.check(at)
-    literal_sp = set()
-    if literal:
-        literal_sp = layouts.literal_sequence_layers(matches, torch_plan, builds)
-        literal_sp |= {p for at in sites for p in at.style.sequence_shards(at)}
+    literal_sp = {p for at in sites for p in at.style.sequence_shards(at)} if literal else set()
     region_name, region = decoder_layers(model, matches) if sequence_parallel and not literal else ("", None)
     islands: set[str] = set()
     if region is not None:
@@ -243,8 +238,7 @@ def _check(model: nn.Module, plan: Mapping[str, Any] | str, *, group: Any, seque
         else:  # fusedpar's region (a norm outside it, e.g. the final one, sees every token)
             at.sequence_parallel = in_region(at.path)
         at.region = state
-    return _Checked(matches, sites, torch_plan, split_ties, literal, region_name, region, state, islands,
-                    unplanned)
+    return _Checked(matches, sites, split_ties, literal, region_name, region, state, islands, unplanned)
 
 
 def _apply(model: nn.Module, sites: list[Site], stage: str, group: Any) -> None:
@@ -257,6 +251,14 @@ def _apply(model: nn.Module, sites: list[Site], stage: str, group: Any) -> None:
         if new is not at.module:
             parent_path, _, leaf = at.path.rpartition(".")
             setattr(model.get_submodule(parent_path), leaf, new)
+
+
+def _install_layouts(model: nn.Module, sites: list[Site], group: Any) -> None:
+    """Each style of a torch plan sets its module's edges from its layouts (DTensor outputs
+    and inputs, an embedding's sequence shard: layouts.py), on the module apply left there."""
+    for at in sites:
+        if at.style.layouts is not None and at.path not in at.params:
+            at.style.install_layouts(model.get_submodule(at.path) if at.path else model, group, at)
 
 
 def _column_groups(model: nn.Module, builds: dict[str, LinearBuild]) -> None:
@@ -357,13 +359,14 @@ def parallelize(
     # Before any gradient hook is registered: hooks hold on to parameter objects.
     replicate_parameters(model, group=group, owned=_PARALLEL_LINEARS)
     _apply(model, c.sites, "grads", group)  # replicated parameters whose gradients are partial sums
-    if c.torch_plan.has_torch:  # DTensors and sequence shards at the modules' edges (layouts.py)
-        layouts.install_torch_layouts(model, c.matches, c.builds, c.torch_plan, c.literal, group=group, comm=comm)
+    _install_layouts(model, c.sites, group)  # DTensors and sequence shards at the modules' edges
     if c.unplanned:
         watch_unplanned(model, c.unplanned, group=group, comm=comm)
     if loss_parallel:
         embedding.install_loss_parallel(model, group=group, comm=comm)
-    heads = {p: b for p, b in c.builds.items() if c.matches[p][1] not in c.torch_plan.dtensor_out}
+    # attention whose projections hand on DTensors views them with the global head count
+    heads = {at.path: at.build for at in c.sites if at.style.stage == "linears"
+             and (at.style.layouts is None or at.style.layouts.dtensor_placement is None)}
     set_local_heads(model, heads, dist.get_world_size(group))  # attention modules' local head counts (heads.py)
     _column_groups(model, c.builds)
     if c.region is not None:

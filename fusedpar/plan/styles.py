@@ -3,16 +3,20 @@
 The plan is data (a path pattern → a Hugging Face style string, or a torch ParallelStyle that
 torch_styles.py reads into the same objects); the style is behaviour, as in torch's
 `distributed/tensor/parallel/style.py`. `TABLE` is the one map from every string to the
-class that does it. Each style has two steps:
+class that does it (base.py: the `Style` and `Site` protocol). Each style has these steps:
 
     check(at)                 raise (no comm) if the module or parameter at `at` cannot take it
     apply(module, mesh, at)   convert it over `mesh` (the TP group); return what takes its place
+    install_layouts(module, mesh, at)   a torch plan's layouts at the module's edges
+                              (`style.layouts`, layouts.py): DTensor outputs and inputs, an
+                              embedding's sequence-shard output; nothing in a Hugging Face plan
 
 `at` is the plan entry at one path (`Site`): the model, the path and plan key, and what the
 passes decide for it (what a linear builds, whether it runs on sequence shards). A style's
 `stage` is the pass of `parallelize` that applies it: "linears" first, then "modules" (after
 every linear is converted), then "grads" (after every parameter is a DTensor: gradient hooks
-hold on to the parameter objects).
+hold on to the parameter objects); `install_layouts` runs after those, on the module `apply`
+left at the path.
 
     colwise, colwise_rep, colwise_gather_output      ColwiseLinear    ColumnParallelLinear (split heads,
                                                                       or kv heads replicated)
@@ -35,9 +39,7 @@ resolve to `Unchanged`.
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch.distributed as dist
@@ -48,110 +50,15 @@ from ..layers.linear import ColumnParallelLinear, ReplicatedColumnLinear, RowPar
 from ..layers.norm import all_reduce_grads
 from ..layers.packed import PackedColumnParallelLinear, PackedRowParallelLinear
 from ..layers.sharding import ParamShard, shard_parameter
+from .base import PARAM_STYLES, Knobs, LinearBuild, ModuleOnly, Site, Style, key_regex
+from .layouts import accept_dtensor_input, split_sequence_output
 
 __all__ = ["Style", "Site", "Knobs", "LinearBuild", "TABLE", "STYLES", "style_for", "plan_sites", "key_regex",
            "param_shard", "inside_experts", "check_row_inputs", "PARAM_STYLES"]
 
-# style on a bare parameter → (dim for >= 2-D, dim for 1-D, packed parts); Hugging Face: colwise
-# splits dim ndim-2 (dim 0 of a vector), rowwise the last dim (a bias stays replicated)
-PARAM_STYLES = {"colwise": (-2, 0, 1), "rowwise": (-1, -1, 1), "packed_colwise": (-2, -1, 2),
-                "packed_rowwise": (-1, -1, 2)}
-
 
 def _parent(path: str) -> str:
     return path.rpartition(".")[0]
-
-
-def key_regex(key: str) -> re.Pattern[str]:
-    """A plan key as a regex over module / parameter paths: `*` matches one path component."""
-    return re.compile("".join("[^.]+" if part == "*" else re.escape(part) for part in re.split(r"(\*)", key)) + "$")
-
-
-@dataclass(frozen=True)
-class Knobs:
-    """parallelize's settings for the layers it builds (every parallel linear, the experts)."""
-
-    chunks: int | None
-    kernel: str
-    comm: str
-    save_gathered_input: bool
-
-
-@dataclass(frozen=True)
-class LinearBuild:
-    """What a linear style's check decided the linear becomes (its apply builds it; the passes read it)."""
-
-    kind: str  # "col" ColumnParallelLinear, "rep" ReplicatedColumnLinear (kv heads), "row" RowParallelLinear;
-    # "keep" until apply: a fusedpar layer an earlier call built, whose layout apply sets again
-    gather_output: bool = False  # col: output gathered to Replicate()
-    input_is_parallel: bool = True  # row: input arrives split on features (else split here)
-    parts: int = 1  # packed [gate; up] halves, or the kv heads a "rep" layer holds
-    heads: int | None = None  # attention projections split by whole heads: the global count ...
-    head_dim: int | None = None  # ... and the head width
-
-
-@dataclass
-class Site:
-    """One plan entry at one path: what a style's check reads and its apply is told."""
-
-    model: nn.Module
-    path: str  # the module's (or the bare parameter's) path
-    key: str  # the plan key that matched it
-    style: Style
-    ranks: list[int]  # the TP group's ranks
-    matches: Mapping[str, tuple[str, str]]  # the whole plan: {path: (style string, plan key)}
-    params: Mapping[str, nn.Parameter]  # the model's parameters before any conversion
-    knobs: Knobs
-    module: nn.Module  # the module at `path` (a bare parameter's owner), taken before any conversion
-    build: Any = None  # what check decided for apply (a linear's LinearBuild, the experts' shards)
-    sequence_parallel: bool = False  # the module runs on sequence shards (set before apply)
-    literal: bool = False  # a torch plan's layouts taken literally (module by module; set before check)
-    builds: Mapping[str, LinearBuild] = field(default_factory=dict)  # every linear's (set once they are checked)
-    region: Any = None  # fusedpar's SequenceRegion when it has one (set before apply)
-
-    @property
-    def name(self) -> str:  # the style string
-        return self.style.name
-
-    @property
-    def world(self) -> int:
-        return len(self.ranks)
-
-    @property
-    def where(self) -> str:
-        return f"parallelize: {self.path} (plan key {self.key!r}, style {self.name!r})"
-
-    @property
-    def leaf(self) -> str:
-        return self.path.rpartition(".")[2]
-
-
-class Style:
-    """One way of splitting a module: `check` raises before anything is converted, `apply` converts."""
-
-    stage: ClassVar[str] = "modules"
-    plan_string: ClassVar[bool] = True  # a Hugging Face string names it (False: only a torch style does)
-
-    def __init__(self, name: str) -> None:
-        self.name = name  # the Hugging Face string this object stands for (else the torch style's name)
-
-    def check(self, at: Site) -> None:
-        """Raise (no comm) if the target at `at` cannot take this style."""
-
-    def apply(self, module: nn.Module, mesh: dist.ProcessGroup, at: Site) -> nn.Module:
-        """Convert `module` over `mesh`; return the module that takes its place."""
-        return module
-
-    def on_parameter(self) -> Style:
-        """The style for a plan entry naming a bare parameter."""
-        return ModuleOnly(self.name)
-
-    def sequence_shards(self, at: Site) -> Collection[str]:
-        """Paths this entry puts on sequence shards when torch's layouts are taken literally (after check)."""
-        return ()
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.name!r})"
 
 
 # ---------------------------------------------------------------- parallel linears
@@ -217,6 +124,33 @@ class _LinearStyle(Style):
 
     def on_parameter(self) -> Style:
         return ShardParameter(self.name) if self.name in PARAM_STYLES else ModuleOnly(self.name)
+
+    def sequence_shards(self, at: Site) -> Collection[str]:
+        # torch's layouts: a column layer whose input is Shard(1) gathers it in its GEMM, a row
+        # layer whose output is Shard(1) reduce-scatters to it
+        lay = self.layouts
+        on_shards = lay is not None and (lay.sequence_input or (lay.sequence_output is not None
+                                                                and at.build.kind == "row"))
+        return (at.path,) if on_shards else ()
+
+    def install_layouts(self, module: nn.Module, mesh: dist.ProcessGroup, at: Site) -> None:
+        """A DTensor output (use_local_output=False); a DTensor input redistributed to what the
+        layer computes on (Shard(-1) features, Replicate(), or the sequence shard) and taken
+        apart, here and, for column layers fused in their parent's GEMM, at the parent."""
+        if self.layouts is None:
+            return
+        super().install_layouts(module, mesh, at)
+        b, parent_path = at.build, _parent(at.path)
+        if b.kind == "row":
+            layout = "shard(-1)" if b.input_is_parallel else "replicate"
+        else:
+            layout = "shard(-2)" if module.spec.sequence_parallel else "replicate"
+        accept_dtensor_input(module, layout, group=mesh, where=f"parallelize: {at.path}")
+        if b.kind in ("col", "rep") and parent_path and not b.gather_output:
+            parent = at.model.get_submodule(parent_path)
+            if not getattr(parent, "_fusedpar_accepts_dtensor", False):
+                parent._fusedpar_accepts_dtensor = True  # before the fused group's pre-hook
+                accept_dtensor_input(parent, layout, group=mesh, where=f"parallelize: {parent_path}", prepend=True)
 
 
 class ColwiseLinear(_LinearStyle):
@@ -335,14 +269,6 @@ class ShardParameter(Style):
         return self
 
 
-class ModuleOnly(Style):
-    """A module's style planned on a bare parameter: refused."""
-
-    def check(self, at: Site) -> None:
-        raise ValueError(f"{at.where}: expected a module for this style, got a parameter "
-                         f"(parameters take {sorted(PARAM_STYLES)})")
-
-
 class EmbeddingStyle(Style):
     """An nn.Embedding split on the vocabulary (rows) or the hidden dim (columns); output Replicate()."""
 
@@ -352,6 +278,14 @@ class EmbeddingStyle(Style):
     def apply(self, module: nn.Module, mesh: dist.ProcessGroup, at: Site) -> nn.Module:
         embedding.shard_embedding(module, self.name, group=mesh, comm=at.knobs.comm, name=at.path)
         return module
+
+    def install_layouts(self, module: nn.Module, mesh: dist.ProcessGroup, at: Site) -> None:
+        """A Shard(1) output taken literally: the output cut to this rank's sequence shard
+        (sequence parallelism starts here); then a DTensor output (use_local_output=False)."""
+        dim = self.layouts.sequence_output if self.layouts is not None else None
+        if at.literal and dim is not None:
+            split_sequence_output(module, dim, group=mesh, comm=at.knobs.comm, where=f"parallelize: {at.path}")
+        super().install_layouts(module, mesh, at)
 
 
 def inside_experts(path: str, matches: Mapping[str, tuple[str, str]]) -> bool:
@@ -472,6 +406,8 @@ def style_for(name: str, path: str, matches: Mapping[str, tuple[str, str]], para
     """The style object for the plan entry `name` at `path` (a module or a bare parameter):
     `given` (what torch_styles.py read a torch style as) or the table's."""
     style = given if isinstance(given, Style) and given.name == name else TABLE[name]()
+    if isinstance(given, Style) and style is not given:  # another style for the key's paths (loss_parallel's
+        style.layouts = given.layouts  # head): the torch plan's layouts at its edges still hold
     if inside_experts(path, matches) and (path in params or style.stage == "linears"):
         return Unchanged(name)  # the experts module splits its own weights (ExpertsStyle)
     return style.on_parameter() if path in params else style

@@ -15,6 +15,12 @@ Each torch style becomes the object `styles.TABLE` gives for a Hugging Face stri
         desired_input_layouts=Replicate())              parallel children gather (in their fused GEMM)
     use_local_output=False                              the output is a DTensor, as torch returns it
 
+A Colwise / RowwiseParallel's object carries its layouts (`style.layouts`, a layouts.Layouts
+of input_layouts, output_layouts, use_local_output) and sets its module's edges from them
+(`install_layouts`): a DTensor output, a DTensor input taken apart, an embedding's output
+cut to a sequence shard. Strings in a plan that holds torch styles read as the table's
+objects with `Layouts()`: their modules take DTensor inputs too, as torch's styles do.
+
 Shard(1) is the sequence dim of a `[batch, seq, hidden]` activation (Shard(0) of a `[seq,
 hidden]` one, e.g. position embeddings), the one fusedpar splits with sequence parallelism.
 What the layouts mean when the plan's modules sit in decoder layers is parallelize's to
@@ -34,25 +40,20 @@ from typing import Any
 import torch.distributed as dist
 from torch import nn
 
+from .layouts import SEQUENCE, Layouts
 from .styles import TABLE, Site, Style, key_regex
 
 __all__ = ["is_torch_style", "string_plan", "read_plan", "TorchPlan", "GatherInput", "key_regex"]
 
-_SEQ = ("shard(1)", "shard(-2)")
-
-
 @dataclass
 class TorchPlan:
-    """A plan with torch styles read: `styles` (key → fusedpar's style object, or the plan's
-    own string; a PrepareModuleInput that moves nothing is dropped), and what a style cannot
-    say, per plan key."""
+    """A plan with torch styles read: `styles` (key → fusedpar's style object, its torch
+    layouts in `layouts`, or a string or None as the plan gave it; a PrepareModuleInput that
+    moves nothing is dropped)."""
 
     styles: dict[str, Any] = field(default_factory=dict)
     sequence: bool = False  # some style splits the sequence
     has_torch: bool = False  # some style was a torch ParallelStyle
-    seq_in: set[str] = field(default_factory=set)  # column styles whose input is a sequence shard
-    seq_out: dict[str, int] = field(default_factory=dict)  # rowwise / embedding keys → the sequence dim split at exit
-    dtensor_out: dict[str, str] = field(default_factory=dict)  # key → "replicate" / "shard(d)" for DTensor outputs
 
     @property
     def strings(self) -> dict[str, Any]:
@@ -61,9 +62,11 @@ class TorchPlan:
         return {key: s.name if isinstance(s, Style) else s for key, s in self.styles.items()
                 if not isinstance(s, Style) or s.plan_string}
 
-    def read(self, key: str, name: str) -> None:
-        """Plan `key` reads as fusedpar's style `name` (the table's object)."""
-        self.styles[key] = TABLE[name]()
+    def read(self, key: str, name: str, layouts: Layouts) -> None:
+        """Plan `key` reads as fusedpar's style `name` (the table's object) with `layouts` at its edges."""
+        style = TABLE[name]()
+        style.layouts = layouts
+        self.styles[key] = style
 
 
 def is_torch_style(style: Any) -> bool:
@@ -148,7 +151,7 @@ def _prepare_input(key: str, style: Any, out: TorchPlan) -> str | None:
                     for a, b in zip(ins[1:], wants[1:]))
     if not rest_same:
         return "inputs after the first must keep their layout (fusedpar gathers the first input only)"
-    if first_in in _SEQ and first_want == "replicate":
+    if first_in in SEQUENCE and first_want == "replicate":
         out.styles[key] = GatherInput("PrepareModuleInput")
         out.sequence = True
         return None
@@ -169,13 +172,13 @@ def _one(model: nn.Module, key: str, style: Any, out: TorchPlan) -> None:
     local = getattr(style, "use_local_output", True) is not False
     if isinstance(style, SequenceParallel):
         seq = _layout(style.sequence_sharding)
-        if seq not in _SEQ:
+        if seq not in SEQUENCE:
             why = f"sequence_sharding={seq}: fusedpar splits the sequence dim of [batch, seq, hidden] only"
         else:
             # fusedpar's norms return local shards; torch's default use_local_output=False only
             # wraps them for the DTensor modules that follow, which fusedpar's layers do not need
             out.sequence = True
-            out.read(key, "sequence_parallel")
+            out.read(key, "sequence_parallel", Layouts(seq, seq))
             return
     elif type(style) is PrepareModuleInput:
         why = _prepare_input(key, style, out)
@@ -184,35 +187,32 @@ def _one(model: nn.Module, key: str, style: Any, out: TorchPlan) -> None:
     elif name in ("ColwiseParallel", "RowwiseParallel") and isinstance(style, (ColwiseParallel, RowwiseParallel)):
         inp, outp = _layout(style.input_layouts), _layout(style.output_layouts)
         embedding = _is_embedding(model, key)
-        seq_out = {"shard(1)": -2, "shard(-2)": -2, "shard(0)": 0}.get(outp)
+        layouts = Layouts(inp, outp, local)
+        seq_out = layouts.sequence_output
+        read = None
         if isinstance(style, ColwiseParallel):
             if embedding and inp == "replicate" and (outp == "replicate" or seq_out is not None):
-                out.read(key, "embedding_colwise")
-            elif inp in ("replicate", *_SEQ) and outp == "shard(-1)":
-                out.read(key, "colwise")
-            elif inp in ("replicate", *_SEQ) and outp == "replicate":
-                out.read(key, "colwise_gather_output")
+                read = "embedding_colwise"
+            elif inp in ("replicate", *SEQUENCE) and outp == "shard(-1)":
+                read = "colwise"
+            elif inp in ("replicate", *SEQUENCE) and outp == "replicate":
+                read = "colwise_gather_output"
             else:
                 why = (f"input_layouts={inp}, output_layouts={outp}: expected input Replicate() or Shard(1) "
                        f"and output Shard(-1) or Replicate()")
-            if why is None and inp in _SEQ:
-                out.seq_in.add(key)
         else:
             if embedding and inp == "replicate" and (outp == "replicate" or seq_out is not None):
-                out.read(key, "embedding_rowwise")
+                read = "embedding_rowwise"
             elif inp == "shard(-1)" and (outp == "replicate" or seq_out == -2):
-                out.read(key, "rowwise")
+                read = "rowwise"
             elif inp == "replicate" and outp == "replicate":
-                out.read(key, "rowwise_split_input")
+                read = "rowwise_split_input"
             else:
                 why = (f"input_layouts={inp}, output_layouts={outp}: expected input Shard(-1) and output "
                        f"Replicate() or Shard(1), or Replicate() in and out")
-        if why is None:
-            if seq_out is not None and key not in out.seq_in:
-                out.seq_out[key] = seq_out
-            out.sequence = out.sequence or key in out.seq_in or seq_out is not None
-            if not local:
-                out.dtensor_out[key] = outp
+        if read is not None:  # the style's layouts say where it splits the sequence and what it hands on
+            out.read(key, read, layouts)
+            out.sequence = out.sequence or layouts.sequence_input or seq_out is not None
             return
     elif "Float8" in name:
         why = ("torch's Float8 styles need torchao's Float8Linear; fusedpar runs its own fp8 GEMMs: give the "
@@ -233,6 +233,10 @@ def read_plan(model: nn.Module, plan: Mapping[str, Any]) -> TorchPlan:
             _one(model, key, style, out)
         else:
             out.styles[key] = style
+    if out.has_torch:  # the plan's strings beside torch styles take DTensor inputs as torch's do
+        for key, style in out.styles.items():
+            if isinstance(style, str) and style in TABLE:
+                out.read(key, style, Layouts())
     return out
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 from torch import nn
 
+from fusedpar.plan.layouts import Layouts
 from fusedpar.plan.styles import TABLE, Knobs, Site, Style, Unchanged, style_for
 from fusedpar.plan.torch_styles import GatherInput, read_plan
 
@@ -107,6 +108,43 @@ def test_torch_styles_read_as_the_same_objects(case):
     with pytest.raises((TypeError, ValueError)) as err:
         at.style.check(at)
     assert f"parallelize: {bad} (plan key {bad!r}, style {name!r})" in str(err.value)
+
+
+def _torch_layouts():
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    # (plan key, torch style, the layouts its style object carries, whether it runs on
+    # sequence shards when torch's layouts are taken literally)
+    return [
+        ("proj", ColwiseParallel(), Layouts("replicate", "shard(-1)"), False),
+        ("proj", ColwiseParallel(use_local_output=False), Layouts("replicate", "shard(-1)", False), False),
+        ("proj", ColwiseParallel(input_layouts=Shard(1)), Layouts("shard(1)", "shard(-1)"), True),
+        ("proj", RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
+         Layouts("shard(-1)", "shard(1)", False), True),
+        ("proj", RowwiseParallel(input_layouts=Replicate()), Layouts("replicate", "replicate"), False),
+        ("embed", RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+         Layouts("replicate", "shard(1)"), False),
+    ]
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_torch_layouts_are_fields_of_the_style_object(case):
+    """What a torch style says at its module's edges (input_layouts, output_layouts,
+    use_local_output) is its style object's `layouts`: the object sets the edges itself
+    (install_layouts) and says which paths it puts on sequence shards."""
+    key, torch_style, layouts, on_shards = _torch_layouts()[case]
+    model = _Toy()
+    read = read_plan(model, {key: torch_style, "norm": "replicate"})
+    style = read.styles[key]
+    assert style.layouts == layouts, f"{torch_style}: {style!r}"
+    assert style.layouts.dtensor_placement == (None if torch_style.use_local_output else layouts.output_layouts)
+    assert read.styles["norm"].layouts == Layouts()  # a string beside torch styles takes DTensor inputs
+    assert read_plan(model, {key: "replicate"}).styles[key] == "replicate"  # no torch style: a string, no layouts
+    at = _site(model, key, style.name, given=style)
+    at.style.check(at)
+    at.literal = True
+    assert list(at.style.sequence_shards(at)) == ([key] if on_shards else []), f"{torch_style}"
 
 
 class _Block(nn.Module):

@@ -216,32 +216,44 @@ class _MLP(torch.nn.Module):
         return self.down(torch.nn.functional.gelu(self.up(x)))
 
 
-def _run_dtensor_outputs(group):
+def _run_dtensor_outputs(group, sequence_out: bool):
     """use_local_output=False: the column layer returns a Shard(-1) DTensor, the GELU runs as
-    a DTensor op, the row layer takes it apart and returns a Replicate DTensor."""
+    a DTensor op, the row layer takes it apart and returns a Replicate DTensor, or (with
+    `sequence_out`, output_layouts=Shard(1)) reduce-scatters to a Shard(1) DTensor. The
+    layouts are the fields of the style objects the plan reads as."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
     import fusedpar
+    from fusedpar.plan.torch_styles import read_plan
 
     rank = dist.get_rank(group)
     torch.manual_seed(4)
     ref = _MLP()
-    model = fusedpar.parallelize_module(copy.deepcopy(ref), _mesh(group), {
-        "up": ColwiseParallel(use_local_output=False), "down": RowwiseParallel(use_local_output=False)}, kernel="torch")
-    x = torch.randn(3, 5, 12, generator=torch.Generator().manual_seed(5))
+    down = RowwiseParallel(output_layouts=Shard(1), use_local_output=False) if sequence_out else \
+        RowwiseParallel(use_local_output=False)
+    plan = {"up": ColwiseParallel(use_local_output=False), "down": down}
+    read = read_plan(ref, plan).styles
+    assert read["up"].layouts.dtensor_placement == "shard(-1)"
+    assert read["down"].layouts.dtensor_placement == ("shard(1)" if sequence_out else "replicate")
+    model = fusedpar.parallelize_module(copy.deepcopy(ref), _mesh(group), plan, kernel="torch")
+    assert model.down.spec.sequence_parallel is sequence_out and not model.up.spec.sequence_parallel
+    seq = 4 if sequence_out else 5  # Shard(1) splits the sequence evenly
+    x = torch.randn(3, seq, 12, generator=torch.Generator().manual_seed(5))
     hidden = model.up(x)
-    assert isinstance(hidden, DTensor) and tuple(hidden.placements) == (Shard(2),) and hidden.shape == (3, 5, 20)
+    assert isinstance(hidden, DTensor) and tuple(hidden.placements) == (Shard(2),) and hidden.shape == (3, seq, 20)
     out, out_ref = model(x), ref(x)
-    assert isinstance(out, DTensor) and tuple(out.placements) == (Replicate(),)
-    check("out", out.to_local(), out_ref, torch.float32, f"dtensor outputs rank {rank}", TOL)
-    out.to_local().square().sum().backward(), out_ref.square().sum().backward()
-    _check_all_grads(model, ref, f"dtensor outputs rank {rank}")
+    case = f"dtensor outputs sequence_out={sequence_out} rank {rank}"
+    assert isinstance(out, DTensor) and tuple(out.placements) == ((Shard(1),) if sequence_out else (Replicate(),))
+    check("out", out.full_tensor(), out_ref, torch.float32, case, TOL)
+    out.full_tensor().square().sum().backward(), out_ref.square().sum().backward()
+    _check_all_grads(model, ref, case)
     return True
 
 
-def test_use_local_output_false_returns_dtensors(dist2):
-    assert dist2.run(_run_dtensor_outputs) == [True] * 2
+@pytest.mark.parametrize("sequence_out", [False, True])
+def test_use_local_output_false_returns_dtensors(dist2, sequence_out):
+    assert dist2.run(_run_dtensor_outputs, sequence_out) == [True] * 2
 
 
 class _Block(torch.nn.Module):
