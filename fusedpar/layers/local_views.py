@@ -162,8 +162,10 @@ def param_operand(p: Tensor | None) -> tuple[Tensor | None, GradTarget | None]:
     target on (`GradTarget.accumulate`)."""
     if p is None or not isinstance(p, DTensor):
         return p, None
-    if (not (p.requires_grad and torch.is_grad_enabled()) or p.grad_fn is not None or p._backward_hooks
-            or p._post_accumulate_grad_hooks or torch.compiler.is_compiling()):
+    if not (p.requires_grad and torch.is_grad_enabled()):  # decode: the local tensor itself
+        packed = p.__dict__.get("_fusedpar_packed")
+        return (p._local_tensor if packed is None else _kernel_layout(p._local_tensor, packed)), None
+    if p.grad_fn is not None or p._backward_hooks or p._post_accumulate_grad_hooks or torch.compiler.is_compiling():
         return local_param(p), None
     return _bare_leaf(p)
 
