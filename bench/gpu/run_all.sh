@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Issue #8: everything a lent GPU machine should measure, in one command, < 10 minutes.
+# Issue #8: everything the GPU machine should measure, in one command, < 10 minutes.
 #
 #   bench/gpu/run_all.sh [--dry-run] [--quick] [--only step1,step2]
 #
-# The lent machine has torch + triton in its own python3 and no internet: nothing is
+# The GPU machine has torch + triton in its own python3 and no internet: nothing is
 # installed, PYTHONPATH points at this checkout. Results go to ${OUT:-bench/results/gpu-run}:
 # per-step logs, bench JSON/CSV/PNG, calibration, traces and summary.md.
 # Each step runs under `timeout` and a failure is recorded, not fatal, so one stuck
@@ -16,7 +16,7 @@ cd "$(dirname "$0")/../.."
 ROOT=$PWD
 PY=${PYTHON:-python3}
 OUT=${OUT:-bench/results/gpu-run}
-BUDGET_S=${BUDGET_S:-545}   # whole run; the device tool allows 600 s per command
+BUDGET_S=${BUDGET_S:-545}   # whole run; one command on the GPU machine may run 600 s
 RESERVE_S=20                # kept back for the summary
 DRY=0 QUICK=() ONLY=""
 while [ $# -gt 0 ]; do
