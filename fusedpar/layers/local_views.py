@@ -7,9 +7,13 @@ the same through `install_local_views`, which puts the local tensors in the inst
 the length of a forward.
 
     no_grad (decode)       the local tensor itself                          nothing added
-    a leaf parameter       its gradient leaf (`_grad_leaf`): a plain tensor aliasing the
-                           local storage, an autograd leaf of its own; one hook per backward
-                           hands the accumulated gradient to `p.grad` as a DTensor
+    a leaf parameter of    a plain autograd leaf aliasing the local storage, no hook
+    a parallel linear      (`param_operand` -> `_bare_leaf`, `GradTarget`): the linear's
+                           autograd Function hands the gradient to `p.grad` as a DTensor in
+                           its own backward, as AccumulateGrad would (`_accumulate`)
+    any other leaf         its gradient leaf (`_grad_leaf`): the same kind of leaf; one hook
+    parameter, or one      per backward hands the accumulated gradient to `p.grad` as a
+    with tensor hooks      DTensor (`_GradToParam`)
     a DTensor computed     `_LocalView`, one autograd node keeping its history
     in forward
     under torch.compile    `p.to_local()`, which the compiler traces
