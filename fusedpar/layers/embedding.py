@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..comm import check_group, get_communicator
-from .linear import gather_from_shard
+from .linear import gather_from_shard, reduce_scatter_to_shard
 from .partial import reduce_partial
 from .sharding import ParamShard, local_tensor, shard_parameter
 
@@ -56,15 +56,22 @@ def check_embedding(module: nn.Module, style: str, world: int, *, where: str) ->
 
 
 def shard_embedding(module: nn.Embedding, style: str, *, group: dist.ProcessGroup, comm: str = "torch",
-                    name: str = "embedding") -> None:
+                    name: str = "embedding", sequence_dim: int | None = None) -> None:
     """Shard `module` in place: "embedding_rowwise" (vocab rows) or "embedding_colwise" (hidden columns).
 
-    Input: token ids, replicated. Output: the full `[.., H]` embedding, replicated.
+    Input: token ids, replicated. Output: the full `[.., H]` embedding, replicated; with
+    `sequence_dim` (vocab rows only: where sequence parallelism starts at the embedding, as
+    torch's `RowwiseParallel(output_layouts=Shard(1))` on it) this rank's piece of that dim,
+    the ranks' partial lookups reduce-scattered onto it (half an all-reduce's traffic; the
+    backward all-gathers the pieces' gradients).
     """
     group = check_group(group, arg=f"{name}: group")
     world = dist.get_world_size(group)
     check_embedding(module, style, world, where=name)
     dim = EMBEDDING_STYLES[style]
+    if sequence_dim is not None and dim != 0:
+        raise ValueError(f"{name}: sequence_dim: expected None for {style!r} (only the vocab split reduce-scatters "
+                         f"onto sequence pieces), got {sequence_dim}")
     rows = module.weight.shape[0]
     shard_parameter(module, "weight", ParamShard(dim), group=group, where=name)
     if dim == 1:
@@ -72,10 +79,11 @@ def shard_embedding(module: nn.Embedding, style: str, *, group: dist.ProcessGrou
         module.register_forward_hook(lambda mod, args, y: gather_from_shard(y, group=group, dim=-1, comm=comm))
         return
     _vocab_parallel_hooks(module, start=dist.get_rank(group) * (rows // world), rows=rows // world, group=group,
-                          comm=comm)
+                          comm=comm, sequence_dim=sequence_dim, name=name)
 
 
-def _vocab_parallel_hooks(module: nn.Embedding, *, start: int, rows: int, group: dist.ProcessGroup, comm: str) -> None:
+def _vocab_parallel_hooks(module: nn.Embedding, *, start: int, rows: int, group: dist.ProcessGroup, comm: str,
+                          sequence_dim: int | None = None, name: str = "embedding") -> None:
     pad = module.padding_idx
     module.padding_idx = pad - start if pad is not None and start <= pad < start + rows else None
     masks: list[Tensor] = []
@@ -89,7 +97,14 @@ def _vocab_parallel_hooks(module: nn.Embedding, *, start: int, rows: int, group:
 
     def hook(mod: nn.Module, args: tuple, y: Tensor) -> Tensor:
         outside = masks.pop()
-        return reduce_partial(y.masked_fill(outside.unsqueeze(-1), 0.0), group=group, comm=comm)
+        partial = y.masked_fill(outside.unsqueeze(-1), 0.0)
+        if sequence_dim is None:
+            return reduce_partial(partial, group=group, comm=comm)
+        world = dist.get_world_size(group)
+        if y.ndim <= sequence_dim % y.ndim or y.shape[sequence_dim] % world:
+            raise ValueError(f"{name}: output: expected dim {sequence_dim} (the sequence) of shape {list(y.shape)} to "
+                             f"be a multiple of the world size {world} (a Shard layout in the plan splits it evenly)")
+        return reduce_scatter_to_shard(partial, group=group, dim=sequence_dim, comm=comm)
 
     module.register_forward_pre_hook(pre_hook)
     module.register_forward_hook(hook)

@@ -276,14 +276,22 @@ class EmbeddingStyle(Style):
         embedding.check_embedding(at.module, self.name, at.world, where=at.where)
 
     def apply(self, module: nn.Module, mesh: dist.ProcessGroup, at: Site) -> nn.Module:
-        embedding.shard_embedding(module, self.name, group=mesh, comm=at.knobs.comm, name=at.path)
+        embedding.shard_embedding(module, self.name, group=mesh, comm=at.knobs.comm, name=at.path,
+                                  sequence_dim=self._sequence_dim(at) if self.name == "embedding_rowwise" else None)
         return module
 
-    def install_layouts(self, module: nn.Module, mesh: dist.ProcessGroup, at: Site) -> None:
-        """A Shard(1) output taken literally: the output cut to this rank's sequence shard
-        (sequence parallelism starts here); then a DTensor output (use_local_output=False)."""
+    def _sequence_dim(self, at: Site) -> int | None:
+        """The sequence dim a Shard(1) output taken literally puts on shards, else None."""
         dim = self.layouts.sequence_output if self.layouts is not None else None
-        if at.literal and dim is not None:
+        return dim if at.literal else None
+
+    def install_layouts(self, module: nn.Module, mesh: dist.ProcessGroup, at: Site) -> None:
+        """A Shard(1) output taken literally: sequence parallelism starts here. The vocab split
+        reduce-scatters its partial lookups onto this rank's sequence shard (in `apply`, as
+        torch's Partial -> Shard(1)); the hidden split's gathered output is cut to it. Then a
+        DTensor output (use_local_output=False)."""
+        dim = self._sequence_dim(at)
+        if dim is not None and self.name != "embedding_rowwise":
             split_sequence_output(module, dim, group=mesh, comm=at.knobs.comm, where=f"parallelize: {at.path}")
         super().install_layouts(module, mesh, at)
 
