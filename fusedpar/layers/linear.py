@@ -75,7 +75,7 @@ from .regions import (  # noqa: F401
     reduce_scatter_to_shard,
     split_to_shard,
 )
-from .local_views import param_operand
+from .local_views import param_operands
 from .sharding import ParamShard, local_param, local_tensor, register_state_dict_hooks, tp_parameter
 
 __all__ = [
@@ -256,8 +256,8 @@ class ColumnParallelLinear(_ParallelLinearBase):
         if (spec.fp8 is None and type(self).column_operands is ColumnParallelLinear.column_operands
                 and not torch.is_autocast_enabled(x.device.type)):
             # the Function hands the parameters' gradients on itself (no hook per parameter)
-            (w, tw), (b, tb) = param_operand(self.weight), param_operand(self.bias)
-            y = _column_apply(x, [w], b, spec, None, (tw, tb) if tw is not None or tb is not None else None)
+            w, b, targets = param_operands(self.weight, self.bias)
+            y = _column_apply(x, [w], b, spec, None, targets)
         else:
             w, b = self.column_operands()
             y = _column_apply(x, [w], b, spec, None)
@@ -381,8 +381,8 @@ class RowParallelLinear(_ParallelLinearBase):
                              what="RowParallelLinear (sequence_parallel=True)")
         if spec.fp8 is not None or torch.is_autocast_enabled(x.device.type):
             return _row_apply(x, local_param(self.weight), local_param(self.bias), spec)
-        (w, tw), (b, tb) = param_operand(self.weight), param_operand(self.bias)  # as in ColumnParallelLinear
-        return _row_apply(x, w, b, spec, (tw, tb) if tw is not None or tb is not None else None)
+        w, b, targets = param_operands(self.weight, self.bias)  # as in ColumnParallelLinear
+        return _row_apply(x, w, b, spec, targets)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features} (local {local_tensor(self.weight).shape[1]}), out_features={self.out_features}, "
@@ -404,9 +404,9 @@ def _group_operands(layers: Sequence[nn.Module], x: Tensor
     operands, targets = [], []
     for layer in layers:
         if type(layer).column_operands is ColumnParallelLinear.column_operands:
-            (w, tw), (b, tb) = param_operand(layer.weight), param_operand(layer.bias)
+            w, b, pair = param_operands(layer.weight, layer.bias)
             operands.append((w, b))
-            targets.append((tw, tb))
+            targets.append(pair or (None, None))
         else:
             operands.append(layer.column_operands())
             targets.append((None, None))

@@ -33,7 +33,8 @@ from torch.distributed.tensor import DTensor
 
 from . import traced
 
-__all__ = ["local_tensor", "local_param", "param_operand", "GradTarget", "install_local_views", "param_of"]
+__all__ = ["local_tensor", "local_param", "param_operand", "param_operands", "GradTarget", "install_local_views",
+           "param_of"]
 
 
 def _kernel_layout(lt: Tensor, packed: int | None) -> Tensor:
@@ -172,6 +173,15 @@ def param_operand(p: Tensor | None) -> tuple[Tensor | None, GradTarget | None]:
     if p.grad_fn is not None or p._backward_hooks or p._post_accumulate_grad_hooks or torch.compiler.is_compiling():
         return local_param(p), None
     return _bare_leaf(p)
+
+
+def param_operands(weight: Tensor | None, bias: Tensor | None
+                   ) -> tuple[Tensor | None, Tensor | None, tuple[GradTarget | None, GradTarget | None] | None]:
+    """`param_operand` of a layer's weight and bias: `(w, b, targets)`, `targets` the pair of
+    their `GradTarget`s, or None when neither has one (then the Function returns both
+    gradients to autograd)."""
+    (w, tw), (b, tb) = param_operand(weight), param_operand(bias)
+    return w, b, ((tw, tb) if tw is not None or tb is not None else None)
 
 
 def _bare_leaf(p: Tensor) -> tuple[Tensor, GradTarget]:
