@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from ..comm import check_group, get_communicator
 from .linear import gather_from_shard, reduce_scatter_to_shard
 from .partial import reduce_partial
+from .regions import check_sequence_output
 from .sharding import ParamShard, local_tensor, shard_parameter
 
 __all__ = ["shard_embedding", "vocab_parallel_cross_entropy", "install_loss_parallel", "loss_parallel_plan",
@@ -100,10 +101,7 @@ def _vocab_parallel_hooks(module: nn.Embedding, *, start: int, rows: int, group:
         partial = y.masked_fill(outside.unsqueeze(-1), 0.0)
         if sequence_dim is None:
             return reduce_partial(partial, group=group, comm=comm)
-        world = dist.get_world_size(group)
-        if y.ndim <= sequence_dim % y.ndim or y.shape[sequence_dim] % world:
-            raise ValueError(f"{name}: output: expected dim {sequence_dim} (the sequence) of shape {list(y.shape)} to "
-                             f"be a multiple of the world size {world} (a Shard layout in the plan splits it evenly)")
+        check_sequence_output(y, sequence_dim, dist.get_world_size(group), where=name)
         return reduce_scatter_to_shard(partial, group=group, dim=sequence_dim, comm=comm)
 
     module.register_forward_pre_hook(pre_hook)

@@ -44,6 +44,14 @@ def _check_divisible(x: Tensor, dim: int, world: int, *, what: str) -> None:
         )
 
 
+def check_sequence_output(y: Tensor, dim: int, world: int, *, where: str) -> None:
+    """Raise (no comm) unless a module's output `y` can be cut into `world` pieces of `dim`
+    (the sequence) where a plan's Shard layout starts sequence parallelism."""
+    if y.ndim <= dim % y.ndim or y.shape[dim] % world:
+        raise ValueError(f"{where}: output: expected dim {dim} (the sequence) of shape {list(y.shape)} to be a "
+                         f"multiple of the world size {world} (a Shard layout in the plan splits it evenly)")
+
+
 def _piece(x: Tensor, comm: Communicator, dim: int) -> Tensor:
     """This rank's `x.chunk(world, dim)` piece (no comm)."""
     return x.chunk(comm.world_size, dim)[comm.rank].contiguous()

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from ..comm import device_mesh
 from ..layers.linear import split_to_shard
+from ..layers.regions import check_sequence_output
 
 __all__ = ["Layouts", "SEQUENCE", "dtensor_output", "accept_dtensor_input", "split_sequence_output", "placements"]
 
@@ -124,10 +125,7 @@ def split_sequence_output(module: nn.Module, dim: int, *, group: dist.ProcessGro
     every token's gradient."""
 
     def hook(mod: nn.Module, args: tuple, y: Tensor) -> Tensor:
-        world = dist.get_world_size(group)
-        if y.ndim <= dim % y.ndim or y.shape[dim] % world:
-            raise ValueError(f"{where}: output: expected dim {dim} (the sequence) of shape {list(y.shape)} to be a "
-                             f"multiple of the world size {world} (a Shard layout in the plan splits it evenly)")
+        check_sequence_output(y, dim, dist.get_world_size(group), where=where)
         return split_to_shard(y, group=group, dim=dim, comm=comm)
 
     module.register_forward_hook(hook)
